@@ -1,0 +1,230 @@
+"""The callback that runs Soft Filter Pruning inside `model.fit`."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from keras_sfp import criteria as criteria_lib
+from keras_sfp import prune as prune_lib
+from keras_sfp import schedules as schedules_lib
+from keras_sfp.graph import ChannelGraph
+from keras_sfp.wrapper import FilterPruning
+
+
+def num_pruned(channels: int, rate: float, round_to: int = 1) -> int:
+    """How many of `channels` to prune: floor(channels * rate), as the reference.
+
+    At least one channel is always kept, and with `round_to > 1` the kept count
+    is rounded up to a multiple of `round_to` (or to all channels).
+
+    Example:
+    >>> num_pruned(16, 0.3), num_pruned(10, 0.3), num_pruned(16, 0.3, round_to=8)
+    (4, 3, 0)
+    """
+    pruned = int(math.floor(channels * rate + 1e-9))
+    pruned = min(pruned, channels - 1)
+    kept = channels - pruned
+    if round_to > 1:
+        kept = min(channels, int(math.ceil(kept / round_to)) * round_to)
+    return channels - kept
+
+
+class SoftFilterPrune(keras.callbacks.Callback):
+    """Soft Filter Pruning (He et al., IJCAI 2018) as a Keras callback.
+
+    Before training and at the end of every epoch, each channel group of a
+    model prepared by `prune_filters` is scored with its criterion (group
+    members' scores are summed) and the lowest `floor(channels * rate)`
+    channels are recorded in the masks and their filters' kernel and bias
+    slices set to zero. Nothing masks the forward pass or the gradients in
+    between: pruned filters keep training and can come back. When training
+    ends the model is pruned once more, so it is consistent with its masks.
+
+    The short schedules practitioners run expose SFP's weak point: the last
+    event removes filters the network was still using. `hard_epochs=N` freezes
+    the masks for the last N epochs of each `fit` call and enforces them in the
+    forward pass (pruned channels output exactly zero, BatchNormalization
+    included), so the network adapts to the structure `shrink` deploys.
+
+    Each event adds to the epoch `logs` (History, CSVLogger and TensorBoard see
+    them when this callback comes before them in the list):
+    `sfp_rate`, `sfp_pruned` (filters pruned) and `sfp_revived` (filters
+    pruned at the previous event that are kept at this one).
+
+    Args:
+        hard_epochs: Number of final epochs with frozen, enforced masks.
+            Defaults to 0 (the paper).
+        verbose: 1 prints a line per event. Defaults to 0.
+
+    Example:
+    >>> pruned = prune_filters(model, rate=0.3)  # doctest: +SKIP
+    >>> pruned.compile("sgd", "sparse_categorical_crossentropy")  # doctest: +SKIP
+    >>> pruned.fit(x, y, epochs=3, callbacks=[SoftFilterPrune()])  # doctest: +SKIP
+    """
+
+    def __init__(self, hard_epochs: int = 0, verbose: int = 0):
+        super().__init__()
+        if (
+            isinstance(hard_epochs, bool)
+            or not isinstance(hard_epochs, int)
+            or hard_epochs < 0
+        ):
+            raise ValueError(
+                "`hard_epochs` must be an integer >= 0. "
+                f"Received: hard_epochs={hard_epochs!r}"
+            )
+        self.hard_epochs = hard_epochs
+        self.verbose = verbose
+        self._plan = None
+        self._dead_bn = None
+        self._last_epoch = None
+
+    # -- set-up --------------------------------------------------------------
+    def set_model(self, model):
+        super().set_model(model)
+        self._plan = None
+
+    def _prepare(self):
+        model = self.model
+        wrapped = prune_lib.wrappers(model)
+        if not wrapped:
+            raise ValueError(
+                "SoftFilterPrune needs a model prepared by "
+                "keras_sfp.prune_filters (no FilterPruning layer found). "
+                f"Received: model {model.name!r}"
+            )
+        graph = ChannelGraph(model)
+        first = wrapped[0]
+        units = []  # lists of wrappers pruned with the same indices
+        for group in graph.groups():
+            members = [p for p in group.producers if isinstance(p, FilterPruning)]
+            if not members:
+                continue
+            if first.coupling == "layer":
+                units.extend([m] for m in members)
+            elif group.prunable and len(members) == len(group.producers):
+                units.append(members)
+        self._plan = {
+            "graph": graph,
+            "units": units,
+            "wrappers": wrapped,
+            "config": first,
+            "schedule": schedules_lib.get(first.schedule, first.rate),
+        }
+
+    def _rate(self, epoch: int) -> float:
+        schedule = self._plan["schedule"]
+        if isinstance(schedule, schedules_lib.PruningSchedule):
+            rate = schedule(epoch, (self.params or {}).get("epochs"))
+        else:
+            rate = schedule(epoch)
+        rate = float(rate)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(
+                f"The pruning schedule must return rates in [0, 1). "
+                f"Received: {rate!r} for epoch {epoch}"
+            )
+        return rate
+
+    # -- events ------------------------------------------------------------
+    def _score(self, member: FilterPruning, criterion) -> np.ndarray:
+        kernel = keras.ops.convert_to_numpy(member.layer.kernel)
+        return criteria_lib.score(criterion, kernel)
+
+    def prune(self, epoch: int, rescore: bool = True) -> dict:
+        """Runs one prune event and returns its log entries."""
+        if self._plan is None:
+            self._prepare()
+        config = self._plan["config"]
+        rate = self._rate(epoch)
+        pruned = revived = 0
+        for unit in self._plan["units"]:
+            previous = keras.ops.convert_to_numpy(unit[0].mask)
+            first_event = float(keras.ops.convert_to_numpy(unit[0].last_event)) < -1
+            if rescore:
+                scores = sum(self._score(m, config.criterion) for m in unit)
+                n = num_pruned(len(scores), rate, config.round_to)
+                mask = np.ones(len(scores), dtype="float32")
+                mask[np.argsort(scores, kind="stable")[:n]] = 0.0
+            else:
+                mask = previous.astype("float32")
+            if not first_event:
+                revived += int(np.sum((previous == 0) & (mask == 1)))
+            pruned += int(np.sum(mask == 0))
+            for member in unit:
+                member.mask.assign(mask)
+                member.last_event.assign(float(epoch))
+                conv = member.layer
+                conv.kernel.assign(keras.ops.convert_to_numpy(conv.kernel) * mask)
+                if conv.use_bias:
+                    conv.bias.assign(keras.ops.convert_to_numpy(conv.bias) * mask)
+        return {"sfp_rate": rate, "sfp_pruned": pruned, "sfp_revived": revived}
+
+    def _set_hard(self, hard: bool) -> None:
+        for member in self._plan["wrappers"]:
+            member.hard.assign(1.0 if hard else 0.0)
+        self._dead_bn = None
+        if hard:
+            dead = prune_lib.dead_batch_norm_channels(self.model, self._plan["graph"])
+            self._dead_bn = [(self.model.get_layer(n), c) for n, c in dead.items()]
+            self._zero_bn()
+
+    def _zero_bn(self) -> None:
+        for layer, channels in self._dead_bn or ():
+            prune_lib.zero_batch_norm_channels(layer, channels)
+
+    def _is_hard_epoch(self, epoch: int) -> bool:
+        epochs = (self.params or {}).get("epochs")
+        return bool(self.hard_epochs and epochs and epoch >= epochs - self.hard_epochs)
+
+    def on_train_begin(self, logs=None):
+        self._prepare()
+        self._dead_bn = None
+        self._last_epoch = None
+        wrapped = self._plan["wrappers"]
+        never_pruned = float(keras.ops.convert_to_numpy(wrapped[0].last_event)) < -1
+        if never_pruned:
+            self.prune(0)
+            for w in wrapped:
+                w.last_event.assign(-1.0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        hard = self._is_hard_epoch(epoch)
+        currently = float(keras.ops.convert_to_numpy(self._plan["wrappers"][0].hard))
+        if hard and (currently == 0 or self._dead_bn is None):
+            self._set_hard(True)
+        elif not hard and currently == 1:
+            self._set_hard(False)
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Gradients move beta of channels held at zero; put it back so the
+        # next step sees the deployed structure again.
+        if self._dead_bn:
+            self._zero_bn()
+
+    def on_epoch_end(self, epoch, logs=None):
+        # The event after the last soft epoch fixes the masks that the hard
+        # epochs then enforce.
+        entries = self.prune(epoch, rescore=not self._is_hard_epoch(epoch))
+        self._last_epoch = epoch
+        if self._dead_bn:
+            self._zero_bn()
+        if logs is not None:
+            logs.update(entries)
+        if self.verbose:
+            print(
+                f"SoftFilterPrune epoch {epoch + 1}: rate {entries['sfp_rate']:.3f}, "
+                f"pruned {entries['sfp_pruned']}, revived {entries['sfp_revived']}"
+            )
+
+    def on_train_end(self, logs=None):
+        # Steps may have run since the last epoch-end event (training stopped
+        # mid-epoch): prune once more so the model ends consistent with masks.
+        epoch = self._last_epoch if self._last_epoch is not None else 0
+        hard = bool(self._dead_bn)
+        self.prune(epoch, rescore=not hard)
+        if hard:
+            self._zero_bn()

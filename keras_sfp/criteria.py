@@ -1,0 +1,124 @@
+"""Filter importance criteria.
+
+A criterion maps a convolution kernel of shape `(kh, kw, in, out)` (Keras's
+layout: the filter axis is the last one) to one score per filter. The lowest
+scores are pruned.
+
+- `"l2"`: the L2 norm of each whole `kh x kw x in` filter, as in Soft Filter
+  Pruning (He et al., IJCAI 2018).
+- `"l1"`: the L1 norm of each filter (Li et al., ICLR 2017).
+- `"fpgm"`: the sum of Euclidean distances from a filter to the other filters of
+  the layer (He et al., "Filter Pruning via Geometric Median", CVPR 2019): the
+  filters nearest the geometric median are the most replaceable.
+
+Any callable `kernel -> scores` (a NumPy array in, a 1-D array of length `out`
+out) can be used instead of a name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Criterion = Callable[[np.ndarray], np.ndarray]
+
+
+def _flatten_filters(kernel: np.ndarray) -> np.ndarray:
+    kernel = np.asarray(kernel, dtype=np.float64)
+    return kernel.reshape(-1, kernel.shape[-1]).T  # (out, kh*kw*in)
+
+
+def l2_norm(kernel: np.ndarray) -> np.ndarray:
+    """L2 norm of every filter (the paper's criterion).
+
+    Args:
+        kernel: Array of shape `(..., out)`; the last axis indexes filters.
+
+    Returns:
+        Array of shape `(out,)`.
+
+    Example:
+    >>> l2_norm(np.ones((3, 3, 4, 2))).tolist()
+    [6.0, 6.0]
+    """
+    return np.sqrt(np.sum(np.square(_flatten_filters(kernel)), axis=1))
+
+
+def l1_norm(kernel: np.ndarray) -> np.ndarray:
+    """L1 norm of every filter.
+
+    Args:
+        kernel: Array of shape `(..., out)`; the last axis indexes filters.
+
+    Returns:
+        Array of shape `(out,)`.
+
+    Example:
+    >>> l1_norm(np.ones((3, 3, 4, 2))).tolist()
+    [36.0, 36.0]
+    """
+    return np.sum(np.abs(_flatten_filters(kernel)), axis=1)
+
+
+def geometric_median_distance(kernel: np.ndarray) -> np.ndarray:
+    """FPGM score: sum of distances from each filter to all the others.
+
+    Args:
+        kernel: Array of shape `(..., out)`; the last axis indexes filters.
+
+    Returns:
+        Array of shape `(out,)`. Filters near the geometric median score low.
+
+    Example:
+    >>> k = np.stack([np.zeros(4), np.ones(4), 3 * np.ones(4)], axis=-1)
+    >>> geometric_median_distance(k).round(3).tolist()
+    [8.0, 6.0, 10.0]
+    """
+    filters = _flatten_filters(kernel)
+    sq = np.sum(np.square(filters), axis=1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * filters @ filters.T
+    return np.sum(np.sqrt(np.maximum(d2, 0.0)), axis=1)
+
+
+_CRITERIA: dict[str, Criterion] = {
+    "l2": l2_norm,
+    "l1": l1_norm,
+    "fpgm": geometric_median_distance,
+}
+
+
+def get(criterion: str | Criterion) -> Criterion:
+    """Returns the criterion function for a name or a callable.
+
+    Args:
+        criterion: One of `"l2"`, `"l1"`, `"fpgm"`, or a callable
+            `kernel -> scores`.
+
+    Returns:
+        A callable mapping a kernel array to per-filter scores.
+
+    Raises:
+        ValueError: If `criterion` is an unknown name or not callable.
+    """
+    if isinstance(criterion, str):
+        if criterion in _CRITERIA:
+            return _CRITERIA[criterion]
+    elif callable(criterion):
+        return criterion
+    raise ValueError(
+        f"`criterion` must be one of {sorted(_CRITERIA)} or a callable "
+        f"kernel -> scores. Received: criterion={criterion!r}"
+    )
+
+
+def score(criterion: str | Criterion, kernel: np.ndarray) -> np.ndarray:
+    """Scores every filter of `kernel` and checks the result's shape."""
+    scores = np.asarray(get(criterion)(np.asarray(kernel)), dtype=np.float64)
+    if scores.shape != (kernel.shape[-1],):
+        raise ValueError(
+            f"A criterion must return one score per filter, shape "
+            f"({kernel.shape[-1]},). Received: shape {scores.shape} from "
+            f"criterion={criterion!r}"
+        )
+    return scores

@@ -1,0 +1,260 @@
+"""Entry points that add and remove the pruning wrappers."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_sfp import _keras_graph
+from keras_sfp.graph import ChannelGraph
+from keras_sfp.wrapper import FilterPruning, check_prune_args
+
+WRAPPER_PREFIX = "sfp_"
+
+
+def _check_skip(model, skip) -> tuple:
+    if skip is None:
+        return ()
+    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+        raise ValueError(
+            f"`skip` must be a list of layer names (strings). Received: skip={skip!r}"
+        )
+    names = {layer.name for layer in model.layers}
+    missing = [s for s in skip if s not in names]
+    if missing:
+        raise ValueError(
+            f"`skip` names layers that are not in the model: {missing}. "
+            f"Received: skip={list(skip)!r}"
+        )
+    return tuple(skip)
+
+
+def prunable_layers(model, skip=None) -> list:
+    """The Conv2D layers whose filters `prune_filters` would prune."""
+    graph = ChannelGraph(model, skip=skip)
+    return [
+        producer
+        for group in graph.groups()
+        if group.prunable
+        for producer in group.producers
+        if type(producer) is keras.layers.Conv2D
+    ]
+
+
+def prune_filters(
+    model: keras.Model,
+    rate: float = 0.3,
+    criterion="l2",
+    schedule=None,
+    coupling: str = "group",
+    round_to: int = 1,
+    skip=None,
+) -> keras.Model:
+    """Prepares a model for Soft Filter Pruning.
+
+    Returns a clone of `model` (same weights) in which every prunable `Conv2D`
+    is wrapped in `FilterPruning`, a wrapper that owns a per-filter mask. Train
+    the clone with the `SoftFilterPrune` callback; it zeroes the lowest-scoring
+    filters at every epoch end (He et al., IJCAI 2018). The clone computes
+    exactly what `model` computes until the first prune event.
+
+    A convolution is prunable if its output channels can be physically removed
+    afterwards: they do not reach a model output, do not cross a layer the
+    channel graph does not understand, and no layer of their group is named in
+    `skip`. With `coupling="group"` channels joined by residual merges are
+    scored and pruned together, so `shrink` removes all of them.
+
+    Call it inside `strategy.scope()` when training with a distribution
+    strategy, like building any model.
+
+    Args:
+        model: A built Sequential or functional `keras.Model`. Not modified.
+        rate: Fraction of each group's channels to prune, in [0, 1). Defaults
+            to 0.3.
+        criterion: `"l2"` (the paper), `"l1"`, `"fpgm"` or a callable mapping a
+            kernel `(kh, kw, in, out)` to `out` scores. Defaults to `"l2"`.
+        schedule: `None` for a constant `rate`, `"asymptotic"`, or a schedule
+            `epoch -> rate` such as `keras_sfp.schedules.Asymptotic`. Defaults
+            to None.
+        coupling: `"group"` (prune residual-coupled channels as one unit) or
+            `"layer"` (the paper's independent per-layer choice). Defaults to
+            `"group"`.
+        round_to: Kept channel counts are rounded up to a multiple of this.
+            Defaults to 1.
+        skip: Names of layers to leave alone. Defaults to None.
+
+    Returns:
+        A new model of the same kind with wrapped convolutions.
+
+    Raises:
+        ValueError: For an invalid option, a subclassed or unbuilt model, a
+            `skip` name that is not a layer, or a model with nothing to prune.
+
+    Example:
+    >>> inputs = keras.Input((8, 8, 3))
+    >>> x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+    >>> x = keras.layers.GlobalAveragePooling2D()(x)
+    >>> model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    >>> pruned = prune_filters(model, rate=0.25)
+    >>> [type(layer).__name__ for layer in pruned.layers][1]
+    'FilterPruning'
+    """
+    check_prune_args(rate, criterion, coupling, round_to, schedule)
+    _keras_graph.check_graph_model(model)
+    skip = _check_skip(model, skip)
+    targets = {id(layer) for layer in prunable_layers(model, skip)}
+    if not targets:
+        raise ValueError(
+            "`model` has no prunable Conv2D layer: every convolution's channels "
+            "reach an output, cross an unsupported layer or are skipped. "
+            f"Received: model {model.name!r} with layers "
+            f"{[type(layer).__name__ for layer in model.layers]}"
+        )
+
+    def clone(layer):
+        config = layer.get_config()
+        new = layer.__class__.from_config(config)
+        if id(layer) in targets:
+            new = FilterPruning(
+                new,
+                rate=rate,
+                criterion=criterion,
+                schedule=schedule,
+                coupling=coupling,
+                round_to=round_to,
+                name=WRAPPER_PREFIX + layer.name,
+            )
+        return new
+
+    pruned = keras.models.clone_model(model, clone_function=clone)
+    _copy_weights(model, pruned)
+    return pruned
+
+
+def _copy_weights(source, target, transform=None) -> None:
+    """Copies weights layer by layer, matching wrapped and plain names."""
+    by_name = {}
+    for layer in source.layers:
+        inner = layer.layer if isinstance(layer, FilterPruning) else layer
+        by_name[inner.name] = layer
+    for layer in target.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        inner = layer.layer if isinstance(layer, FilterPruning) else layer
+        src = by_name[inner.name]
+        weights = transform(src) if transform else _plain_weights(src)
+        inner.set_weights(weights)
+
+
+def _plain_weights(layer) -> list:
+    if isinstance(layer, FilterPruning):
+        return layer.layer.get_weights()
+    return layer.get_weights()
+
+
+def masked_weights(wrapper: FilterPruning) -> list:
+    """The wrapped convolution's weights with pruned filters set to zero."""
+    mask = keras.ops.convert_to_numpy(wrapper.mask)
+    return [w * mask.astype(w.dtype) for w in wrapper.layer.get_weights()]
+
+
+def wrappers(model) -> list[FilterPruning]:
+    """The `FilterPruning` layers of `model`, in layer order."""
+    return [layer for layer in model.layers if isinstance(layer, FilterPruning)]
+
+
+def dead_batch_norm_channels(model, graph: ChannelGraph | None = None) -> dict:
+    """BatchNormalization channels whose input is zero under the masks.
+
+    Returns:
+        `{layer name: bool array}` for every BatchNormalization layer of
+        `model` that follows at least one pruned channel.
+    """
+    graph = graph or ChannelGraph(model)
+
+    def producer_zero(layer):
+        if isinstance(layer, FilterPruning):
+            return keras.ops.convert_to_numpy(layer.mask) == 0
+        return filters_are_zero(layer)
+
+    zeros = graph.tensor_zeros(producer_zero, zeroed_batch_norm=True)
+    result = {}
+    for node in graph.nodes:
+        if isinstance(node.layer, keras.layers.BatchNormalization):
+            entering = zeros.get(id(node.inputs[0]))
+            if entering is not None and entering.any():
+                result[node.layer.name] = entering
+    return result
+
+
+def filters_are_zero(conv) -> np.ndarray:
+    """Output channels of a convolution whose kernel and bias are all zero."""
+    weights = conv.get_weights()
+    kernel = weights[0]
+    zero = np.all(kernel.reshape(-1, kernel.shape[-1]) == 0, axis=0)
+    if conv.use_bias:
+        zero &= weights[1] == 0
+    return zero
+
+
+def zero_batch_norm_channels(layer, channels: np.ndarray) -> None:
+    """Makes a BatchNormalization layer output exactly 0 on `channels` for 0 input.
+
+    Sets the moving mean (and beta, when present) of those channels to zero:
+    `gamma * (0 - 0) / sqrt(var + eps) + 0 == 0`, whatever gamma and variance.
+    """
+    keep = (~channels).astype("float32")
+    layer.moving_mean.assign(keras.ops.convert_to_numpy(layer.moving_mean) * keep)
+    if layer.center:
+        layer.beta.assign(keras.ops.convert_to_numpy(layer.beta) * keep)
+
+
+def strip_pruning(model: keras.Model) -> keras.Model:
+    """Returns a plain model (no wrappers, same shapes) with the masks applied.
+
+    Pruned filters (mask 0) get zero kernels and biases. A zeroed filter
+    followed by BatchNormalization would still emit the constant
+    `beta - gamma * mean / sqrt(var + eps)` (the "BN shift" that makes naive
+    rebuilds disagree with the pruned network). keras-sfp removes it: where a
+    BatchNormalization channel only receives pruned channels, its moving mean
+    and beta are set to zero, so the channel is exactly zero everywhere
+    downstream and `shrink` can remove it without changing any output. With
+    `SoftFilterPrune(hard_epochs=...)` the network is trained with these
+    channels already at zero, so stripping costs no accuracy.
+
+    Args:
+        model: A model prepared by `prune_filters`. Not modified.
+
+    Returns:
+        A new model of the same kind without `FilterPruning` wrappers.
+
+    Raises:
+        ValueError: If `model` is not a Sequential or functional model.
+
+    Example:
+    >>> inputs = keras.Input((8, 8, 3))
+    >>> x = keras.layers.Conv2D(8, 3)(inputs)
+    >>> x = keras.layers.GlobalAveragePooling2D()(x)
+    >>> pruned = prune_filters(keras.Model(inputs, keras.layers.Dense(2)(x)))
+    >>> any(isinstance(l, FilterPruning) for l in strip_pruning(pruned).layers)
+    False
+    """
+    _keras_graph.check_graph_model(model)
+    dead = dead_batch_norm_channels(model)
+
+    def clone(layer):
+        if isinstance(layer, FilterPruning):
+            layer = layer.layer
+        return layer.__class__.from_config(layer.get_config())
+
+    stripped = keras.models.clone_model(model, clone_function=clone)
+    _copy_weights(
+        model,
+        stripped,
+        transform=lambda src: (
+            masked_weights(src) if isinstance(src, FilterPruning) else src.get_weights()
+        ),
+    )
+    for name, channels in dead.items():
+        zero_batch_norm_channels(stripped.get_layer(name), channels)
+    return stripped

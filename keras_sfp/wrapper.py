@@ -1,0 +1,181 @@
+"""The layer wrapper that carries a convolution's filter mask."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from keras_sfp import criteria as criteria_lib
+from keras_sfp import schedules as schedules_lib
+
+COUPLINGS = ("group", "layer")
+
+
+def check_prune_args(
+    rate: float, criterion, coupling: str, round_to: int, schedule=None
+) -> None:
+    """Validates the pruning options shared by `prune_filters` and the wrapper."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise ValueError(f"`rate` must be a number in [0, 1). Received: rate={rate!r}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"`rate` must be in [0, 1). Received: rate={rate!r}")
+    criteria_lib.get(criterion)
+    if coupling not in COUPLINGS:
+        raise ValueError(
+            f"`coupling` must be one of {COUPLINGS}. Received: coupling={coupling!r}"
+        )
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(
+            f"`round_to` must be an integer >= 1. Received: round_to={round_to!r}"
+        )
+    schedules_lib.get(schedule, rate)
+
+
+@keras.saving.register_keras_serializable(package="keras_sfp")
+class FilterPruning(keras.layers.Wrapper):
+    """Wraps a `Conv2D` with a non-trainable per-filter mask.
+
+    In the default *soft* state the wrapper computes exactly what the wrapped
+    convolution computes: Soft Filter Pruning (He et al., IJCAI 2018) zeroes
+    the pruned filters' weights at prune events but lets them train in between,
+    so they can recover. `SoftFilterPrune` writes the mask and zeroes weights;
+    the wrapper only carries the state (mask, hard flag, prune-event counter) so
+    that it is saved with the model and restored by `BackupAndRestore`.
+
+    In the *hard* state (`hard == 1`, used for the last epochs if the callback
+    is asked to) the mask multiplies the kernel and bias in the forward pass, so
+    pruned filters output zero and receive no gradient: the network adapts to
+    the structure it will be deployed with.
+
+    Args:
+        layer: A built or unbuilt `keras.layers.Conv2D`.
+        rate: Fraction of filters to prune, in [0, 1). Defaults to 0.3.
+        criterion: `"l2"`, `"l1"`, `"fpgm"` or a callable. Defaults to `"l2"`.
+        schedule: `None` (constant `rate`), or a schedule `epoch -> rate`.
+            Defaults to None.
+        coupling: `"group"` or `"layer"`. Defaults to `"group"`.
+        round_to: Kept filter counts are rounded up to a multiple of this.
+            Defaults to 1.
+        **kwargs: Passed to `keras.layers.Wrapper`.
+
+    Example:
+    >>> w = FilterPruning(keras.layers.Conv2D(4, 3), rate=0.5)
+    >>> w(np.zeros((1, 5, 5, 2))).shape
+    (1, 3, 3, 4)
+    >>> w.mask.numpy().tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        rate: float = 0.3,
+        criterion="l2",
+        schedule=None,
+        coupling: str = "group",
+        round_to: int = 1,
+        **kwargs,
+    ):
+        if not isinstance(layer, keras.layers.Conv2D):
+            raise ValueError(
+                "`layer` must be a keras.layers.Conv2D. "
+                f"Received: layer={layer!r} of type {type(layer).__name__}"
+            )
+        check_prune_args(rate, criterion, coupling, round_to, schedule)
+        super().__init__(layer, **kwargs)
+        self.rate = float(rate)
+        self.criterion = criterion
+        self.schedule = schedule
+        self.coupling = coupling
+        self.round_to = int(round_to)
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        filters = self.layer.filters
+        self.mask = self.add_weight(
+            name="mask",
+            shape=(filters,),
+            initializer="ones",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+        self.hard = self.add_weight(
+            name="hard",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+        # Number of the epoch after which the last prune event ran, -1 before
+        # the first event: lets resumed runs skip the initial event.
+        self.last_event = self.add_weight(
+            name="last_event",
+            shape=(),
+            initializer=keras.initializers.Constant(-2.0),
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+        self.built = True
+
+    @property
+    def kernel(self):
+        return self.layer.kernel
+
+    @property
+    def bias(self):
+        return self.layer.bias if self.layer.use_bias else None
+
+    def effective_mask(self):
+        """`mask` in the hard state, all ones in the soft state."""
+        return 1.0 - self.hard * (1.0 - self.mask)
+
+    def call(self, inputs):
+        conv = self.layer
+        m = ops.cast(self.effective_mask(), conv.compute_dtype)
+        kernel = ops.cast(conv.kernel, conv.compute_dtype) * m
+        outputs = conv.convolution_op(inputs, kernel)
+        if conv.use_bias:
+            bias = ops.cast(conv.bias, conv.compute_dtype) * m
+            if conv.data_format == "channels_last":
+                shape = (1,) * (conv.rank + 1) + (conv.filters,)
+            else:
+                shape = (1, conv.filters) + (1,) * conv.rank
+            outputs = ops.add(outputs, ops.reshape(bias, shape))
+        if conv.activation is not None:
+            outputs = conv.activation(outputs)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "rate": self.rate,
+                "criterion": keras.saving.serialize_keras_object(self.criterion)
+                if not isinstance(self.criterion, str)
+                else self.criterion,
+                "schedule": keras.saving.serialize_keras_object(self.schedule)
+                if self.schedule is not None
+                else None,
+                "coupling": self.coupling,
+                "round_to": self.round_to,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(
+            config.pop("layer"), custom_objects=custom_objects
+        )
+        for key in ("criterion", "schedule"):
+            value = config.get(key)
+            if value is not None and not isinstance(value, str):
+                config[key] = keras.saving.deserialize_keras_object(
+                    value, custom_objects=custom_objects
+                )
+        return cls(layer, **config)
