@@ -151,9 +151,10 @@ class SoftFilterPrune(keras.callbacks.Callback):
                 mask[np.argsort(scores, kind="stable")[:n]] = 0.0
             else:
                 mask = previous.astype("float32")
+            # Counted in filters: every member of a group loses its own.
             if not first_event:
-                revived += int(np.sum((previous == 0) & (mask == 1)))
-            pruned += int(np.sum(mask == 0))
+                revived += len(unit) * int(np.sum((previous == 0) & (mask == 1)))
+            pruned += len(unit) * int(np.sum(mask == 0))
             for member in unit:
                 member.mask.assign(mask)
                 member.last_event.assign(float(epoch))

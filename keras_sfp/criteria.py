@@ -78,6 +78,9 @@ def geometric_median_distance(kernel: np.ndarray) -> np.ndarray:
     filters = _flatten_filters(kernel)
     sq = np.sum(np.square(filters), axis=1)
     d2 = sq[:, None] + sq[None, :] - 2.0 * filters @ filters.T
+    # The Gram-matrix form leaves rounding residue on the diagonal, whose
+    # square root would add a spurious ~1e-7 self-distance.
+    np.fill_diagonal(d2, 0.0)
     return np.sum(np.sqrt(np.maximum(d2, 0.0)), axis=1)
 
 

@@ -222,16 +222,16 @@ class ChannelGraph:
             for tensor in node.outputs:
                 self._new_tensor(tensor, name, blocked="model input")
             return
-        if name in self.skip:
-            self.kinds[id(node)] = "skipped"
-            self._opaque(node, f"layer {name!r} is in `skip`")
-            return
         kind, reason = self._classify(layer, node, ins)
+        skipped = f"layer {name!r} is in `skip`"
+        if name in self.skip and kind != "producer":
+            # Leave the layer alone: nothing crossing it is pruned.
+            kind, reason = "opaque", skipped
         self.kinds[id(node)] = kind
         if kind == "producer":
             out = node.outputs[0]
             conv = layer.layer if isinstance(layer, FilterPruning) else layer
-            blocked = None
+            blocked = skipped if name in self.skip else None
             if not activation_preserves_zero(conv.activation):
                 blocked = f"{name}: activation does not map 0 to 0"
             self._new_tensor(out, name, producer=layer, blocked=blocked)

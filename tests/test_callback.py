@@ -1,0 +1,306 @@
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import compile_sgd, random_data, randomize_batch_norm, tiny_resnet
+
+import keras_sfp
+from keras_sfp import criteria
+from keras_sfp.callback import num_pruned
+from keras_sfp.graph import ChannelGraph
+from keras_sfp.prune import wrappers
+
+L = keras.layers
+
+
+def _masks(model):
+    return {w.layer.name: w.mask.numpy().copy() for w in wrappers(model)}
+
+
+def _expected_event(model, rate, criterion, kernels):
+    """Simulates one event: group scores summed, lowest floor(rate*C) pruned."""
+    graph = ChannelGraph(model)
+    masks = {}
+    for group in graph.groups():
+        if not group.prunable:
+            continue
+        names = [p.layer.name for p in group.producers]
+        scores = sum(criteria.get(criterion)(kernels[n]) for n in names)
+        mask = np.ones(group.length, "float32")
+        mask[np.argsort(scores, kind="stable")[: math.floor(group.length * rate)]] = 0
+        for n in names:
+            masks[n] = mask
+    return masks
+
+
+@pytest.mark.parametrize("criterion", ["l2", "l1", "fpgm"])
+def test_epoch_end_zeroes_floor_rate_filters_per_group_by_criterion(criterion):
+    model = keras_sfp.prune_filters(tiny_resnet(), rate=0.3, criterion=criterion)
+    kernels = {w.layer.name: w.layer.kernel.numpy().copy() for w in wrappers(model)}
+    x, y = random_data(model)
+    compile_sgd(model, lr=0.0)  # weights only change through prune events
+    model.fit(
+        x,
+        y,
+        epochs=1,
+        batch_size=16,
+        verbose=0,
+        callbacks=[keras_sfp.SoftFilterPrune()],
+    )
+    # Event before training, then the epoch-end event on the zeroed kernels.
+    first = _expected_event(model, 0.3, criterion, kernels)
+    zeroed = {n: kernels[n] * first[n] for n in kernels}
+    expected = _expected_event(model, 0.3, criterion, zeroed)
+    masks = _masks(model)
+    assert set(masks) == set(expected)
+    for name, mask in masks.items():
+        np.testing.assert_array_equal(mask, expected[name], err_msg=name)
+        channels = mask.shape[0]
+        assert int((mask == 0).sum()) == math.floor(channels * 0.3)
+        kernel = model.get_layer("sfp_" + name).layer.kernel.numpy()
+        assert np.all(kernel[..., mask == 0] == 0)
+        np.testing.assert_array_equal(
+            kernel[..., mask == 1], kernels[name][..., mask == 1]
+        )
+
+
+def test_group_members_share_indices_on_a_resnet():
+    model = keras_sfp.prune_filters(randomize_batch_norm(tiny_resnet()), rate=0.4)
+    x, y = random_data(model)
+    compile_sgd(model).fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=16,
+        verbose=0,
+        callbacks=[keras_sfp.SoftFilterPrune()],
+    )
+    masks = _masks(model)
+    for members in (["stem", "s0b0_c2"], ["s1b0_proj", "s1b0_c2"]):
+        np.testing.assert_array_equal(masks[members[0]], masks[members[1]])
+    for mask in masks.values():
+        assert (mask == 0).sum() == math.floor(mask.shape[0] * 0.4)
+
+
+def test_layer_coupling_chooses_each_layer_independently():
+    model = keras_sfp.prune_filters(tiny_resnet(), rate=0.5, coupling="layer")
+    kernels = {w.layer.name: w.layer.kernel.numpy() for w in wrappers(model)}
+    x, y = random_data(model)
+    compile_sgd(model, lr=0.0).fit(
+        x,
+        y,
+        epochs=1,
+        batch_size=16,
+        verbose=0,
+        callbacks=[keras_sfp.SoftFilterPrune()],
+    )
+    masks = _masks(model)
+    for name in ("stem", "s0b0_c2"):
+        expected = np.ones(8, "float32")
+        expected[np.argsort(criteria.l2_norm(kernels[name]), kind="stable")[:4]] = 0
+        np.testing.assert_array_equal(masks[name], expected)
+    assert not np.array_equal(masks["stem"], masks["s0b0_c2"])
+
+
+def test_pruned_filters_train_again_after_the_event():
+    base = tiny_resnet()
+    # A zeroed filter feeding BN -> ReLU only gets gradient when BN's beta is
+    # positive (relu'(0) == 0): the "dead filter" case of the reference code.
+    for layer in base.layers:
+        if isinstance(layer, L.BatchNormalization):
+            layer.beta.assign(np.full(layer.beta.shape, 0.5, "float32"))
+    model = keras_sfp.prune_filters(base, rate=0.5)
+    x, y = random_data(model)
+    compile_sgd(model, lr=0.05)
+    model.fit(
+        x,
+        y,
+        epochs=1,
+        batch_size=16,
+        verbose=0,
+        callbacks=[keras_sfp.SoftFilterPrune()],
+    )
+    wrapper = model.get_layer("sfp_s0b0_c1")
+    pruned = wrapper.mask.numpy() == 0
+    assert pruned.sum() == 4
+    assert np.all(wrapper.layer.kernel.numpy()[..., pruned] == 0)
+    model.train_on_batch(x[:16], y[:16])
+    kernel = wrapper.layer.kernel.numpy()
+    assert np.all(np.abs(kernel[..., pruned]).reshape(-1, 4).max(axis=0) > 0)
+
+
+def test_logs_reach_history_and_one_instance_serves_several_fits():
+    model = keras_sfp.prune_filters(tiny_resnet(), rate=0.5)
+    x, y = random_data(model)
+    compile_sgd(model, lr=0.1)
+    callback = keras_sfp.SoftFilterPrune()
+    total = sum(m.shape[0] // 2 for m in _masks(model).values())
+    for _ in range(2):
+        history = model.fit(
+            x, y, epochs=2, batch_size=8, verbose=0, callbacks=[callback]
+        )
+        assert history.history["sfp_rate"] == [0.5, 0.5]
+        assert history.history["sfp_pruned"] == [total, total]
+        revived = history.history["sfp_revived"]
+        assert all(0 <= r <= total for r in revived)
+
+
+def test_revived_counts_filters_that_came_back():
+    model = keras_sfp.prune_filters(tiny_resnet(), rate=0.5)
+    callback = keras_sfp.SoftFilterPrune()
+    callback.set_model(model)
+    callback.prune(0)
+    wrapper = model.get_layer("sfp_s0b0_c1")
+    mask = wrapper.mask.numpy()
+    kernel = wrapper.layer.kernel.numpy()
+    # Make the pruned filters the largest: all four come back next event.
+    kernel[..., mask == 0] = 10.0
+    wrapper.layer.kernel.assign(kernel)
+    entries = callback.prune(1)
+    assert entries["sfp_revived"] == 4  # s0b0_c1 is alone in its group
+    np.testing.assert_array_equal(wrapper.mask.numpy(), 1 - mask)
+
+
+def test_asymptotic_schedule_rate_is_logged_per_epoch():
+    model = keras_sfp.prune_filters(tiny_resnet(), rate=0.4, schedule="asymptotic")
+    x, y = random_data(model)
+    compile_sgd(model)
+    history = model.fit(
+        x,
+        y,
+        epochs=8,
+        batch_size=32,
+        verbose=0,
+        callbacks=[keras_sfp.SoftFilterPrune()],
+    )
+    schedule = keras_sfp.schedules.Asymptotic(0.4)
+    np.testing.assert_allclose(
+        history.history["sfp_rate"], [schedule(e, 8) for e in range(8)], rtol=1e-6
+    )
+    assert history.history["sfp_pruned"][0] < history.history["sfp_pruned"][-1]
+
+
+def test_hard_epochs_train_with_the_deployed_structure():
+    model = keras_sfp.prune_filters(randomize_batch_norm(tiny_resnet()), rate=0.5)
+    x, y = random_data(model)
+    compile_sgd(model, lr=0.05)
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=2)
+    history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
+    masks_after_soft = history.history["sfp_pruned"]
+    assert history.history["sfp_revived"][1:] == [0, 0]  # frozen in hard epochs
+    assert len(set(masks_after_soft)) == 1
+    # The trained wrapped model already computes what the shrunk model does.
+    small = keras_sfp.shrink(model)
+    np.testing.assert_allclose(
+        small.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4
+    )
+    assert all(w.hard.numpy() == 1 for w in wrappers(model))
+
+
+def test_model_not_prepared_by_prune_filters_is_rejected():
+    model = compile_sgd(tiny_resnet())
+    x, y = random_data(model)
+    with pytest.raises(ValueError, match="prepared by keras_sfp.prune_filters"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[keras_sfp.SoftFilterPrune()])
+    with pytest.raises(ValueError, match="hard_epochs=-1"):
+        keras_sfp.SoftFilterPrune(hard_epochs=-1)
+
+
+def test_num_pruned_follows_the_reference_and_round_to():
+    assert [num_pruned(16, r) for r in (0.1, 0.2, 0.3, 0.4)] == [1, 3, 4, 6]
+    assert num_pruned(10, 0.3) == 3 and num_pruned(10, 0.1) == 1
+    assert num_pruned(2, 0.9) == 1  # at least one channel kept
+    assert num_pruned(64, 0.3, round_to=8) == 16  # keep 48 = 6 * 8
+    assert num_pruned(64, 0.4, round_to=16) == 16
+
+
+def _no_bn_cnn():
+    inputs = keras.Input((10, 10, 3))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="c2")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(5)(x))
+
+
+@pytest.fixture(scope="module")
+def mirrored_strategy():
+    # One strategy per process: several MirroredStrategy objects in a process
+    # can reuse collective instance keys and abort each other's all-reduces.
+    devices = tf.config.list_logical_devices("CPU")
+    assert len(devices) >= 2, "conftest configures two logical CPUs"
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+
+
+@pytest.mark.parametrize("build,lr", [(tiny_resnet, 0.0), (_no_bn_cnn, 0.05)])
+def test_mirrored_strategy_matches_single_device(build, lr, mirrored_strategy):
+    assert mirrored_strategy.num_replicas_in_sync == 2
+    base = randomize_batch_norm(build())
+    x, y = random_data(base, n=32)
+
+    def train(strategy):
+        with strategy.scope():
+            model = compile_sgd(keras_sfp.prune_filters(base, rate=0.5), lr=lr)
+        model.fit(
+            x,
+            y,
+            epochs=2,
+            batch_size=16,
+            shuffle=False,
+            verbose=0,
+            callbacks=[keras_sfp.SoftFilterPrune()],
+        )
+        return model
+
+    single = train(tf.distribute.get_strategy())
+    mirrored = train(mirrored_strategy)
+    for name, mask in _masks(single).items():
+        np.testing.assert_array_equal(_masks(mirrored)[name], mask, err_msg=name)
+    for a, b in zip(wrappers(single), wrappers(mirrored)):
+        for wa, wb in zip(a.layer.get_weights(), b.layer.get_weights()):
+            np.testing.assert_allclose(wa, wb, atol=1e-5, err_msg=a.name)
+            assert np.array_equal(wa == 0, wb == 0)
+    if lr > 0:  # (BatchNormalization statistics are per replica, not synced)
+        # Every replica holds the zeroed weights: outputs agree on all examples.
+        np.testing.assert_allclose(
+            mirrored.predict(x, batch_size=16, verbose=0),
+            single.predict(x, batch_size=16, verbose=0),
+            atol=1e-4,
+        )
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise RuntimeError("interrupted")
+
+
+def test_resume_with_backup_and_restore_equals_uninterrupted_run(tmp_path):
+    tf.config.experimental.enable_op_determinism()
+    base = randomize_batch_norm(tiny_resnet())
+    x, y = random_data(base, n=32)
+
+    def run(backup_dir, interrupt):
+        model = compile_sgd(
+            keras_sfp.prune_filters(base, rate=0.4, schedule="asymptotic")
+        )
+        callbacks = [
+            keras_sfp.SoftFilterPrune(hard_epochs=1),
+            keras.callbacks.BackupAndRestore(str(backup_dir)),
+        ]
+        if interrupt:
+            callbacks.append(_Interrupt())
+        model.fit(
+            x, y, epochs=4, batch_size=8, shuffle=False, verbose=0, callbacks=callbacks
+        )
+        return model
+
+    straight = run(tmp_path / "a", interrupt=False)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(tmp_path / "b", interrupt=True)
+    resumed = run(tmp_path / "b", interrupt=False)
+    for name, mask in _masks(straight).items():
+        np.testing.assert_array_equal(_masks(resumed)[name], mask, err_msg=name)
+    for a, b in zip(straight.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)

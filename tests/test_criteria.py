@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+
+from keras_sfp import criteria
+
+
+@pytest.fixture
+def kernel():
+    return np.random.default_rng(0).normal(size=(3, 3, 4, 6))
+
+
+def test_l2_is_norm_of_each_whole_filter(kernel):
+    expected = [np.linalg.norm(kernel[..., j].ravel()) for j in range(6)]
+    np.testing.assert_allclose(criteria.get("l2")(kernel), expected, rtol=1e-12)
+
+
+def test_l1_is_sum_of_absolute_values_of_each_filter(kernel):
+    expected = [np.abs(kernel[..., j]).sum() for j in range(6)]
+    np.testing.assert_allclose(criteria.get("l1")(kernel), expected, rtol=1e-12)
+
+
+def test_fpgm_is_sum_of_distances_to_other_filters(kernel):
+    flat = [kernel[..., j].ravel() for j in range(6)]
+    expected = [sum(np.linalg.norm(a - b) for b in flat) for a in flat]
+    np.testing.assert_allclose(criteria.get("fpgm")(kernel), expected, rtol=1e-9)
+
+
+def test_callable_criterion_is_used_as_is(kernel):
+    scores = criteria.score(lambda k: np.arange(k.shape[-1])[::-1], kernel)
+    assert scores.tolist() == [5, 4, 3, 2, 1, 0]
+
+
+@pytest.mark.parametrize("bad", ["l3", "", 3, None])
+def test_unknown_criterion_raises_naming_it(bad):
+    with pytest.raises(ValueError, match=r"criterion=" + repr(bad).replace("'", ".")):
+        criteria.get(bad)
+
+
+def test_criterion_returning_wrong_shape_raises(kernel):
+    with pytest.raises(ValueError, match="one score per filter"):
+        criteria.score(lambda k: np.ones(3), kernel)
