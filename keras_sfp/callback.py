@@ -169,13 +169,13 @@ class SoftFilterPrune(keras.callbacks.Callback):
             member.hard.assign(1.0 if hard else 0.0)
         self._dead_bn = None
         if hard:
-            dead = prune_lib.dead_batch_norm_channels(self.model, self._plan["graph"])
+            dead = prune_lib.dead_offset_channels(self.model, self._plan["graph"])
             self._dead_bn = [(self.model.get_layer(n), c) for n, c in dead.items()]
             self._zero_bn()
 
     def _zero_bn(self) -> None:
         for layer, channels in self._dead_bn or ():
-            prune_lib.zero_batch_norm_channels(layer, channels)
+            prune_lib.zero_offsets(layer, channels)
 
     def _is_hard_epoch(self, epoch: int) -> bool:
         epochs = (self.params or {}).get("epochs")

@@ -53,6 +53,9 @@ _PASS_THROUGH = (
     L.BatchNormalization,
     L.DepthwiseConv2D,
 )
+# Channel-wise layers that add an offset: a zero channel leaves them non-zero
+# unless the offset is zeroed too (the "BN shift").
+OFFSET_LAYERS = (L.BatchNormalization, L.DepthwiseConv2D)
 _ADD_LIKE = (L.Add, L.Subtract, L.Average, L.Maximum, L.Minimum)
 _MERGES = (*_ADD_LIKE, L.Multiply)
 
@@ -330,15 +333,15 @@ class ChannelGraph:
                 return self.find(channel_set.id)
         return None
 
-    def tensor_zeros(self, producer_zero, zeroed_batch_norm=False) -> dict:
+    def tensor_zeros(self, producer_zero, zeroed_offsets=False) -> dict:
         """Which channels of every tracked tensor are exactly zero.
 
         Args:
             producer_zero: Callable `layer -> bool array`: which output channels
                 of a producer are zero (its filters and bias are zero).
-            zeroed_batch_norm: If True, BatchNormalization keeps zero channels
-                zero (as after `strip_pruning`); otherwise its actual output
-                for a zero input decides.
+            zeroed_offsets: If True, BatchNormalization and DepthwiseConv2D
+                keep zero channels zero (as after `strip_pruning`, which zeroes
+                their offsets there); otherwise their weights decide.
 
         Returns:
             `{id(tensor): bool array over the tensor's channels}`.
@@ -353,12 +356,11 @@ class ChannelGraph:
             if kind == "producer":
                 value = np.asarray(producer_zero(node.layer), dtype=bool)
             elif kind in ("pass", "flatten"):
-                bn = isinstance(node.layer, L.BatchNormalization)
-                value = (
-                    ins[0]
-                    if bn and zeroed_batch_norm
-                    else _pass_zero(node.layer, ins[0])
-                )
+                offset = isinstance(node.layer, OFFSET_LAYERS)
+                if offset and zeroed_offsets:
+                    value = ins[0]
+                else:
+                    value = _pass_zero(node.layer, ins[0])
             elif kind == "merge":
                 stack = np.stack(ins)
                 multiply = isinstance(node.layer, L.Multiply)

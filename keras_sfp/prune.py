@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 from keras_sfp import _keras_graph
-from keras_sfp.graph import ChannelGraph
+from keras_sfp.graph import OFFSET_LAYERS, ChannelGraph
 from keras_sfp.wrapper import FilterPruning, check_prune_args
 
 WRAPPER_PREFIX = "sfp_"
@@ -163,12 +163,13 @@ def wrappers(model) -> list[FilterPruning]:
     return [layer for layer in model.layers if isinstance(layer, FilterPruning)]
 
 
-def dead_batch_norm_channels(model, graph: ChannelGraph | None = None) -> dict:
-    """BatchNormalization channels whose input is zero under the masks.
+def dead_offset_channels(model, graph: ChannelGraph | None = None) -> dict:
+    """Channels of offset layers (BatchNormalization, depthwise bias) fed zeros.
 
     Returns:
-        `{layer name: bool array}` for every BatchNormalization layer of
-        `model` that follows at least one pruned channel.
+        `{layer name: bool array}` for every BatchNormalization or
+        DepthwiseConv2D layer of `model` that receives at least one channel
+        that the masks (or all-zero filters) make zero.
     """
     graph = graph or ChannelGraph(model)
 
@@ -177,10 +178,10 @@ def dead_batch_norm_channels(model, graph: ChannelGraph | None = None) -> dict:
             return keras.ops.convert_to_numpy(layer.mask) == 0
         return filters_are_zero(layer)
 
-    zeros = graph.tensor_zeros(producer_zero, zeroed_batch_norm=True)
+    zeros = graph.tensor_zeros(producer_zero, zeroed_offsets=True)
     result = {}
     for node in graph.nodes:
-        if isinstance(node.layer, keras.layers.BatchNormalization):
+        if isinstance(node.layer, OFFSET_LAYERS) and graph.kinds[id(node)] == "pass":
             entering = zeros.get(id(node.inputs[0]))
             if entering is not None and entering.any():
                 result[node.layer.name] = entering
@@ -197,16 +198,20 @@ def filters_are_zero(conv) -> np.ndarray:
     return zero
 
 
-def zero_batch_norm_channels(layer, channels: np.ndarray) -> None:
-    """Makes a BatchNormalization layer output exactly 0 on `channels` for 0 input.
+def zero_offsets(layer, channels: np.ndarray) -> None:
+    """Makes a channel-wise layer map 0 to exactly 0 on `channels`.
 
-    Sets the moving mean (and beta, when present) of those channels to zero:
-    `gamma * (0 - 0) / sqrt(var + eps) + 0 == 0`, whatever gamma and variance.
+    BatchNormalization: sets the moving mean (and beta) of those channels to
+    zero, so `gamma * (0 - 0) / sqrt(var + eps) + 0 == 0` whatever gamma and
+    variance. DepthwiseConv2D: sets the bias of those channels to zero.
     """
     keep = (~channels).astype("float32")
-    layer.moving_mean.assign(keras.ops.convert_to_numpy(layer.moving_mean) * keep)
-    if layer.center:
-        layer.beta.assign(keras.ops.convert_to_numpy(layer.beta) * keep)
+    if isinstance(layer, keras.layers.BatchNormalization):
+        variables = [layer.moving_mean] + ([layer.beta] if layer.center else [])
+    else:
+        variables = [layer.bias] if layer.use_bias else []
+    for variable in variables:
+        variable.assign(keras.ops.convert_to_numpy(variable) * keep)
 
 
 def strip_pruning(model: keras.Model) -> keras.Model:
@@ -217,8 +222,9 @@ def strip_pruning(model: keras.Model) -> keras.Model:
     `beta - gamma * mean / sqrt(var + eps)` (the "BN shift" that makes naive
     rebuilds disagree with the pruned network). keras-sfp removes it: where a
     BatchNormalization channel only receives pruned channels, its moving mean
-    and beta are set to zero, so the channel is exactly zero everywhere
-    downstream and `shrink` can remove it without changing any output. With
+    and beta are set to zero (likewise a following depthwise convolution's
+    bias), so the channel is exactly zero everywhere downstream and `shrink`
+    can remove it without changing any output. With
     `SoftFilterPrune(hard_epochs=...)` the network is trained with these
     channels already at zero, so stripping costs no accuracy.
 
@@ -240,7 +246,7 @@ def strip_pruning(model: keras.Model) -> keras.Model:
     False
     """
     _keras_graph.check_graph_model(model)
-    dead = dead_batch_norm_channels(model)
+    dead = dead_offset_channels(model)
 
     def clone(layer):
         if isinstance(layer, FilterPruning):
@@ -256,5 +262,5 @@ def strip_pruning(model: keras.Model) -> keras.Model:
         ),
     )
     for name, channels in dead.items():
-        zero_batch_norm_channels(stripped.get_layer(name), channels)
+        zero_offsets(stripped.get_layer(name), channels)
     return stripped

@@ -67,19 +67,33 @@ def tiny_vgg(input_shape=(12, 12, 1), classes=5):
 
 
 def randomize_batch_norm(model, seed=0):
-    """Gives BatchNormalization layers non-trivial statistics and parameters."""
+    """Gives BatchNormalization layers random gamma and beta, then calibrates."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, L.BatchNormalization):
             n = layer.gamma.shape[0]
-            layer.set_weights(
-                [
-                    rng.uniform(0.5, 1.5, n),
-                    rng.normal(0.0, 0.5, n),
-                    rng.normal(0.0, 0.5, n),
-                    rng.uniform(0.5, 2.0, n),
-                ]
-            )
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            layer.beta.assign(rng.normal(0.0, 0.5, n).astype("float32"))
+    return calibrate_batch_norm(model, seed)
+
+
+def calibrate_batch_norm(model, seed=0):
+    """Sets BN moving statistics to those of one batch of inputs in [0, 1].
+
+    A few training steps on random data leave the statistics far from the
+    activations (a deep ResNet then outputs logits of 1e6); calibrated
+    statistics give logits of realistic scale, as in a trained model.
+    """
+    layers = [
+        layer for layer in model.layers if isinstance(layer, L.BatchNormalization)
+    ]
+    momentum = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    rng = np.random.default_rng(seed)
+    model(rng.random((64, *model.inputs[0].shape[1:]), dtype=np.float32), training=True)
+    for layer, m in zip(layers, momentum):
+        layer.momentum = m
     return model
 
 
