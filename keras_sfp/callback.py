@@ -115,10 +115,24 @@ class SoftFilterPrune(keras.callbacks.Callback):
             "schedule": schedules_lib.get(first.schedule, first.rate),
         }
 
+    def _soft_epochs(self) -> int | None:
+        """Epochs of the current `fit` call whose end re-scores the masks."""
+        epochs = (self.params or {}).get("epochs")
+        return None if epochs is None else max(epochs - self.hard_epochs, 1)
+
     def _rate(self, epoch: int) -> float:
+        """The schedule's rate for the event after `epoch` (0 before training).
+
+        Schedules that take the number of epochs span the soft epochs only: the
+        last re-scoring event, after epoch `epochs - hard_epochs - 1`, already
+        prunes at the target rate, which the hard epochs then keep.
+        """
         schedule = self._plan["schedule"]
+        soft = self._soft_epochs()
+        if soft is not None:
+            epoch = min(epoch, soft - 1)
         if isinstance(schedule, schedules_lib.PruningSchedule):
-            rate = schedule(epoch, (self.params or {}).get("epochs"))
+            rate = schedule(epoch, soft if soft and soft > 1 else None)
         else:
             rate = schedule(epoch)
         rate = float(rate)

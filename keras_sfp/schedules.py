@@ -108,7 +108,7 @@ class Asymptotic(PruningSchedule):
     def __call__(self, epoch: int, epochs: int | None = None) -> float:
         total = self.epochs or epochs
         if total is None or total < 2:
-            return self.rate
+            return self.rate  # a single event: it has to reach the target
         last = float(total - 1)
         t = min(max(float(epoch), 0.0), last)
         k = self._k(last)

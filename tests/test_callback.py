@@ -304,3 +304,73 @@ def test_resume_with_backup_and_restore_equals_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(_masks(resumed)[name], mask, err_msg=name)
     for a, b in zip(straight.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_round_to_from_prune_filters_makes_kept_counts_multiples():
+    model = keras_sfp.prune_filters(tiny_resnet(widths=(8, 16)), rate=0.4, round_to=4)
+    callback = keras_sfp.SoftFilterPrune()
+    callback.set_model(model)
+    callback.prune(0)
+    kept = {name: int(mask.sum()) for name, mask in _masks(model).items()}
+    assert kept["stem"] == 8 and kept["s0b0_c1"] == 8  # 8 - 3 = 5 -> 8
+    assert kept["s1b0_c1"] == 12  # 16 - 6 = 10 -> 12
+
+
+def test_resume_from_a_keras_file_with_initial_epoch_equals_uninterrupted(tmp_path):
+    tf.config.experimental.enable_op_determinism()
+    base = randomize_batch_norm(tiny_resnet())
+    x, y = random_data(base, n=32)
+    checkpoint = str(tmp_path / "last.keras")
+
+    def fit(model, initial_epoch=0, interrupt=False):
+        callbacks = [
+            keras_sfp.SoftFilterPrune(hard_epochs=1),
+            keras.callbacks.ModelCheckpoint(checkpoint),
+        ] + ([_Interrupt()] if interrupt else [])
+        model.fit(
+            x,
+            y,
+            epochs=4,
+            initial_epoch=initial_epoch,
+            batch_size=8,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
+        )
+        return model
+
+    def fresh():
+        return compile_sgd(
+            keras_sfp.prune_filters(base, rate=0.4, schedule="asymptotic")
+        )
+
+    straight = fit(fresh())
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(fresh(), interrupt=True)  # checkpoint holds the model after epoch 1
+    resumed = fit(keras.saving.load_model(checkpoint), initial_epoch=2)
+    for name, mask in _masks(straight).items():
+        np.testing.assert_array_equal(_masks(resumed)[name], mask, err_msg=name)
+    for a, b in zip(straight.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_asymptotic_schedule_reaches_target_at_last_soft_event_with_hard_epochs():
+    model = keras_sfp.prune_filters(tiny_resnet(), rate=0.4, schedule="asymptotic")
+    x, y = random_data(model)
+    compile_sgd(model)
+    history = model.fit(
+        x,
+        y,
+        epochs=6,
+        batch_size=32,
+        verbose=0,
+        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=2)],
+    )
+    schedule = keras_sfp.schedules.Asymptotic(0.4)
+    soft = [schedule(e, 4) for e in range(4)]  # events after epochs 0..3 re-score
+    np.testing.assert_allclose(
+        history.history["sfp_rate"], soft + [0.4, 0.4], rtol=1e-6
+    )
+    assert history.history["sfp_rate"][3] == pytest.approx(0.4)
+    for mask in _masks(model).values():
+        assert (mask == 0).sum() == math.floor(mask.shape[0] * 0.4)

@@ -1,0 +1,299 @@
+"""End-to-end smoke test of `train.py` on a tiny Fashion-MNIST subset."""
+
+import contextlib
+import csv
+import glob
+import importlib.util
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import app
+
+import keras_sfp
+import models
+
+# train.py is a top-level module of the repository, importable without an
+# (up-to-date) editable install too.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import train  # noqa: E402
+
+TRAIN_LIMIT, TEST_LIMIT, EPOCHS, BATCH = 256, 128, 2, 64
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny run shared by the tests: `(config, results, printed output)`."""
+    keras.utils.set_random_seed(0)
+    config = train.TrainConfig(
+        model="resnet20",
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        hard_epochs=1,
+        train_limit=TRAIN_LIMIT,
+        test_limit=TEST_LIMIT,
+        latency_runs=3,
+        verbose=0,
+        output_dir=str(tmp_path_factory.mktemp("run")),
+    )
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        results = train.train_and_evaluate(config)
+    return config, results, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    rng = np.random.default_rng(1)
+    return rng.random((16, 28, 28, 1), dtype=np.float32)
+
+
+def test_results_json_is_what_train_and_evaluate_returns(run):
+    config, results, _ = run
+    with open(os.path.join(config.output_dir, "results.json")) as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(results))
+    assert saved["config"]["model"] == "resnet20"
+    assert saved["config"]["hard_epochs"] == 1
+    assert saved["dataset"]["num_train"] == TRAIN_LIMIT
+    assert saved["dataset"]["num_test"] == TEST_LIMIT
+    assert saved["dataset"]["input_shape"] == [28, 28, 1]
+
+
+def test_results_counts_are_consistent(run):
+    config, results, _ = run
+    original, shrunk = results["original"], results["shrunk"]
+    fresh = models.get_model("resnet20", (28, 28, 1), 10)
+    assert original["macs"] == keras_sfp.count_flops(fresh)
+    assert original["params"] == fresh.count_params()
+    assert shrunk["macs"] < original["macs"]
+    assert shrunk["params"] < original["params"]
+    assert results["kept_mac_fraction"] == pytest.approx(
+        shrunk["macs"] / original["macs"]
+    )
+    assert results["kept_param_fraction"] == pytest.approx(
+        shrunk["params"] / original["params"]
+    )
+    # Group coupling removes 30% of every group: about (1 - 0.3)^2 of the MACs.
+    assert 0.4 < results["kept_mac_fraction"] < 0.6
+    for name, (before, kept) in results["filters"].items():
+        assert kept == before - math.floor(before * config.rate), name
+    for accuracy in (results["soft_masked"]["accuracy"], shrunk["accuracy"]):
+        assert 0.0 <= accuracy <= 1.0
+    assert original["ms_per_batch"] > 0 and shrunk["ms_per_batch"] > 0
+    assert shrunk["speedup"] == pytest.approx(
+        original["ms_per_batch"] / shrunk["ms_per_batch"]
+    )
+    assert len(results["history"]["loss"]) == EPOCHS
+
+
+def test_hard_epochs_make_soft_masked_and_shrunk_accuracy_agree(run):
+    # In the hard state the wrapped model computes what the shrunk model does.
+    _, results, _ = run
+    soft = results["soft_masked"]["accuracy"]
+    assert results["shrunk"]["accuracy"] == pytest.approx(soft, abs=1.5 / TEST_LIMIT)
+
+
+def test_printed_table_has_original_and_shrunk_rows(run):
+    _, results, printed = run
+    assert results["table"] in printed
+    rows = {line.split()[0]: line.split() for line in results["table"].splitlines()}
+    original, shrunk = rows["original"], rows["shrunk"]
+    assert original[1:3] == ["-", "-"]
+    assert original[3] == f"{results['original']['params']:,}"
+    assert original[4] == f"{results['original']['macs']:,}"
+    assert original[6] == "1.00x"
+    assert shrunk[1] == f"{results['soft_masked']['accuracy']:.4f}"
+    assert shrunk[2] == f"{results['shrunk']['accuracy']:.4f}"
+    assert shrunk[3] == f"{results['shrunk']['params']:,}"
+    assert shrunk[4] == f"{results['shrunk']['macs']:,}"
+    # Aligned columns: every table row is as wide as the header.
+    lines = results["table"].splitlines()
+    assert len(lines[0]) == len(lines[2]) == len(lines[3])
+
+
+def test_csv_log_has_sfp_entries_for_every_epoch(run):
+    config, results, _ = run
+    with open(os.path.join(config.output_dir, "history.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
+    for row in rows:
+        assert float(row["sfp_rate"]) == pytest.approx(config.rate)
+        assert float(row["sfp_pruned"]) > 0
+        assert "sfp_revived" in row
+    assert results["history"]["sfp_pruned"] == [float(r["sfp_pruned"]) for r in rows]
+
+
+def test_tensorboard_logs_exactly_when_its_package_is_installed(run):
+    _, results, _ = run
+    logs = results["artifacts"]["tensorboard"]
+    if importlib.util.find_spec("tensorboard") is None:
+        assert logs is None
+    else:
+        assert glob.glob(os.path.join(logs, "train", "events.out.tfevents.*"))
+
+
+def test_keras_artifacts_reload_and_compute_the_same(run, test_images):
+    config, results, _ = run
+    pruned = keras.saving.load_model(results["artifacts"]["pruned"])
+    shrunk = keras.saving.load_model(results["artifacts"]["shrunk"])
+    assert any(isinstance(layer, keras_sfp.FilterPruning) for layer in pruned.layers)
+    assert not any(
+        isinstance(layer, keras_sfp.FilterPruning) for layer in shrunk.layers
+    )
+    assert shrunk.count_params() == results["shrunk"]["params"]
+    assert keras_sfp.count_flops(shrunk) == results["shrunk"]["macs"]
+    assert keras_sfp.count_flops(keras_sfp.shrink(pruned)) == results["shrunk"]["macs"]
+    # The reloaded wrapped model is still in the hard state of its last epoch.
+    np.testing.assert_allclose(
+        shrunk(test_images, training=False),
+        pruned(test_images, training=False),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+def test_saved_model_serves_the_shrunk_model(run, test_images):
+    _, results, _ = run
+    shrunk = keras.saving.load_model(results["artifacts"]["shrunk"])
+    expected = keras.ops.convert_to_numpy(shrunk(test_images, training=False))
+    loaded = tf.saved_model.load(results["artifacts"]["saved_model"])
+    np.testing.assert_allclose(loaded.serve(test_images), expected, atol=1e-4)
+    signature = loaded.signatures["serving_default"]
+    (output,) = signature(tf.constant(test_images)).values()
+    np.testing.assert_allclose(output, expected, atol=1e-4)
+
+
+def test_main_builds_config_from_flags(monkeypatch):
+    seen = []
+    monkeypatch.setattr(train, "train_and_evaluate", seen.append)
+    argv = [
+        "train.py",
+        "--model=vgg_small",
+        "--epochs=3",
+        "--hard_epochs=2",
+        "--schedule=asymptotic",
+        "--criterion=fpgm",
+        "--coupling=layer",
+        "--lr_schedule=step",
+        "--augment",
+        "--train_limit=100",
+        "--output_dir=/tmp/out",
+    ]
+    try:
+        remaining = train.FLAGS(argv)
+        train.main(remaining)
+        with pytest.raises(app.UsageError, match="extra"):
+            train.main(["train.py", "extra"])
+    finally:
+        train.FLAGS.unparse_flags()
+    (config,) = seen
+    assert config == train.TrainConfig(
+        model="vgg_small",
+        epochs=3,
+        hard_epochs=2,
+        schedule="asymptotic",
+        criterion="fpgm",
+        coupling="layer",
+        lr_schedule="step",
+        augment=True,
+        train_limit=100,
+        output_dir="/tmp/out",
+    )
+
+
+def test_flag_defaults_are_the_config_defaults():
+    train.FLAGS(["train.py"])
+    try:
+        assert train.config_from_flags() == train.TrainConfig()
+    finally:
+        train.FLAGS.unparse_flags()
+    assert train.TrainConfig().resolved_output_dir() == os.path.join(
+        "runs", "resnet20_fashion_mnist"
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"model": "resnet18"}, "`model` must be one of"),
+        ({"epochs": 2, "hard_epochs": 3}, "hard_epochs=3 with epochs=2"),
+        ({"rate": 1.0}, r"`rate` must be in \[0, 1\)"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"distribute": "tpu"}, "distribute='tpu'"),
+    ],
+)
+def test_invalid_config_says_what_was_received(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train.TrainConfig(**kwargs)
+
+
+def test_pruning_schedule_flag_maps_to_prune_filters_argument():
+    assert train.pruning_schedule(train.TrainConfig(schedule="asymptotic")) == (
+        "asymptotic"
+    )
+    assert train.pruning_schedule(train.TrainConfig()) is None
+
+
+def test_step_schedule_divides_by_five_at_30_60_80_percent():
+    config = train.TrainConfig(lr_schedule="step", epochs=10, learning_rate=0.1)
+    lr = train.learning_rate_schedule(config, steps_per_epoch=10)
+    got = [float(lr(step)) for step in (0, 30, 31, 60, 61, 80, 81, 99)]
+    np.testing.assert_allclose(
+        got, [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008], rtol=1e-6
+    )
+
+
+def test_command_line_mirrored_vgg_run_trains_shrinks_and_exports(tmp_path):
+    # A fresh process: MirroredStrategy objects of other tests in this one
+    # would share collective instance keys with it. Model, wrappers and
+    # optimizer are created in the strategy's scope; the shrunk model is built
+    # from the mirrored variables outside it.
+    command = [
+        sys.executable,
+        os.path.join(_ROOT, "train.py"),
+        "--model=vgg_small",
+        "--distribute=mirrored",
+        "--epochs=2",
+        "--hard_epochs=1",
+        "--batch_size=32",
+        "--train_limit=128",
+        "--test_limit=64",
+        "--latency_runs=2",
+        "--verbose=0",
+        f"--output_dir={tmp_path}",
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        command, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert results["table"] in done.stdout
+    assert results["config"]["distribute"] == "mirrored"
+    assert results["shrunk"]["macs"] < results["original"]["macs"]
+    assert results["filters"]["conv5"] == [128, 128 - math.floor(128 * 0.3)]
+    assert results["shrunk"]["accuracy"] == pytest.approx(
+        results["soft_masked"]["accuracy"], abs=1.5 / 64
+    )
+    images = np.random.default_rng(2).random((8, 28, 28, 1), dtype=np.float32)
+    pruned = keras.saving.load_model(tmp_path / "pruned.keras")
+    shrunk = keras.saving.load_model(tmp_path / "shrunk.keras")
+    np.testing.assert_allclose(
+        shrunk(images, training=False),
+        pruned(images, training=False),
+        atol=1e-4,
+        rtol=1e-4,
+    )
