@@ -6,7 +6,7 @@ figure), the shrunk model's accuracy (what is deployed), the MACs kept and the
 wall time. Long: about 8-10 minutes per option set on a 2-core CPU.
 
     python bench/compare_defaults.py --options=paper,hard1,asfp_hard1 \
-        --output=bench/results/defaults.md
+        --table=bench/results/defaults.md
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ OPTIONS = {
 }
 
 _OPTIONS = flags.DEFINE_list("options", ["paper", "hard1", "asfp_hard1"], "Sets.")
-_EPOCHS = flags.DEFINE_integer("epochs", None, "Override the default epochs.")
-_MODEL = flags.DEFINE_string("model", None, "Override the default model.")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the table here.")
+_OUTPUT = flags.DEFINE_string("table", None, "Also write the table here.")
 
 
 def main(argv):
@@ -43,10 +41,6 @@ def main(argv):
     rows = []
     for name in _OPTIONS.value:
         overrides = dict(OPTIONS[name])
-        if _EPOCHS.value:
-            overrides["epochs"] = _EPOCHS.value
-        if _MODEL.value:
-            overrides["model"] = _MODEL.value
         config = dataclasses.replace(
             train.TrainConfig(),
             output_dir=os.path.join("runs", "compare_defaults", name),

@@ -60,9 +60,16 @@ class SoftFilterPrune(keras.callbacks.Callback):
         verbose: 1 prints a line per event. Defaults to 0.
 
     Example:
-    >>> pruned = prune_filters(model, rate=0.3)  # doctest: +SKIP
-    >>> pruned.compile("sgd", "sparse_categorical_crossentropy")  # doctest: +SKIP
-    >>> pruned.fit(x, y, epochs=3, callbacks=[SoftFilterPrune()])  # doctest: +SKIP
+    >>> inputs = keras.Input((8, 8, 1))
+    >>> x = keras.layers.Conv2D(10, 3, activation="relu")(inputs)
+    >>> x = keras.layers.GlobalAveragePooling2D()(x)
+    >>> model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    >>> pruned = prune_filters(model, rate=0.3)
+    >>> pruned.compile("sgd", "mse")
+    >>> history = pruned.fit(np.ones((4, 8, 8, 1)), np.ones((4, 2)), epochs=2,
+    ...                      verbose=0, callbacks=[SoftFilterPrune()])
+    >>> history.history["sfp_pruned"]
+    [3, 3]
     """
 
     def __init__(self, hard_epochs: int = 0, verbose: int = 0):

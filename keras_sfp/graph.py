@@ -76,30 +76,48 @@ _ZERO_PRESERVING = {
     "mish",
     "softsign",
     "celu",
-    "glu",
     "hard_tanh",
-    "sparse_plus",
-    "squareplus",
-    "log_sigmoid",
 }
-_ZERO_PRESERVING.discard("log_sigmoid")
-_ZERO_PRESERVING.discard("sparse_plus")
-_ZERO_PRESERVING.discard("squareplus")
-_ZERO_PRESERVING.discard("glu")
+# Element-wise layers without weights: they may also follow a Flatten.
+_ELEMENTWISE = (
+    L.Activation,
+    L.ReLU,
+    L.LeakyReLU,
+    L.ELU,
+    L.Dropout,
+    L.GaussianNoise,
+    L.GaussianDropout,
+    L.AlphaDropout,
+    L.ActivityRegularization,
+    L.Identity,
+)
+_ACTIVATION_LAYERS = (L.Activation, L.ReLU, L.LeakyReLU, L.ELU)
 
 
 def activation_preserves_zero(activation) -> bool:
-    """True if `activation(0) == 0` (checked by name, then numerically)."""
+    """True if `activation(0) == 0` (checked by name, then numerically).
+
+    Example:
+    >>> activation_preserves_zero(keras.activations.relu)
+    True
+    >>> activation_preserves_zero(keras.activations.sigmoid)
+    False
+    """
     if activation is None:
         return True
     name = getattr(activation, "__name__", None)
     if name in _ZERO_PRESERVING:
         return True
+    return _maps_zero_to_zero(activation, 4)
+
+
+def _maps_zero_to_zero(fn, channels: int) -> bool:
+    """True if `fn` keeps the shape of a zero `(1, channels)` input and its zeros."""
     try:
-        value = keras.ops.convert_to_numpy(activation(keras.ops.zeros((1, 4))))
-    except Exception:  # noqa: BLE001 - an activation we cannot evaluate
+        value = keras.ops.convert_to_numpy(fn(np.zeros((1, channels), "float32")))
+    except Exception:  # noqa: BLE001 - something we cannot evaluate
         return False
-    return bool(np.all(value == 0))
+    return value.shape == (1, channels) and bool(np.all(value == 0))
 
 
 def _channels_last(layer) -> bool:
@@ -167,6 +185,9 @@ class ChannelGraph:
         self.tensors: dict[int, TensorChannels] = {}
         self.nodes = _keras_graph.nodes(model)
         self.kinds: dict[int, str] = {}  # id(node) -> rule applied
+        self._calls: dict[int, int] = {}
+        for node in self.nodes:
+            self._calls[id(node.layer)] = self._calls.get(id(node.layer), 0) + 1
         for node in self.nodes:
             self._visit(node)
         for tensor in model.outputs:
@@ -262,18 +283,29 @@ class ChannelGraph:
         """Returns `(rule, reason)` for a node; the rule drives `_visit`."""
         cls = type(layer).__name__
         unsupported = f"{node.name} ({cls}) is not understood by the channel graph"
-        if len(node.outputs) != 1 or any(
-            info is None or info.spatial is not None for info in ins[:1]
-        ):
-            if isinstance(layer, L.Dense) and ins and ins[0] is not None:
-                return "consumer", None
+        if len(node.outputs) != 1 or any(info is None for info in ins[:1]):
             return "opaque", unsupported
+        if getattr(layer, "weights", None) and self._calls[id(layer)] > 1:
+            # One set of weights serves several calls whose channels could be
+            # pruned differently: leave it whole.
+            return "opaque", f"{node.name}: a layer with weights called twice"
+        flat = [info.spatial is not None for info in ins]
+        if any(flat):
+            # A flattened tensor: Dense consumes it, element-wise layers
+            # carry it; anything else would need the flat layout.
+            if type(layer) is L.Dense:
+                return "consumer", None
+            if type(layer) in _ELEMENTWISE and len(ins) == 1:
+                return self._elementwise(layer, node, ins)
+            return "opaque", f"{node.name}: {cls} of a flattened tensor"
         out_rank = len(node.outputs[0].shape)
         if isinstance(layer, FilterPruning) or type(layer) is L.Conv2D:
             conv = layer.layer if isinstance(layer, FilterPruning) else layer
             if conv.groups != 1 or not _channels_last(conv):
                 return "opaque", f"{node.name}: grouped or channels_first Conv2D"
             return "producer", None
+        if type(layer) in _ELEMENTWISE:
+            return self._elementwise(layer, node, ins)
         if type(layer) in _PASS_THROUGH:
             if not _channels_last(layer):
                 return "opaque", f"{node.name}: channels_first"
@@ -282,11 +314,10 @@ class ChannelGraph:
                 out_rank - 1,
             ):
                 return "opaque", f"{node.name}: normalizes another axis"
-            if isinstance(layer, L.DepthwiseConv2D) and layer.depth_multiplier != 1:
-                return "opaque", f"{node.name}: depth_multiplier > 1"
-            activation = getattr(layer, "activation", None)
-            if isinstance(layer, L.Activation) or isinstance(layer, L.DepthwiseConv2D):
-                if not activation_preserves_zero(activation):
+            if isinstance(layer, L.DepthwiseConv2D):
+                if layer.depth_multiplier != 1:
+                    return "opaque", f"{node.name}: depth_multiplier > 1"
+                if not activation_preserves_zero(layer.activation):
                     return "opaque", f"{node.name}: activation does not map 0 to 0"
             return "pass", None
         if type(layer) in _MERGES:
@@ -303,12 +334,21 @@ class ChannelGraph:
                 return "opaque", f"{node.name}: concatenates along another axis"
             return "concat", None
         if type(layer) is L.Flatten:
-            if len(node.inputs[0].shape) == 4 and None not in node.inputs[0].shape[1:]:
+            shape = node.inputs[0].shape
+            if len(shape) == 4 and None not in shape[1:] and _channels_last(layer):
                 return "flatten", None
             return "opaque", f"{node.name}: Flatten of a non-image tensor"
         if type(layer) is L.Dense:
             return "consumer", None
         return "opaque", unsupported
+
+    def _elementwise(self, layer, node, ins):
+        """Element-wise layers pass channels through if they map 0 to 0."""
+        if type(layer) in _ACTIVATION_LAYERS and not _maps_zero_to_zero(
+            layer, ins[0].length
+        ):
+            return "opaque", f"{node.name}: does not map 0 to 0 channel by channel"
+        return "pass", None
 
     # -- results ------------------------------------------------------------
     def groups(self) -> list[Group]:
@@ -348,11 +388,15 @@ class ChannelGraph:
         """
         zeros: dict[int, np.ndarray] = {}
         for node in self.nodes:
-            if not node.outputs or self._info(node.outputs[0]) is None:
-                continue
             kind = self.kinds[id(node)]
+            tracked = [t for t in node.outputs if self._info(t) is not None]
+            if not tracked:
+                continue
+            if kind not in ("producer", "pass", "flatten", "merge", "concat"):
+                for tensor in tracked:  # unsupported: assume nothing is zero
+                    zeros[id(tensor)] = np.zeros(self._info(tensor).length, bool)
+                continue
             ins = [zeros.get(id(t)) for t in node.inputs]
-            length = self._info(node.outputs[0]).length
             if kind == "producer":
                 value = np.asarray(producer_zero(node.layer), dtype=bool)
             elif kind in ("pass", "flatten"):
@@ -365,10 +409,8 @@ class ChannelGraph:
                 stack = np.stack(ins)
                 multiply = isinstance(node.layer, L.Multiply)
                 value = stack.any(axis=0) if multiply else stack.all(axis=0)
-            elif kind == "concat":
+            else:  # concat
                 value = np.concatenate(ins)
-            else:
-                value = np.zeros(length, dtype=bool)
             zeros[id(node.outputs[0])] = value
         return zeros
 

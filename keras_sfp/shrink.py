@@ -106,8 +106,11 @@ def shrink(model: keras.Model) -> keras.Model:
     >>> x = keras.layers.Conv2D(8, 3)(inputs)
     >>> x = keras.layers.GlobalAveragePooling2D()(x)
     >>> pruned = prune_filters(keras.Model(inputs, keras.layers.Dense(2)(x)))
-    >>> SoftFilterPrune().set_model(pruned)  # doctest: +SKIP
-    >>> shrink(pruned).layers[1].filters  # 8 - floor(8 * 0.3) after an event
+    >>> callback = SoftFilterPrune()
+    >>> callback.set_model(pruned)
+    >>> callback.prune(0)["sfp_pruned"]  # floor(8 * 0.3) filters
+    2
+    >>> shrink(pruned).layers[1].filters
     6
     """
     _keras_graph.check_graph_model(model)

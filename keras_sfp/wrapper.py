@@ -60,7 +60,7 @@ class FilterPruning(keras.layers.Wrapper):
 
     Example:
     >>> w = FilterPruning(keras.layers.Conv2D(4, 3), rate=0.5)
-    >>> w(np.zeros((1, 5, 5, 2))).shape
+    >>> tuple(w(np.zeros((1, 5, 5, 2))).shape)
     (1, 3, 3, 4)
     >>> w.mask.numpy().tolist()
     [1.0, 1.0, 1.0, 1.0]

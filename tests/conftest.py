@@ -91,7 +91,8 @@ def calibrate_batch_norm(model, seed=0):
     for layer in layers:
         layer.momentum = 0.0
     rng = np.random.default_rng(seed)
-    model(rng.random((64, *model.inputs[0].shape[1:]), dtype=np.float32), training=True)
+    xs = [rng.random((64, *t.shape[1:]), dtype=np.float32) for t in model.inputs]
+    model(xs if len(xs) > 1 else xs[0], training=True)
     for layer, m in zip(layers, momentum):
         layer.momentum = m
     return model

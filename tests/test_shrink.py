@@ -1,6 +1,9 @@
 import keras
 import numpy as np
 import pytest
+
+import keras_sfp
+import models
 from conftest import (
     calibrate_batch_norm,
     compile_sgd,
@@ -8,9 +11,6 @@ from conftest import (
     randomize_batch_norm,
     tiny_resnet,
 )
-
-import keras_sfp
-import models
 from keras_sfp.prune import wrappers
 
 L = keras.layers
@@ -217,3 +217,87 @@ def test_shrink_of_sequential_returns_functional_model():
     assert not isinstance(small, keras.Sequential)
     assert _max_diff(small, keras_sfp.strip_pruning(pruned), x) <= 1e-5
     assert [w.mask.numpy().sum() for w in wrappers(pruned)] == [2.0, 2.0]
+
+
+def _shared_conv():
+    a, b = keras.Input((8, 8, 3)), keras.Input((8, 8, 3))
+    shared = L.Conv2D(6, 3, padding="same", name="shared")
+    pa = L.Conv2D(4, 3, padding="same", name="pa")(a)
+    pb = L.Conv2D(4, 3, padding="same", name="pb")(b)
+    x = L.Concatenate()([shared(pa), shared(pb)])
+    x = L.Conv2D(4, 3, name="mix")(L.ReLU()(x))
+    return keras.Model([a, b], L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+
+
+def _flatten_channels_first():
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, name="c")(inputs)
+    x = L.Flatten(data_format="channels_first")(x)
+    return keras.Model(inputs, L.Dense(2)(x))
+
+
+def _odd_activations():
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, name="c1")(inputs)
+    x = L.ReLU(threshold=0.5, negative_slope=0.1)(x)
+    x = L.Conv2D(6, 3, name="c2")(x)
+    x = L.Activation("softplus")(x)
+    x = L.Conv2D(4, 1, name="c3", activation="relu")(x)
+    return keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+
+
+def _split_outputs():
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", name="c")(inputs)
+    a, b = keras.ops.split(x, 2, axis=-1)
+    y = L.Add()([L.ReLU()(a), b])
+    y = L.Conv2D(4, 3, name="d", activation="relu")(y)
+    return keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(y)))
+
+
+def _dense_concat_flatten():
+    inputs = keras.Input((6, 6, 2))
+    x = L.Conv2D(4, 3, name="c", activation="relu")(inputs)
+    d = L.Dense(3)(L.GlobalAveragePooling2D()(x))
+    x = L.Concatenate()([d, L.Flatten()(x)])
+    return keras.Model(inputs, L.Dense(2)(x))
+
+
+def _flatten_dropout_dense():
+    inputs = keras.Input((6, 6, 2))
+    x = L.Conv2D(4, 3, name="c")(inputs)
+    x = L.BatchNormalization()(x)
+    x = L.Dropout(0.3)(L.Flatten()(L.ReLU()(x)))
+    return keras.Model(inputs, L.Dense(2)(L.ReLU()(x)))
+
+
+@pytest.mark.parametrize(
+    "build,expect_pruned",
+    [
+        (_shared_conv, {"mix"}),  # a shared conv is a boundary
+        (_flatten_channels_first, set()),
+        (_odd_activations, {"c3"}),
+        (_split_outputs, {"d"}),
+        (_dense_concat_flatten, set()),
+        (_flatten_dropout_dense, {"c"}),
+    ],
+)
+def test_shrink_stays_exact_on_unusual_graphs(build, expect_pruned):
+    base = randomize_batch_norm(build())
+    try:
+        pruned = keras_sfp.prune_filters(base, rate=0.5)
+    except ValueError as error:
+        assert "no prunable Conv2D" in str(error) and not expect_pruned
+        return
+    assert {w.layer.name for w in wrappers(pruned)} == expect_pruned
+    callback = keras_sfp.SoftFilterPrune()
+    callback.set_model(pruned)
+    callback.prune(0)
+    rng = np.random.default_rng(0)
+    x = [rng.random((4, *t.shape[1:]), dtype=np.float32) for t in pruned.inputs]
+    small = keras_sfp.shrink(pruned)
+    stripped = keras_sfp.strip_pruning(pruned)
+    np.testing.assert_allclose(
+        small.predict(x, verbose=0), stripped.predict(x, verbose=0), atol=1e-5
+    )
+    assert keras_sfp.count_flops(small) < keras_sfp.count_flops(base)
