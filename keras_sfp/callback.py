@@ -59,6 +59,10 @@ class SoftFilterPrune(keras.callbacks.Callback):
             Defaults to 0 (the paper).
         verbose: 1 prints a line per event. Defaults to 0.
 
+    Raises:
+        ValueError: If `hard_epochs` is not a non-negative integer, or (when
+            training starts) the model was not prepared by `prune_filters`.
+
     Example:
     >>> inputs = keras.Input((8, 8, 1))
     >>> x = keras.layers.Conv2D(10, 3, activation="relu")(inputs)
@@ -245,8 +249,12 @@ class SoftFilterPrune(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         # Steps may have run since the last epoch-end event (training stopped
         # mid-epoch): prune once more so the model ends consistent with masks.
-        epoch = self._last_epoch if self._last_epoch is not None else 0
-        hard = bool(self._dead_bn)
-        self.prune(epoch, rescore=not hard)
-        if hard:
+        # Frozen (hard) masks, or a fit that ended no epoch, are re-applied
+        # as they are rather than re-scored.
+        hard = float(keras.ops.convert_to_numpy(self._plan["wrappers"][0].hard)) == 1
+        if self._last_epoch is None:
+            self.prune(0, rescore=False)
+        else:
+            self.prune(self._last_epoch, rescore=not hard)
+        if self._dead_bn:
             self._zero_bn()

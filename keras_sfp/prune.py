@@ -72,7 +72,9 @@ def prune_filters(
         rate: Fraction of each group's channels to prune, in [0, 1). Defaults
             to 0.3.
         criterion: `"l2"` (the paper), `"l1"`, `"fpgm"` or a callable mapping a
-            kernel `(kh, kw, in, out)` to `out` scores. Defaults to `"l2"`.
+            kernel `(kh, kw, in, out)` to `out` scores (register it with
+            `keras.saving.register_keras_serializable` so that `.keras` files
+            reload). Defaults to `"l2"`.
         schedule: `None` for a constant `rate`, `"asymptotic"`, or a schedule
             `epoch -> rate` such as `keras_sfp.schedules.Asymptotic`. Defaults
             to None.

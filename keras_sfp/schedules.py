@@ -9,13 +9,18 @@ objects with `get_config`, registered for `.keras` serialization.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import keras
 
 
 def _check_rate(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 <= value < 1.0
+    ):
         raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value!r}")
 
 
@@ -40,6 +45,9 @@ class Constant(PruningSchedule):
 
     Args:
         rate: Fraction of filters pruned, in [0, 1).
+
+    Raises:
+        ValueError: If `rate` is not in [0, 1).
 
     Example:
     >>> Constant(0.3)(5)
@@ -69,7 +77,12 @@ class Asymptotic(PruningSchedule):
     Args:
         rate: Target fraction of filters pruned, in [0, 1).
         epochs: Number of epochs of the schedule (> 1). `None` (the default)
-            takes the number of epochs of the `fit` call.
+            takes the number of epochs of the `fit` call (its soft epochs when
+            `SoftFilterPrune(hard_epochs=...)` freezes the last ones).
+
+    Raises:
+        ValueError: If `rate` is not in [0, 1) or `epochs` is not an integer
+            >= 2 or None.
 
     Example:
     >>> s = Asymptotic(0.4, epochs=80)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import keras
 from keras import ops
 
@@ -15,7 +17,7 @@ def check_prune_args(
     rate: float, criterion, coupling: str, round_to: int, schedule=None
 ) -> None:
     """Validates the pruning options shared by `prune_filters` and the wrapper."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
         raise ValueError(f"`rate` must be a number in [0, 1). Received: rate={rate!r}")
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"`rate` must be in [0, 1). Received: rate={rate!r}")
@@ -50,13 +52,18 @@ class FilterPruning(keras.layers.Wrapper):
     Args:
         layer: A built or unbuilt `keras.layers.Conv2D`.
         rate: Fraction of filters to prune, in [0, 1). Defaults to 0.3.
-        criterion: `"l2"`, `"l1"`, `"fpgm"` or a callable. Defaults to `"l2"`.
+        criterion: `"l2"`, `"l1"`, `"fpgm"` or a callable (register it with
+            `keras.saving.register_keras_serializable` so that `.keras` files
+            reload). Defaults to `"l2"`.
         schedule: `None` (constant `rate`), or a schedule `epoch -> rate`.
             Defaults to None.
         coupling: `"group"` or `"layer"`. Defaults to `"group"`.
         round_to: Kept filter counts are rounded up to a multiple of this.
             Defaults to 1.
         **kwargs: Passed to `keras.layers.Wrapper`.
+
+    Raises:
+        ValueError: If `layer` is not a Conv2D or an option is invalid.
 
     Example:
     >>> w = FilterPruning(keras.layers.Conv2D(4, 3), rate=0.5)
@@ -107,8 +114,8 @@ class FilterPruning(keras.layers.Wrapper):
             trainable=False,
             aggregation="only_first_replica",
         )
-        # Number of the epoch after which the last prune event ran, -1 before
-        # the first event: lets resumed runs skip the initial event.
+        # Epoch of the last prune event: -2 before any event, -1 after the
+        # event before training; lets resumed runs skip the initial event.
         self.last_event = self.add_weight(
             name="last_event",
             shape=(),

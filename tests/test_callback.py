@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import compile_sgd, random_data, randomize_batch_norm, tiny_resnet
 
 import keras_sfp
+from conftest import compile_sgd, random_data, randomize_batch_norm, tiny_resnet
 from keras_sfp import criteria
 from keras_sfp.callback import num_pruned
 from keras_sfp.graph import ChannelGraph
@@ -35,24 +35,34 @@ def _expected_event(model, rate, criterion, kernels):
     return masks
 
 
+class _KernelsBeforeEvent(keras.callbacks.Callback):
+    """Records the kernels at epoch end, before SoftFilterPrune's event."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.kernels = {
+            w.layer.name: w.layer.kernel.numpy().copy() for w in wrappers(self.model)
+        }
+
+
 @pytest.mark.parametrize("criterion", ["l2", "l1", "fpgm"])
 def test_epoch_end_zeroes_floor_rate_filters_per_group_by_criterion(criterion):
-    model = keras_sfp.prune_filters(tiny_resnet(), rate=0.3, criterion=criterion)
-    kernels = {w.layer.name: w.layer.kernel.numpy().copy() for w in wrappers(model)}
+    model = keras_sfp.prune_filters(
+        randomize_batch_norm(tiny_resnet()), rate=0.3, criterion=criterion
+    )
     x, y = random_data(model)
-    compile_sgd(model, lr=0.0)  # weights only change through prune events
+    compile_sgd(model, lr=0.05)
+    recorder = _KernelsBeforeEvent()
     model.fit(
         x,
         y,
-        epochs=1,
+        epochs=2,
         batch_size=16,
         verbose=0,
-        callbacks=[keras_sfp.SoftFilterPrune()],
+        callbacks=[recorder, keras_sfp.SoftFilterPrune()],
     )
-    # Event before training, then the epoch-end event on the zeroed kernels.
-    first = _expected_event(model, 0.3, criterion, kernels)
-    zeroed = {n: kernels[n] * first[n] for n in kernels}
-    expected = _expected_event(model, 0.3, criterion, zeroed)
+    # The masks are those of the last epoch-end event, computed from the
+    # kernels as training left them (pruned filters included).
+    expected = _expected_event(model, 0.3, criterion, recorder.kernels)
     masks = _masks(model)
     assert set(masks) == set(expected)
     for name, mask in masks.items():
@@ -62,7 +72,7 @@ def test_epoch_end_zeroes_floor_rate_filters_per_group_by_criterion(criterion):
         kernel = model.get_layer("sfp_" + name).layer.kernel.numpy()
         assert np.all(kernel[..., mask == 0] == 0)
         np.testing.assert_array_equal(
-            kernel[..., mask == 1], kernels[name][..., mask == 1]
+            kernel[..., mask == 1], recorder.kernels[name][..., mask == 1]
         )
 
 
@@ -374,3 +384,31 @@ def test_asymptotic_schedule_reaches_target_at_last_soft_event_with_hard_epochs(
     assert history.history["sfp_rate"][3] == pytest.approx(0.4)
     for mask in _masks(model).values():
         assert (mask == 0).sum() == math.floor(mask.shape[0] * 0.4)
+
+
+def test_frozen_masks_survive_train_end_without_batch_norm():
+    """fpgm may rank a zeroed filter above others: hard masks must not move."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, activation="relu", name="c1")(inputs)
+    x = L.Conv2D(8, 3, activation="relu", name="c2")(x)
+    model = keras.Model(inputs, L.Dense(5)(L.GlobalAveragePooling2D()(x)))
+    model = keras_sfp.prune_filters(model, rate=0.5, criterion="fpgm")
+    x, y = random_data(model)
+    compile_sgd(model, lr=0.05)
+    recorder = _KernelsBeforeEvent()
+
+    class _Masks(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.masks = _masks(self.model)
+
+    masks = _Masks()
+    model.fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=16,
+        verbose=0,
+        callbacks=[recorder, keras_sfp.SoftFilterPrune(hard_epochs=1), masks],
+    )
+    for name, mask in _masks(model).items():
+        np.testing.assert_array_equal(mask, masks.masks[name], err_msg=name)

@@ -1,9 +1,9 @@
 import keras
 import numpy as np
 import pytest
-from conftest import randomize_batch_norm, tiny_resnet, tiny_vgg
 
 import keras_sfp
+from conftest import randomize_batch_norm, tiny_resnet, tiny_vgg
 from keras_sfp.wrapper import FilterPruning
 
 L = keras.layers
@@ -142,3 +142,8 @@ def test_model_without_prunable_conv_is_rejected():
 def test_unbuilt_sequential_is_rejected():
     with pytest.raises(ValueError, match="must be built"):
         keras_sfp.prune_filters(keras.Sequential([L.Conv2D(4, 3), L.Dense(2)]))
+
+
+def test_numpy_rate_is_accepted():
+    pruned = keras_sfp.prune_filters(tiny_resnet(), rate=np.float32(0.25))
+    assert keras_sfp.prune.wrappers(pruned)[0].rate == 0.25
