@@ -50,7 +50,24 @@ def _resnet_macs(depth, kept, hw=28, channels_in=1, classes=10):
     return total + kept[2] * classes
 
 
-@pytest.mark.parametrize("name,depth", [("resnet20", 20), ("resnet56", 56)])
+def _resnet_params(depth, kept, channels_in=1, classes=10):
+    """Parameters of a CIFAR ResNet with `kept[s]` channels in stage s, by hand."""
+    n = (depth - 2) // 6
+    total = 9 * channels_in * kept[0] + 4 * kept[0]  # stem conv (no bias) + BN
+    for s in range(3):
+        for b in range(n):
+            c_in = kept[s - 1] if (s > 0 and b == 0) else kept[s]
+            total += 9 * c_in * kept[s] + 4 * kept[s]  # conv1 + bn1
+            total += 9 * kept[s] * kept[s] + 4 * kept[s]  # conv2 + bn2
+            if s > 0 and b == 0:
+                total += c_in * kept[s] + 4 * kept[s]  # projection + BN
+    return total + kept[2] * classes + classes
+
+
+@pytest.mark.parametrize(
+    "name,depth",
+    [("resnet20", 20), ("resnet32", 32), ("resnet56", 56), ("resnet110", 110)],
+)
 def test_shrink_matches_masked_model_on_resnets(name, depth):
     base = randomize_batch_norm(models.get_model(name, (28, 28, 1)))
     pruned = keras_sfp.prune_filters(base, rate=0.3)
@@ -68,7 +85,8 @@ def test_shrink_matches_masked_model_on_resnets(name, depth):
     expected = _resnet_macs(depth, kept) / _resnet_macs(depth, (16, 32, 64))
     assert ratio == pytest.approx(expected, rel=1e-12)
     assert keras_sfp.count_flops(base) == _resnet_macs(depth, (16, 32, 64))
-    assert small.count_params() < 0.55 * base.count_params()
+    assert base.count_params() == _resnet_params(depth, (16, 32, 64))
+    assert small.count_params() == _resnet_params(depth, kept)
 
 
 def count_conv_filters(model):
@@ -89,10 +107,14 @@ def test_shrink_matches_masked_model_on_vgg_with_flatten_dense():
     assert count_conv_filters(small) == sorted(kept)
     fc = small.get_layer("fc1")
     assert fc.kernel.shape[0] == 3 * 3 * kept[-1]
-    params_removed = base.count_params() - small.count_params()
-    # every removed filter takes its kernel, bias and 4 BN entries with it
-    assert params_removed > 0
-    assert small.count_params() == sum(int(np.prod(w.shape)) for w in small.weights)
+    # Each conv: 3x3 kernel (+ bias) + 4 BN entries per filter; then fc1, logits.
+    widths = [1] + kept
+    expected = sum(
+        (9 * widths[i] + int(conv.use_bias) + 4) * widths[i + 1]
+        for i, conv in enumerate(convs)
+    )
+    expected += (9 * kept[-1] + 1) * fc.units + (fc.units + 1) * 10
+    assert small.count_params() == expected
 
 
 def test_cifar_resnet_with_group_coupling_at_40_percent_keeps_36_to_40_percent():
