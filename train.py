@@ -20,6 +20,7 @@ Usage:
     python train.py --model=resnet56 --dataset=cifar10 --epochs=200 \
         --lr_schedule=step --augment --weight_decay=2.5e-4
     python train.py --train_limit=512 --test_limit=256 --epochs=2  # smoke run
+    python train.py --export=   # skip the deployment artifacts (export/, metrics.json)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import tensorflow as tf  # noqa: E402
 import keras_sfp  # noqa: E402
 import models  # noqa: E402
 from keras_sfp import data as data_lib  # noqa: E402
+from keras_sfp import deploy  # noqa: E402
 
 LR_SCHEDULES = ("cosine", "step", "constant")
 CRITERIA = ("l2", "l1", "fpgm")
@@ -105,6 +107,10 @@ class TrainConfig:
             the measurement. Defaults to 50.
         verbose: Keras `fit` verbosity (1: progress bars), also passed to
             `SoftFilterPrune`. Defaults to 1.
+        export: Comma-separated deployment formats (`keras_sfp.deploy.FORMATS`)
+            written to `export/` for the original and the shrunk model, with
+            their `metrics.json`; empty exports nothing. Defaults to
+            `"saved_model,tflite,tflite_int8"`.
     """
 
     model: str = "resnet20"
@@ -129,6 +135,7 @@ class TrainConfig:
     test_limit: int = 0
     latency_runs: int = 50
     verbose: int = 1
+    export: str = "saved_model,tflite,tflite_int8"
 
     def __post_init__(self):
         choices = {
@@ -177,6 +184,13 @@ class TrainConfig:
             raise ValueError(
                 "`weight_decay` must be >= 0. "
                 f"Received: weight_decay={self.weight_decay!r}"
+            )
+        if not isinstance(self.export, str) or any(
+            f.strip() not in deploy.FORMATS for f in self.export.split(",") if f.strip()
+        ):
+            raise ValueError(
+                f"`export` must be a comma-separated subset of {deploy.FORMATS}. "
+                f"Received: export={self.export!r}"
             )
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(
@@ -527,10 +541,47 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         "artifacts": artifacts,
     }
     results["table"] = format_table(results)
+    if config.export:
+        artifacts["export"] = os.path.join(output_dir, "export")
+        results["export"] = export_artifacts(
+            config, data, pruned, shrunk, artifacts["export"]
+        )
     with open(artifacts["results"], "w") as f:
         json.dump(results, f, indent=2)
     print(results["table"])
     return results
+
+
+def export_artifacts(
+    config: TrainConfig,
+    data: data_lib.ImageDataset,
+    pruned: keras.Model,
+    shrunk: keras.Model,
+    export_dir: str,
+) -> dict[str, Any]:
+    """Writes `config.export`'s formats and their `metrics.json` to `export_dir`.
+
+    The original architecture is the trained model with its pruned filters
+    zeroed (`strip_pruning`), the model one would deploy without shrinking;
+    the shrunk one is `shrink`'s. Accuracy is measured on the test split
+    (`config.test_limit` applies) and int8 is calibrated on the first 200
+    training images.
+
+    Returns:
+        The metrics of `keras_sfp.deploy.export_and_measure`.
+    """
+    test_limit = config.test_limit or None
+    representative, _ = deploy.dataset_to_arrays(data.train, 200)
+    metrics = deploy.export_and_measure(
+        {"original": keras_sfp.strip_pruning(pruned), "shrunk": shrunk},
+        export_dir,
+        config.export,
+        deploy.dataset_to_arrays(data.test, test_limit),
+        representative_data=representative,
+        latency_runs=config.latency_runs,
+    )
+    print(metrics["table"])
+    return metrics
 
 
 def _define_flags() -> None:
@@ -577,6 +628,9 @@ def _define_flags() -> None:
         "latency_runs", d.latency_runs, "Timed calls (0: skip).", lower_bound=0
     )
     flags.DEFINE_integer("verbose", d.verbose, "Keras fit verbosity.", lower_bound=0)
+    flags.DEFINE_string(
+        "export", d.export, f"Comma-separated deployment formats of {deploy.FORMATS}."
+    )
 
 
 _define_flags()

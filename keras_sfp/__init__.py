@@ -10,6 +10,7 @@ Usage:
 
 from keras_sfp import criteria, schedules
 from keras_sfp.callback import SoftFilterPrune
+from keras_sfp.export import export_saved_model, export_tflite
 from keras_sfp.flops import count_flops
 from keras_sfp.graph import ChannelGraph
 from keras_sfp.prune import prune_filters, strip_pruning
@@ -24,6 +25,8 @@ __all__ = [
     "SoftFilterPrune",
     "count_flops",
     "criteria",
+    "export_saved_model",
+    "export_tflite",
     "prune_filters",
     "schedules",
     "shrink",

@@ -45,6 +45,7 @@ def run(tmp_path_factory):
         test_limit=TEST_LIMIT,
         latency_runs=3,
         verbose=0,
+        export="",  # exporting has tests of its own
         output_dir=str(tmp_path_factory.mktemp("run")),
     )
     stdout = io.StringIO()
@@ -272,6 +273,7 @@ def test_command_line_mirrored_vgg_run_trains_shrinks_and_exports(tmp_path):
         "--test_limit=64",
         "--latency_runs=2",
         "--verbose=0",
+        "--export=",
         f"--output_dir={tmp_path}",
     ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -297,3 +299,43 @@ def test_command_line_mirrored_vgg_run_trains_shrinks_and_exports(tmp_path):
         atol=1e-4,
         rtol=1e-4,
     )
+
+
+def test_export_flag_writes_artifacts_and_metrics_beside_results(tmp_path):
+    config = train.TrainConfig(
+        epochs=1,
+        batch_size=64,
+        train_limit=256,
+        test_limit=128,
+        latency_runs=2,
+        verbose=0,
+        output_dir=str(tmp_path),
+        export="saved_model,tflite_int8",
+    )
+    results = train.train_and_evaluate(config)
+    with open(tmp_path / "export" / "metrics.json") as f:
+        metrics = json.load(f)
+    assert results["export"] == metrics
+    assert results["artifacts"]["export"] == str(tmp_path / "export")
+    original = metrics["models"]["original"]["artifacts"]
+    shrunk = metrics["models"]["shrunk"]["artifacts"]
+    assert metrics["num_test"] == 128
+    for fmt in ("keras", "saved_model", "tflite_int8"):
+        assert shrunk[fmt]["size_bytes"] < original[fmt]["size_bytes"]
+        assert set(shrunk[fmt]["latency_ms"]) == {"1", "32"}
+    # The exported models compute what train.py evaluated.
+    assert shrunk["saved_model"]["accuracy"] == pytest.approx(
+        results["shrunk"]["accuracy"], abs=1e-6
+    )
+    assert original["saved_model"]["accuracy"] == pytest.approx(
+        results["soft_masked"]["accuracy"], abs=1 / 128
+    )
+    assert os.path.isfile(
+        tmp_path / "export" / "shrunk" / "saved_model" / "1" / "saved_model.pb"
+    )
+
+
+@pytest.mark.parametrize("export", ["onnx", "saved_model,tflite_int4", None])
+def test_invalid_export_formats_say_what_was_received(export):
+    with pytest.raises(ValueError, match="`export` must be a comma-separated"):
+        train.TrainConfig(export=export)

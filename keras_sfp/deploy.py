@@ -1,0 +1,569 @@
+"""Export models in several formats and measure what each artifact costs and gains.
+
+`export_and_measure` writes, for each named model, the artifacts of
+`keras_sfp.export` (SavedModel, TFLite float32/float16/dynamic/int8) and a
+`.keras` reference, then reloads every artifact the way it is deployed
+(`tf.saved_model.load` and its `serving_default` signature,
+`tf.lite.Interpreter` or LiteRT's) and records its size on disk, its top-1
+accuracy on test data and its median CPU latency per batch, in
+`metrics.json` and a printed table. `train.py --export=...` calls it with the
+original architecture (the trained model with its pruned filters zeroed, as
+`strip_pruning` gives it) beside the shrunk one.
+
+Command line, for existing `.keras` files (models still holding
+`FilterPruning` wrappers are stripped first):
+
+    python -m keras_sfp.deploy --model=runs/resnet20_fashion_mnist/shrunk.keras \\
+        --output_dir=export --formats=saved_model,tflite,tflite_int8
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_sfp import export as export_lib
+
+FORMATS = ("saved_model", "tflite", "tflite_float16", "tflite_dynamic", "tflite_int8")
+"""Artifact formats `export_and_measure` writes."""
+
+_QUANTIZATION = {
+    "tflite": None,
+    "tflite_float16": "float16",
+    "tflite_dynamic": "dynamic",
+    "tflite_int8": "int8",
+}
+_EVAL_BATCH = 256
+
+
+def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """Checks a comma-separated string (or sequence) of `FORMATS`.
+
+    Args:
+        formats: E.g. `"saved_model,tflite,tflite_int8"`; empty items are
+            ignored and duplicates dropped.
+
+    Returns:
+        The formats, in the order given.
+
+    Raises:
+        ValueError: If a format is not in `FORMATS`.
+
+    Example:
+    >>> parse_formats("saved_model, tflite")
+    ('saved_model', 'tflite')
+    """
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    names = tuple(dict.fromkeys(s.strip() for s in items if s.strip()))
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown:
+        raise ValueError(
+            f"`formats` must be a comma-separated subset of {FORMATS}. "
+            f"Received: formats={formats!r} (unknown: {unknown})"
+        )
+    return names
+
+
+def dataset_to_arrays(
+    dataset: tf.data.Dataset, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(images, labels)` NumPy arrays of an unbatched `(image, label)` dataset.
+
+    Args:
+        dataset: Unbatched `(image, label)` pairs, as `keras_sfp.data` gives.
+        limit: Keep the first `limit` pairs; `None` keeps all. Defaults to
+            None.
+
+    Returns:
+        The stacked images and labels.
+    """
+    if limit:
+        dataset = dataset.take(limit)
+    images, labels = [], []
+    for x, y in dataset.batch(1024).as_numpy_iterator():
+        images.append(x)
+        labels.append(y)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _tflite_interpreter(path: str, num_threads: int):
+    try:  # LiteRT, where its package is installed, replaces tf.lite.Interpreter
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*Interpreter is deprecated")
+        return Interpreter(model_path=path, num_threads=num_threads)
+
+
+def tflite_runner(path: str, num_threads: int | None = None) -> Callable:
+    """A function `images -> float32 outputs` running a `.tflite` file.
+
+    One interpreter per batch size (resized from the file's batch of 1);
+    integer inputs and outputs of full-integer models are quantized and
+    dequantized with the tensors' scale and zero point.
+
+    Args:
+        path: The `.tflite` file.
+        num_threads: Interpreter threads; `None` uses all CPU cores. Defaults
+            to None.
+
+    Returns:
+        The function.
+    """
+    num_threads = num_threads or os.cpu_count() or 1
+    interpreters = {}
+
+    def run(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        interpreter = interpreters.get(len(images))
+        if interpreter is None:
+            interpreter = _tflite_interpreter(path, num_threads)
+            index = interpreter.get_input_details()[0]["index"]
+            interpreter.resize_tensor_input(index, images.shape, strict=True)
+            interpreter.allocate_tensors()
+            interpreters[len(images)] = interpreter
+        inp = interpreter.get_input_details()[0]
+        out = interpreter.get_output_details()[0]
+        if np.issubdtype(inp["dtype"], np.integer):
+            scale, zero = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            images = np.clip(np.round(images / scale + zero), info.min, info.max)
+        interpreter.set_tensor(inp["index"], images.astype(inp["dtype"]))
+        interpreter.invoke()
+        outputs = interpreter.get_tensor(out["index"])
+        if np.issubdtype(out["dtype"], np.integer):
+            scale, zero = out["quantization"]
+            outputs = (outputs.astype(np.float32) - zero) * scale
+        return outputs.astype(np.float32)
+
+    return run
+
+
+def saved_model_runner(path: str) -> Callable:
+    """A function `images -> outputs` calling a SavedModel's `serving_default`.
+
+    Args:
+        path: A SavedModel directory with a one-input, one-output
+            `serving_default` signature (a version directory of
+            `export_saved_model`).
+
+    Returns:
+        The function; it keeps the loaded SavedModel alive.
+    """
+    loaded = tf.saved_model.load(path)
+    signature = loaded.signatures[export_lib.SERVING_SIGNATURE]
+    (input_name,) = signature.structured_input_signature[1]
+    (output_name,) = signature.structured_outputs
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return signature(**{input_name: tf.constant(images)})[output_name].numpy()
+
+    run.loaded = loaded  # owns the variables the signature reads
+    return run
+
+
+def _keras_runner(model: keras.Model) -> Callable:
+    function = tf.function(lambda images: model(images, training=False))
+    return lambda images: function(tf.constant(images)).numpy()
+
+
+def _save_without_optimizer(model: keras.Model, path: str) -> None:
+    # A compiled model saves its optimizer state too, which is no part of
+    # what is deployed; a copy from the config is not compiled.
+    if model.compiled:
+        copy = model.__class__.from_config(model.get_config())
+        copy.set_weights(model.get_weights())
+        model = copy
+    model.save(path)
+
+
+def _size_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(path)
+        for name in names
+    )
+
+
+def _accuracy(run: Callable, x: np.ndarray, y: np.ndarray) -> float:
+    correct = 0
+    for start in range(0, len(x), _EVAL_BATCH):
+        logits = run(x[start : start + _EVAL_BATCH])
+        correct += int(np.sum(np.argmax(logits, -1) == y[start : start + _EVAL_BATCH]))
+    return correct / len(x)
+
+
+def _latencies(
+    runners: Mapping[Any, Callable], batch: np.ndarray, runs: int, warmup: int = 3
+) -> dict[Any, float]:
+    # Alternating the runners spreads slow phases of a shared machine evenly,
+    # as `train.measure_latency` does for Keras models.
+    for run in runners.values():
+        for _ in range(warmup):
+            run(batch)
+    times = {key: [] for key in runners}
+    for _ in range(runs):
+        for key, run in runners.items():
+            start = time.perf_counter()
+            run(batch)
+            times[key].append(time.perf_counter() - start)
+    return {key: 1000.0 * float(np.median(t)) for key, t in times.items()}
+
+
+def format_metrics_table(metrics: Mapping[str, Any]) -> str:
+    """The plain-text table of `export_and_measure`'s metrics.
+
+    Args:
+        metrics: What `export_and_measure` returns (without `table`).
+
+    Returns:
+        One row per artifact and model, the models of an artifact adjacent.
+    """
+    batch_sizes = metrics["batch_sizes"]
+    header = ("artifact", "model", "size KB", "accuracy") + tuple(
+        f"ms@{b}" for b in batch_sizes
+    )
+    rows = [header]
+    artifact_names = dict.fromkeys(
+        name for entry in metrics["models"].values() for name in entry["artifacts"]
+    )
+    for artifact in artifact_names:
+        for model_name, entry in metrics["models"].items():
+            a = entry["artifacts"].get(artifact)
+            if a is None:
+                continue
+            latency = a["latency_ms"] or {}
+            rows.append(
+                (
+                    artifact,
+                    model_name,
+                    f"{a['size_bytes'] / 1024:,.1f}",
+                    f"{a['accuracy']:.4f}",
+                    *(
+                        "-" if str(b) not in latency else f"{latency[str(b)]:.2f}"
+                        for b in batch_sizes
+                    ),
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def export_and_measure(
+    models: Mapping[str, keras.Model],
+    output_dir: str | os.PathLike,
+    formats: str | Sequence[str],
+    test_data: tuple[np.ndarray, np.ndarray],
+    representative_data: np.ndarray | None = None,
+    latency_runs: int = 50,
+    batch_sizes: Sequence[int] = (1, 32),
+    num_threads: int | None = None,
+) -> dict[str, Any]:
+    """Exports each model in `formats`, reloads each artifact and measures it.
+
+    Writes `<output_dir>/<name>/model.keras` (the reference, without
+    optimizer state),
+    `<output_dir>/<name>/saved_model/<version>/` (the next free version, with
+    warmup requests at the latency batch sizes) and
+    `<output_dir>/<name>/model[_<quantization>].tflite` (replaced if
+    present), then `<output_dir>/metrics.json`. For each artifact it records
+    the size on disk in bytes (a SavedModel's whole version directory), the
+    top-1 accuracy on `test_data` and the median milliseconds per call at
+    each batch size, all artifacts timed in alternation on the same batch
+    (the first test images).
+
+    Args:
+        models: `{name: model}`, e.g. `{"original": ..., "shrunk": ...}`.
+        output_dir: Where the artifacts and `metrics.json` go.
+        formats: A subset of `FORMATS`, as a sequence or comma-separated.
+        test_data: `(images, integer labels)` for the accuracy.
+        representative_data: Calibration examples for `"tflite_int8"`
+            (required for it) and the warmup requests; `None` uses the first
+            test images for warmup. Defaults to None.
+        latency_runs: Timed calls per artifact and batch size; 0 skips the
+            latency. Defaults to 50.
+        batch_sizes: Batch sizes of the latency. Defaults to (1, 32).
+        num_threads: TFLite interpreter threads; `None` uses all CPU cores,
+            as TensorFlow does for the SavedModel. Defaults to None.
+
+    Returns:
+        The metrics also written to `metrics.json`: `formats`, `num_test`,
+        `batch_sizes`, `latency_runs`, `num_threads`, `models` (per name:
+        `params` and `artifacts`, per artifact `path`, `size_bytes`,
+        `accuracy` and `latency_ms` keyed by batch size) and `table`.
+
+    Raises:
+        ValueError: If a format is unknown, `"tflite_int8"` lacks
+            `representative_data`, `models` is empty, the test data is empty or
+            its images and labels differ in number, or `latency_runs` or a
+            batch size is negative (or zero for batch sizes).
+
+    Example:
+
+    ```python
+    metrics = export_and_measure(
+        {"shrunk": model}, "export", "saved_model,tflite", (x_test, y_test)
+    )
+    print(metrics["table"])
+    ```
+    """
+    formats = parse_formats(formats)
+    if not models:
+        raise ValueError(f"`models` must name at least one model. Received: {models!r}")
+    x_test, y_test = (np.asarray(a) for a in test_data)
+    if len(x_test) == 0 or len(x_test) != len(y_test):
+        raise ValueError(
+            "`test_data` must be non-empty (images, labels) of equal length. "
+            f"Received: {len(x_test)} images and {len(y_test)} labels"
+        )
+    if "tflite_int8" in formats and representative_data is None:
+        raise ValueError(
+            "The 'tflite_int8' format needs `representative_data` for calibration. "
+            "Received: representative_data=None"
+        )
+    if (
+        isinstance(latency_runs, bool)
+        or not isinstance(latency_runs, int)
+        or (latency_runs < 0)
+    ):
+        raise ValueError(
+            f"`latency_runs` must be an integer >= 0. Received: {latency_runs!r}"
+        )
+    batch_sizes = tuple(batch_sizes)
+    if any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(
+            f"`batch_sizes` must be positive integers. Received: {batch_sizes!r}"
+        )
+    output_dir = os.fspath(output_dir)
+    num_threads = num_threads or os.cpu_count() or 1
+    warmup_source = x_test if representative_data is None else representative_data
+    warmup = [warmup_source[:b] for b in sorted(set(batch_sizes))]
+
+    metrics = {
+        "formats": list(formats),
+        "num_test": len(x_test),
+        "batch_sizes": list(batch_sizes),
+        "latency_runs": latency_runs,
+        "num_threads": num_threads,
+        "models": {},
+    }
+    runners = {}
+    for name, model in models.items():
+        directory = os.path.join(output_dir, name)
+        os.makedirs(directory, exist_ok=True)
+        paths = {"keras": os.path.join(directory, "model.keras")}
+        _save_without_optimizer(model, paths["keras"])
+        runners[name, "keras"] = _keras_runner(model)
+        for fmt in formats:
+            if fmt == "saved_model":
+                paths[fmt] = export_lib.export_saved_model(
+                    model, os.path.join(directory, "saved_model"), warmup_inputs=warmup
+                )
+                runners[name, fmt] = saved_model_runner(paths[fmt])
+                continue
+            quantization = _QUANTIZATION[fmt]
+            paths[fmt] = export_lib.export_tflite(
+                model,
+                os.path.join(directory, fmt.replace("tflite", "model") + ".tflite"),
+                quantization=quantization,
+                representative_data=(
+                    representative_data if quantization == "int8" else None
+                ),
+                overwrite=True,
+            )
+            runners[name, fmt] = tflite_runner(paths[fmt], num_threads)
+        metrics["models"][name] = {
+            "params": model.count_params(),
+            "artifacts": {
+                fmt: {
+                    "path": path,
+                    "size_bytes": _size_bytes(path),
+                    "accuracy": _accuracy(runners[name, fmt], x_test, y_test),
+                    "latency_ms": None,
+                }
+                for fmt, path in paths.items()
+            },
+        }
+    if latency_runs:
+        for b in batch_sizes:
+            batch = np.resize(x_test, (b, *x_test.shape[1:])).astype(np.float32)
+            for (name, fmt), ms in _latencies(runners, batch, latency_runs).items():
+                artifact = metrics["models"][name]["artifacts"][fmt]
+                artifact["latency_ms"] = (artifact["latency_ms"] or {}) | {str(b): ms}
+    metrics["table"] = format_metrics_table(metrics)
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def _load_model(path: str) -> keras.Model:
+    # Importing keras_sfp registers FilterPruning for deserialization.
+    from keras_sfp import FilterPruning, strip_pruning
+
+    model = keras.saving.load_model(path, compile=False)
+    if any(isinstance(layer, FilterPruning) for layer in model.layers):
+        model = strip_pruning(model)
+    return model
+
+
+def export_model_files(
+    model_paths: Mapping[str, str | os.PathLike],
+    output_dir: str | os.PathLike,
+    formats: str | Sequence[str] = "saved_model,tflite,tflite_int8",
+    dataset: str = "fashion_mnist",
+    data_dir: str | None = None,
+    test_limit: int = 0,
+    calibration_examples: int = 200,
+    latency_runs: int = 20,
+) -> dict[str, Any]:
+    """`export_and_measure` for `.keras` files, on a dataset of `keras_sfp.data`.
+
+    Models holding `FilterPruning` wrappers are stripped (`strip_pruning`)
+    first. The first `calibration_examples` training images calibrate int8
+    and form the warmup requests; the test split (or its first `test_limit`
+    images) gives the accuracy.
+
+    Args:
+        model_paths: `{name: path of a .keras file}`.
+        output_dir: Where the artifacts and `metrics.json` go.
+        formats: A subset of `FORMATS`. Defaults to
+            `"saved_model,tflite,tflite_int8"`.
+        dataset: A name for `keras_sfp.data.load_dataset`. Defaults to
+            `"fashion_mnist"`.
+        data_dir: The dataset's directory; `None` for the default. Defaults to
+            None.
+        test_limit: Test images used; 0 uses all. Defaults to 0.
+        calibration_examples: Training images for int8 calibration. Defaults
+            to 200.
+        latency_runs: Timed calls per artifact and batch size. Defaults to 20.
+
+    Returns:
+        The metrics of `export_and_measure`.
+
+    Raises:
+        ValueError: If a format is unknown, a model's input does not match the
+            dataset's images, or `calibration_examples` is not positive.
+
+    Example:
+
+    ```python
+    export_model_files(
+        {"shrunk": "runs/resnet20_fashion_mnist/shrunk.keras"}, "export"
+    )["table"]
+    ```
+    """
+    from keras_sfp import data as data_lib
+
+    formats = parse_formats(formats)
+    if (
+        isinstance(calibration_examples, bool)
+        or not isinstance(calibration_examples, int)
+        or calibration_examples < 1
+    ):
+        raise ValueError(
+            "`calibration_examples` must be a positive integer. "
+            f"Received: calibration_examples={calibration_examples!r}"
+        )
+    data = data_lib.load_dataset(dataset, data_dir=data_dir)
+    models = {name: _load_model(os.fspath(p)) for name, p in model_paths.items()}
+    for name, model in models.items():
+        if tuple(model.inputs[0].shape[1:]) != tuple(data.input_shape):
+            raise ValueError(
+                f"Model {name!r} takes inputs of shape {model.inputs[0].shape[1:]} "
+                f"but {dataset!r} has images of shape {data.input_shape}. "
+                f"Received: model_paths[{name!r}]={os.fspath(model_paths[name])!r}"
+            )
+    representative, _ = dataset_to_arrays(data.train, calibration_examples)
+    metrics = export_and_measure(
+        models,
+        output_dir,
+        formats,
+        dataset_to_arrays(data.test, test_limit or None),
+        representative_data=representative,
+        latency_runs=latency_runs,
+    )
+    return metrics
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_multi_string(
+        "model",
+        None,
+        "A .keras file, or NAME=PATH; repeat for several models.",
+        required=True,
+    )
+    flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
+    flags.DEFINE_string(
+        "formats", "saved_model,tflite,tflite_int8", f"Comma-separated {FORMATS}."
+    )
+    flags.DEFINE_string("dataset", "fashion_mnist", "Dataset of keras_sfp.data.")
+    flags.DEFINE_string("data_dir", None, "Data directory (None: default).")
+    flags.DEFINE_integer("test_limit", 0, "Test images (0: all).", lower_bound=0)
+    flags.DEFINE_integer(
+        "calibration_examples", 200, "int8 calibration images.", lower_bound=1
+    )
+    flags.DEFINE_integer("latency_runs", 20, "Timed calls (0: skip).", lower_bound=0)
+
+
+def _model_paths(specs: Sequence[str]) -> dict[str, str]:
+    paths = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path, name = spec, os.path.splitext(os.path.basename(spec))[0]
+        paths[name] = path
+    return paths
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    values = flags.FLAGS
+    metrics = export_model_files(
+        _model_paths(values.model),
+        values.output_dir,
+        values.formats,
+        dataset=values.dataset,
+        data_dir=values.data_dir,
+        test_limit=values.test_limit,
+        calibration_examples=values.calibration_examples,
+        latency_runs=values.latency_runs,
+    )
+    print(metrics["table"])
+
+
+def run_main() -> None:
+    """Command-line entry point: `python -m keras_sfp.deploy --model=... ...`."""
+    from absl import app
+
+    # Flags are defined here, not at import, so that importing this module
+    # next to train.py (which defines --model and --output_dir) is harmless.
+    _define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,403 @@
+"""Deployment artifacts: a SavedModel for TF Serving and TFLite flatbuffers.
+
+Pruning exists to ship something smaller and faster, so the artifact must
+compute what the Keras model computes. Both exporters trace one function,
+`{output_name: model(images, training=False)}`, with an explicit input
+`tf.TensorSpec` named `input_name`, so the SavedModel's `serving_default`
+signature and the TFLite signature have the same meaningful names
+(`images` in, `logits` out by default) and the same dynamic batch dimension.
+
+`export_saved_model` writes the directory layout TF Serving polls,
+`<export_dir>/<version>/saved_model.pb` with integer versions, optionally with
+warmup requests (`assets.extra/tf_serving_warmup_requests`, a TFRecord of
+`tensorflow.serving.PredictionLog`) so the server runs each request once
+before it reports the model as available. `export_tflite` converts that same
+SavedModel with `tf.lite.TFLiteConverter`, in float32, float16,
+dynamic-range int8 or full-integer int8 (calibrated on representative data).
+
+Every artifact is written to a temporary name next to its destination and
+renamed into place when complete, so a failed export leaves nothing half
+written (and TF Serving never loads a partial version).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+SERVING_SIGNATURE = "serving_default"
+"""The signature TF Serving uses when a request names none."""
+
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+"""Warmup records' path inside a SavedModel version directory."""
+
+MAX_WARMUP_RECORDS = 1000
+"""TF Serving reads at most this many warmup records and fails beyond."""
+
+QUANTIZATIONS = (None, "float16", "dynamic", "int8")
+"""The `quantization` modes of `export_tflite`."""
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def _check_name(argument: str, value: Any) -> None:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(
+            f"`{argument}` must be an identifier (a letter, then letters, digits "
+            f"or underscores). Received: {argument}={value!r}"
+        )
+
+
+def _serving_spec(
+    model: Any, input_name: str, input_shape: Sequence[int | None] | None = None
+) -> tf.TensorSpec:
+    """The signature's input spec: the model's input, batch dimension free."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`model` must be a keras.Model. Received: model={model!r} of type "
+            f"{type(model).__name__}"
+        )
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if not inputs or not outputs:
+        raise ValueError(
+            "`model` must be built with known inputs (a functional or Sequential "
+            f"model with an Input). Received: model={model.name!r} without inputs"
+        )
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(
+            "`model` must have exactly one input and one output. Received: "
+            f"model={model.name!r} with {len(inputs)} inputs and {len(outputs)} "
+            "outputs"
+        )
+    shape = tuple(inputs[0].shape[1:]) if input_shape is None else tuple(input_shape)
+    if input_shape is not None and len(shape) != len(inputs[0].shape) - 1:
+        raise ValueError(
+            f"`input_shape` must have the rank of the model's input without the "
+            f"batch dimension, {tuple(inputs[0].shape[1:])}. "
+            f"Received: input_shape={input_shape!r}"
+        )
+    return tf.TensorSpec((None, *shape), tf.as_dtype(inputs[0].dtype), input_name)
+
+
+def _write_saved_model(
+    model: keras.Model, directory: str, spec: tf.TensorSpec, output_name: str
+) -> None:
+    def serve(images):
+        # A signature call does not check shapes, and a wrong-rank batch can
+        # abort the process inside a oneDNN kernel; EnsureShape makes it a
+        # clean InvalidArgumentError (HTTP 400 from TF Serving).
+        images = tf.ensure_shape(images, spec.shape)
+        return {output_name: model(images, training=False)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SERVING_SIGNATURE, serve, input_signature=[spec])
+    archive.write_out(directory, verbose=False)
+
+
+def _next_version(export_dir: str) -> int:
+    versions = [int(name) for name in os.listdir(export_dir) if name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _warmup_batches(
+    warmup_inputs: np.ndarray | Sequence[np.ndarray], spec: tf.TensorSpec
+) -> list[np.ndarray]:
+    """One array per warmup request, each checked against `spec`."""
+    if isinstance(warmup_inputs, (list, tuple)):
+        batches = list(warmup_inputs)
+    else:
+        batches = [warmup_inputs]
+    if not 1 <= len(batches) <= MAX_WARMUP_RECORDS:
+        raise ValueError(
+            f"`warmup_inputs` must hold 1 to {MAX_WARMUP_RECORDS} request batches "
+            f"(TF Serving's limit). Received: {len(batches)} batches"
+        )
+    arrays = []
+    for i, batch in enumerate(batches):
+        array = np.asarray(batch, dtype=spec.dtype.as_numpy_dtype)
+        if array.shape[:1] == (0,) or not spec.shape.is_compatible_with(array.shape):
+            raise ValueError(
+                f"Each `warmup_inputs` batch must have shape {tuple(spec.shape)} "
+                f"(batch of at least 1). Received: batch {i} of shape {array.shape}"
+            )
+        arrays.append(array)
+    return arrays
+
+
+def _write_warmup(directory: str, batches: list[np.ndarray], input_name: str) -> None:
+    # Imported here: only warmup records need the TF Serving protos.
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    path = os.path.join(directory, WARMUP_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for batch in batches:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(signature_name=SERVING_SIGNATURE)
+            )
+            request.inputs[input_name].CopyFrom(tf.make_tensor_proto(batch))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(log.SerializeToString())
+
+
+def export_saved_model(
+    model: keras.Model,
+    export_dir: str | os.PathLike,
+    version: int | None = None,
+    warmup_inputs: np.ndarray | Sequence[np.ndarray] | None = None,
+    input_name: str = "images",
+    output_name: str = "logits",
+) -> str:
+    """Writes `model` as a SavedModel version in the layout TF Serving loads.
+
+    The SavedModel goes to `<export_dir>/<version>/` and has one signature,
+    `serving_default`, mapping a float batch named `input_name` (the model's
+    input shape with a free batch dimension) to a dict with one entry,
+    `output_name`: `model(images, training=False)`. TF Serving serves the
+    highest version in `export_dir`, so each export adds a version and never
+    replaces one. The version is written to a temporary directory inside
+    `export_dir` (its name is not an integer, so TF Serving ignores it) and
+    renamed when complete.
+
+    Args:
+        model: A built Keras model with one input and one output.
+        export_dir: The model's base directory (what TF Serving's
+            `--model_base_path` points to); created if missing.
+        version: A positive integer; `None` takes the next free one (1 in an
+            empty directory). Defaults to None.
+        warmup_inputs: Inputs for warmup requests: one array (one request) or
+            a list of arrays (one request each), each of the input's shape
+            with any batch size. They are stored as `PredictionLog` records in
+            `assets.extra/tf_serving_warmup_requests`, which needs the
+            `tensorflow-serving-api` package. `None` writes none. Defaults to
+            None.
+        input_name: The signature's input name. Defaults to `"images"`.
+        output_name: The signature's output name. Defaults to `"logits"`.
+
+    Returns:
+        The path of the version directory, `<export_dir>/<version>`.
+
+    Raises:
+        TypeError: If `model` is not a Keras model.
+        ValueError: If `model` does not have exactly one input and output, if
+            `version` is not a positive integer or already exists, if a
+            warmup batch does not fit the input, or if a name is not an
+            identifier.
+
+    Example:
+    >>> inputs = keras.Input((28, 28, 1))
+    >>> x = keras.layers.Conv2D(4, 3)(inputs)
+    >>> x = keras.layers.GlobalAveragePooling2D()(x)
+    >>> model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    >>> export_dir = tempfile.mkdtemp()
+    >>> warmup = np.zeros((1, 28, 28, 1))
+    >>> path = export_saved_model(model, export_dir, warmup_inputs=warmup)
+    >>> sorted(os.listdir(path))
+    ['assets', 'assets.extra', 'fingerprint.pb', 'saved_model.pb', 'variables']
+    >>> os.path.basename(export_saved_model(model, export_dir))
+    '2'
+    """
+    _check_name("input_name", input_name)
+    _check_name("output_name", output_name)
+    spec = _serving_spec(model, input_name)
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version < 1
+    ):
+        raise ValueError(
+            "`version` must be a positive integer or None. "
+            f"Received: version={version!r}"
+        )
+    batches = None
+    if warmup_inputs is not None:
+        batches = _warmup_batches(warmup_inputs, spec)
+    export_dir = os.fspath(export_dir)
+    os.makedirs(export_dir, exist_ok=True)
+    if version is None:
+        version = _next_version(export_dir)
+    version_dir = os.path.join(export_dir, str(version))
+    if os.path.exists(version_dir):
+        raise ValueError(
+            f"`version` {version} already exists in {export_dir!r}; versions are "
+            "never overwritten: pass version=None for the next free one. "
+            f"Received: version={version!r}"
+        )
+    staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
+    try:
+        _write_saved_model(model, staging, spec, output_name)
+        if batches is not None:
+            _write_warmup(staging, batches, input_name)
+        os.rename(staging, version_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return version_dir
+
+
+def _representative_dataset(
+    representative_data: Any, spec: tf.TensorSpec
+) -> Callable[[], Iterable[list[np.ndarray]]]:
+    """The converter's `representative_dataset`: one-example float batches."""
+    if isinstance(representative_data, (np.ndarray, tf.Tensor)):
+        examples = np.asarray(representative_data, np.float32)
+        if len(examples) == 0 or not spec.shape.is_compatible_with(examples.shape):
+            raise ValueError(
+                "`representative_data` must be a non-empty array of input examples "
+                f"of shape {tuple(spec.shape)}. Received: shape {examples.shape}"
+            )
+        return lambda: ([example[None]] for example in examples)
+    if callable(representative_data) or isinstance(representative_data, Iterable):
+
+        def batches():
+            source = representative_data
+            for batch in source() if callable(source) else source:
+                yield [np.asarray(batch, np.float32)]
+
+        return batches
+    raise TypeError(
+        "`representative_data` must be an array of examples, an iterable of input "
+        "batches or a callable returning one. "
+        f"Received: representative_data={representative_data!r}"
+    )
+
+
+def export_tflite(
+    model: keras.Model,
+    path: str | os.PathLike,
+    quantization: str | None = None,
+    representative_data: Any = None,
+    integer_io: bool = False,
+    input_shape: Sequence[int] | None = None,
+    input_name: str = "images",
+    output_name: str = "logits",
+    overwrite: bool = False,
+) -> str:
+    """Converts `model` to a TFLite flatbuffer, optionally quantized.
+
+    The flatbuffer has a `serving_default` signature with the same names as
+    `export_saved_model`'s and a free batch dimension (resize the
+    interpreter's input for batches other than 1). Quantization modes (see
+    the TensorFlow Lite post-training quantization guide):
+
+    - `None`: float32, computes what the Keras model computes.
+    - `"float16"`: weights stored as float16 (half the size), float compute.
+    - `"dynamic"`: weights stored as int8, activations quantized on the fly.
+    - `"int8"`: weights and activations int8 (Jacob et al., CVPR 2018),
+      calibrated on `representative_data`; input and output stay float32
+      unless `integer_io` is set.
+
+    Args:
+        model: A built Keras model with one input and one output.
+        path: The file to write, conventionally ending in `.tflite`.
+        quantization: One of `QUANTIZATIONS`. Defaults to None.
+        representative_data: For `"int8"` only (and then required): an array
+            of input examples (a few hundred suffice) or an iterable of input
+            batches (or a callable returning one). Defaults to None.
+        integer_io: For `"int8"` only: make the input and output int8
+            tensors (read their scale and zero point from the interpreter's
+            `quantization` details) for integer-only accelerators. Defaults
+            to False.
+        input_shape: The input shape without the batch dimension, to fix
+            dimensions the model leaves free; `None` uses the model's.
+            Defaults to None.
+        input_name: The signature's input name. Defaults to `"images"`.
+        output_name: The signature's output name. Defaults to `"logits"`.
+        overwrite: Whether to replace an existing file at `path`. Defaults
+            to False.
+
+    Returns:
+        `path`, as a string.
+
+    Raises:
+        TypeError: If `model` is not a Keras model or `representative_data`
+            is of an unusable kind.
+        ValueError: If `quantization` is unknown, `"int8"` lacks
+            `representative_data`, an int8-only option is given for another
+            mode, the input has free dimensions besides the batch (TFLite's
+            builtin kernels need them static: pass `input_shape`), `path`
+            exists and `overwrite` is False, or the model has several inputs
+            or outputs.
+
+    Example:
+    >>> inputs = keras.Input((28, 28, 1))
+    >>> x = keras.layers.Conv2D(4, 3)(inputs)
+    >>> x = keras.layers.GlobalAveragePooling2D()(x)
+    >>> model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
+    >>> calibration = np.random.default_rng(0).random((16, 28, 28, 1))
+    >>> path == export_tflite(
+    ...     model, path, quantization="int8", representative_data=calibration
+    ... )
+    True
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"`quantization` must be one of {QUANTIZATIONS}. "
+            f"Received: quantization={quantization!r}"
+        )
+    if quantization == "int8" and representative_data is None:
+        raise ValueError(
+            "`quantization='int8'` needs `representative_data` to calibrate the "
+            "activation ranges. Received: representative_data=None"
+        )
+    if quantization != "int8" and (representative_data is not None or integer_io):
+        raise ValueError(
+            "`representative_data` and `integer_io` apply to quantization='int8' "
+            f"only. Received: quantization={quantization!r} with "
+            f"representative_data of type {type(representative_data).__name__} and "
+            f"integer_io={integer_io!r}"
+        )
+    _check_name("input_name", input_name)
+    _check_name("output_name", output_name)
+    spec = _serving_spec(model, input_name, input_shape)
+    if any(dim is None for dim in spec.shape[1:]):
+        raise ValueError(
+            "TFLite needs every input dimension but the batch to be static; pass "
+            "`input_shape` to fix them. Received: a model with input shape "
+            f"{tuple(model.inputs[0].shape)}"
+        )
+    representative_dataset = None
+    if quantization == "int8":
+        representative_dataset = _representative_dataset(representative_data, spec)
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(
+            f"`path` exists; pass overwrite=True to replace it. Received: path={path!r}"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as staging:
+        saved_model_dir = os.path.join(staging, "saved_model")
+        _write_saved_model(model, saved_model_dir, spec, output_name)
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            saved_model_dir, signature_keys=[SERVING_SIGNATURE]
+        )
+        if quantization is not None:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        elif quantization == "int8":
+            converter.representative_dataset = representative_dataset
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            if integer_io:
+                converter.inference_input_type = tf.int8
+                converter.inference_output_type = tf.int8
+        flatbuffer = converter.convert()
+        staged = os.path.join(staging, "model.tflite")
+        with open(staged, "wb") as f:
+            f.write(flatbuffer)
+        os.replace(staged, path)
+    return path
