@@ -1,8 +1,8 @@
 import keras
 import pytest
-from conftest import tiny_resnet
 
 import keras_sfp
+from conftest import tiny_resnet
 
 L = keras.layers
 

@@ -1,8 +1,8 @@
 import keras
-from conftest import tiny_resnet, tiny_vgg
 
 import keras_sfp
 import models
+from conftest import tiny_resnet, tiny_vgg
 
 L = keras.layers
 

@@ -3,9 +3,9 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import tiny_resnet
 
 import keras_sfp
+from conftest import tiny_resnet
 from keras_sfp import schedules
 from keras_sfp.wrapper import FilterPruning
 
