@@ -196,7 +196,7 @@ def _warn_unremoved(model, wrapped, graph, keep) -> None:
                 kept_zero += int(np.sum(prune_lib.filters_are_zero(producer) & kept))
     if kept_zero:
         warnings.warn(
-            f"shrink kept {kept_zero} pruned (all-zero) filters of model "
+            f"shrink kept {kept_zero} all-zero (pruned or dead) filters of model "
             f"{model.name!r}: their channels are not zero in every tensor of "
             "their channel group (a residual sum with unpruned branches, as "
             'with coupling="layer", or a following layer that does not map '

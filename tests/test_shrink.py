@@ -156,7 +156,7 @@ def test_layer_coupling_keeps_residual_channels_not_pruned_everywhere():
         randomize_batch_norm(tiny_resnet()), rate=0.5, coupling="layer"
     )
     x = _train(pruned, n=32)
-    with pytest.warns(UserWarning, match=r"kept \d+ pruned"):
+    with pytest.warns(UserWarning, match=r"kept \d+ all-zero"):
         small = keras_sfp.shrink(pruned)
     assert _max_diff(small, keras_sfp.strip_pruning(pruned), x) <= 1e-4
     # The first block's inner conv has no residual partner: fully removed.
@@ -177,7 +177,7 @@ def test_zero_filters_behind_batch_norm_shift_are_not_removed():
     bias[1] = 0
     model.get_layer("c").set_weights([kernel, bias])
     model.get_layer("bn").beta.assign([0.0, 0.7, 0.0, 0.0])
-    with pytest.warns(UserWarning, match="kept 1 pruned"):
+    with pytest.warns(UserWarning, match="kept 1 all-zero"):
         small = keras_sfp.shrink(model)
     assert small.get_layer("c").filters == 4  # constant 0.7 channel kept
     model.get_layer("bn").beta.assign([0.0, 0.0, 0.0, 0.0])
