@@ -236,8 +236,6 @@ class SoftFilterPrune(keras.callbacks.Callback):
         # epochs then enforce.
         entries = self.prune(epoch, rescore=not self._is_hard_epoch(epoch))
         self._last_epoch = epoch
-        if self._dead_bn:
-            self._zero_bn()
         if logs is not None:
             logs.update(entries)
         if self.verbose:
@@ -252,9 +250,8 @@ class SoftFilterPrune(keras.callbacks.Callback):
         # Frozen (hard) masks, or a fit that ended no epoch, are re-applied
         # as they are rather than re-scored.
         hard = float(keras.ops.convert_to_numpy(self._plan["wrappers"][0].hard)) == 1
+        # (Offsets were re-zeroed after the last batch already.)
         if self._last_epoch is None:
             self.prune(0, rescore=False)
         else:
             self.prune(self._last_epoch, rescore=not hard)
-        if self._dead_bn:
-            self._zero_bn()

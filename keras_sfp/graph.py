@@ -30,19 +30,10 @@ from keras_sfp.wrapper import FilterPruning
 
 L = keras.layers
 
-# Layers that act on each channel independently and map zero to zero.
+# Layers that act on each channel independently and map zero to zero (the
+# element-wise ones are listed in `_ELEMENTWISE` below).
 _PASS_THROUGH = (
-    L.Activation,
-    L.ReLU,
-    L.LeakyReLU,
-    L.ELU,
-    L.Dropout,
     L.SpatialDropout2D,
-    L.GaussianNoise,
-    L.GaussianDropout,
-    L.AlphaDropout,
-    L.ActivityRegularization,
-    L.Identity,
     L.MaxPooling2D,
     L.AveragePooling2D,
     L.GlobalAveragePooling2D,
@@ -365,13 +356,6 @@ class ChannelGraph:
             if channel_set.blocked and channel_set.blocked not in group.blocked:
                 group.blocked.append(channel_set.blocked)
         return list(by_root.values())
-
-    def group_of_layer(self, layer) -> int | None:
-        """Root set id of the channels `layer` produces, or None."""
-        for channel_set in self.sets:
-            if channel_set.producer is layer:
-                return self.find(channel_set.id)
-        return None
 
     def tensor_zeros(self, producer_zero, zeroed_offsets=False) -> dict:
         """Which channels of every tracked tensor are exactly zero.

@@ -212,8 +212,9 @@ def zero_offsets(layer, channels: np.ndarray) -> None:
         variables = [layer.moving_mean] + ([layer.beta] if layer.center else [])
     else:
         variables = [layer.bias] if layer.use_bias else []
+    # Called after every batch of the hard epochs: stay on the device.
     for variable in variables:
-        variable.assign(keras.ops.convert_to_numpy(variable) * keep)
+        variable.assign(keras.ops.multiply(variable, keep))
 
 
 def strip_pruning(model: keras.Model) -> keras.Model:

@@ -118,7 +118,7 @@ def shrink(model: keras.Model) -> keras.Model:
     plain = prune_lib.strip_pruning(model) if wrapped else model
     graph = ChannelGraph(plain)
     keep = kept_channels(plain, graph)
-    _warn_unremoved(model, wrapped, graph, keep)
+    _warn_unremoved(model, graph, keep)
 
     tensor_map = {}
     new_inputs = []
@@ -184,7 +184,7 @@ class _WeightsOnBuild:
         return outputs
 
 
-def _warn_unremoved(model, wrapped, graph, keep) -> None:
+def _warn_unremoved(model, graph, keep) -> None:
     """Warns about pruned filters whose channels had to be kept."""
     kept_zero = 0
     for group in graph.groups():
