@@ -1,27 +1,36 @@
-"""Read access to a Keras 3 functional graph.
+"""Read access to a Keras 3 functional graph, and rebuilding one.
 
 Keras has no public API to walk a model's nodes; this module is the one place
 that touches `keras.src` internals (the same ones `keras.models.clone_model`
 uses), so a Keras upgrade that moves them breaks here and nowhere else.
+
+Nested Sequential or functional models called once are seen through: their
+nodes are listed in place, joined to the outer graph by *alias* nodes (an
+outer tensor that is the nested model's input or output). A nested model
+called more than once shares its weights between calls and stays one node.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import keras
+from keras.src.applications.convnext import LayerScale
 from keras.src.models.functional import Functional
 from keras.src.ops.function import map_graph
+
+__all__ = ["LayerScale"]  # re-exported: ConvNeXt's per-channel scale layer
 
 
 @dataclasses.dataclass
 class GraphNode:
     """One call of an operation in the graph, in topological order."""
 
-    operation: object
+    operation: object  # a Layer or keras.ops Operation; None for an alias
     inputs: list  # flattened KerasTensor inputs
     outputs: list  # flattened KerasTensor outputs
-    node: object  # the Keras node (for `arguments.fill_in`)
+    node: object  # the Keras node (for `arguments.fill_in`); None for an alias
 
     @property
     def layer(self):
@@ -29,16 +38,35 @@ class GraphNode:
 
     @property
     def name(self) -> str:
+        if self.is_alias:
+            return f"alias of {self.outputs[0].name}"
         return getattr(self.operation, "name", type(self.operation).__name__)
 
     @property
+    def is_alias(self) -> bool:
+        return self.node is None
+
+    @property
     def is_input(self) -> bool:
-        return bool(self.node.is_input)
+        return self.node is not None and bool(self.node.is_input)
+
+    @property
+    def constants(self) -> list:
+        """The call's non-tensor arguments (for keras.ops nodes)."""
+        flat = keras.tree.flatten(
+            (self.node.arguments.args, self.node.arguments.kwargs)
+        )
+        return [a for a in flat if not isinstance(a, keras.KerasTensor)]
 
 
 def is_graph_model(model) -> bool:
     """True for Sequential and functional models (graphs we can read)."""
     return isinstance(model, (keras.Sequential, Functional))
+
+
+def is_layer(operation) -> bool:
+    """True for a Keras layer; False for a bare `keras.ops` operation."""
+    return isinstance(operation, keras.layers.Layer)
 
 
 def check_graph_model(model, arg: str = "model") -> None:
@@ -67,26 +95,143 @@ def check_graph_model(model, arg: str = "model") -> None:
         )
 
 
-def nodes(model) -> list[GraphNode]:
-    """The model's nodes, inputs first, each after all nodes it depends on."""
-    inputs, outputs = list(model.inputs), list(model.outputs)
-    _, nodes_by_depth, _, _ = map_graph(inputs, outputs)
+def _ordered(model) -> list:
+    _, nodes_by_depth, _, _ = map_graph(list(model.inputs), list(model.outputs))
+    return [
+        node
+        for depth in sorted(nodes_by_depth, reverse=True)
+        for node in nodes_by_depth[depth]
+        if node.operation is not None
+    ]
+
+
+def _inlinable(operation, calls) -> bool:
+    if not is_graph_model(operation) or calls[id(operation)] != 1:
+        return False
+    try:
+        check_graph_model(operation)
+    except ValueError:
+        return False
+    return True
+
+
+def nodes(model, inline: bool = True) -> list[GraphNode]:
+    """The model's nodes, inputs first, each after all nodes it depends on.
+
+    With `inline`, nested graph models called once are replaced by their own
+    nodes between alias nodes.
+    """
+    ordered = _ordered(model)
+    calls = collections.Counter(id(node.operation) for node in ordered)
     result = []
-    for depth in sorted(nodes_by_depth, reverse=True):
-        for node in nodes_by_depth[depth]:
-            if node.operation is None:
-                continue
-            result.append(
-                GraphNode(
-                    operation=node.operation,
-                    inputs=list(node.input_tensors),
-                    outputs=list(node.outputs),
-                    node=node,
-                )
+    for node in ordered:
+        op = node.operation
+        ins, outs = list(node.input_tensors), list(node.outputs)
+        inner_ins = keras.tree.flatten(op.inputs) if is_graph_model(op) else []
+        if (
+            inline
+            and not node.is_input
+            and _inlinable(op, calls)
+            and len(inner_ins) == len(ins)
+        ):
+            result.extend(
+                GraphNode(None, [o], [i], None) for o, i in zip(ins, inner_ins)
             )
+            result.extend(n for n in nodes(op, inline) if not n.is_input)
+            inner_outs = keras.tree.flatten(op.outputs)
+            result.extend(
+                GraphNode(None, [i], [o], None) for i, o in zip(inner_outs, outs)
+            )
+            continue
+        result.append(GraphNode(op, ins, outs, node))
+    return result
+
+
+def has_nested_models(model) -> bool:
+    """True if `model` calls a Sequential or functional model as a layer."""
+    return any(is_graph_model(node.operation) for node in _ordered(model))
+
+
+def all_layers(model) -> list:
+    """The layers of `model` and, recursively, of the models nested in it."""
+    result = []
+    for layer in model.layers:
+        result.append(layer)
+        if is_graph_model(layer):
+            result.extend(all_layers(layer))
     return result
 
 
 def fill_in(graph_node: GraphNode, tensor_map: dict):
     """The node's call arguments with tensors replaced via `tensor_map[id(t)]`."""
     return graph_node.node.arguments.fill_in(tensor_map)
+
+
+class WeightsOnBuild:
+    """Calls a new layer, then sets its weights once it has been built."""
+
+    def __init__(self, layer, weights):
+        self.layer = layer
+        self.weights = weights
+        self.loaded = False
+
+    def __call__(self, *args, **kwargs):
+        outputs = self.layer(*args, **kwargs)
+        if not self.loaded:
+            self.layer.set_weights(self.weights)
+            self.loaded = True
+        return outputs
+
+
+def rebuild(model, graph_nodes, make_operation, name: str) -> keras.Model:
+    """A new functional model: `model`'s graph with every operation replaced.
+
+    Args:
+        model: The model whose inputs and outputs are rebuilt.
+        graph_nodes: `nodes(model)` (or a list with the same tensors).
+        make_operation: `GraphNode -> callable`, called once per layer; the
+            callable is then called with the node's arguments.
+        name: The new model's name.
+    """
+    tensor_map, new_inputs = {}, []
+    for tensor in model.inputs:
+        new = keras.Input(
+            batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor.name
+        )
+        tensor_map[id(tensor)] = new
+        new_inputs.append(new)
+    made = {}
+    for node in graph_nodes:
+        if node.is_input:
+            continue
+        if node.is_alias:
+            tensor_map[id(node.outputs[0])] = tensor_map[id(node.inputs[0])]
+            continue
+        key = id(node.operation)
+        if key not in made:
+            made[key] = make_operation(node)
+        args, kwargs = fill_in(node, tensor_map)
+        outputs = made[key](*args, **kwargs)
+        for old, new in zip(node.outputs, keras.tree.flatten(outputs)):
+            tensor_map[id(old)] = new
+    new_outputs = [tensor_map[id(t)] for t in model.outputs]
+    return keras.Model(
+        new_inputs if len(new_inputs) > 1 else new_inputs[0],
+        new_outputs if len(new_outputs) > 1 else new_outputs[0],
+        name=name,
+    )
+
+
+def clone_operation(node: GraphNode):
+    """A fresh copy of a node's layer with its weights (ops are reused)."""
+    op = node.operation
+    if not is_layer(op):
+        return op
+    return WeightsOnBuild(op.__class__.from_config(op.get_config()), op.get_weights())
+
+
+def inline(model) -> keras.Model:
+    """`model` itself, or a flat functional copy if it nests graph models."""
+    if not has_nested_models(model):
+        return model
+    return rebuild(model, nodes(model), clone_operation, name=model.name)

@@ -156,7 +156,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
 
     # -- events ------------------------------------------------------------
     def _score(self, member: FilterPruning, criterion) -> np.ndarray:
-        kernel = keras.ops.convert_to_numpy(member.layer.kernel)
+        kernel = keras.ops.convert_to_numpy(member.kernel)
         return criteria_lib.score(criterion, kernel)
 
     def prune(self, epoch: int, rescore: bool = True) -> dict:
@@ -183,10 +183,9 @@ class SoftFilterPrune(keras.callbacks.Callback):
             for member in unit:
                 member.mask.assign(mask)
                 member.last_event.assign(float(epoch))
-                conv = member.layer
-                conv.kernel.assign(keras.ops.convert_to_numpy(conv.kernel) * mask)
-                if conv.use_bias:
-                    conv.bias.assign(keras.ops.convert_to_numpy(conv.bias) * mask)
+                member.kernel.assign(keras.ops.convert_to_numpy(member.kernel) * mask)
+                if member.bias is not None:
+                    member.bias.assign(keras.ops.convert_to_numpy(member.bias) * mask)
         return {"sfp_rate": rate, "sfp_pruned": pruned, "sfp_revived": revived}
 
     def _set_hard(self, hard: bool) -> None:
@@ -195,12 +194,15 @@ class SoftFilterPrune(keras.callbacks.Callback):
         self._dead_bn = None
         if hard:
             dead = prune_lib.dead_offset_channels(self.model, self._plan["graph"])
-            self._dead_bn = [(self.model.get_layer(n), c) for n, c in dead.items()]
+            self._dead_bn = [
+                (offsets(self.model.get_layer(name)), channels)
+                for name, (offsets, channels) in dead.items()
+            ]
             self._zero_bn()
 
     def _zero_bn(self) -> None:
-        for layer, channels in self._dead_bn or ():
-            prune_lib.zero_offsets(layer, channels)
+        for variables, channels in self._dead_bn or ():
+            prune_lib.zero_offsets(variables, channels)
 
     def _is_hard_epoch(self, epoch: int) -> bool:
         epochs = (self.params or {}).get("epochs")

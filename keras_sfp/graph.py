@@ -1,21 +1,29 @@
 """Channel dependency graph: which channels must be pruned together.
 
-Every 4-D (or globally pooled) tensor's channel axis is described as a list of
-*segments*, each a slice of a *channel set*. A set is created by a producer (a
-`Conv2D` creates one for its filters) or by anything the graph cannot see
-through (a model input, an unsupported layer). Layers that act channel by
-channel (BatchNormalization, activations, pooling, dropout, padding) pass the
-description through; element-wise merges (`Add`, `Multiply`, ...) unite the
-sets they combine, because a channel of a residual sum can only be removed if
-it is removed from every branch; `Concatenate` joins segments; `Flatten` and
-`Dense` consume channels.
+Every tracked tensor's channel axis is described as a list of *segments*,
+each a slice of a *channel set*. A set is created by a producer (a `Conv2D`
+creates one for its filters) or by a boundary (a model input, a layer the
+graph cannot see through). Channelwise layers (normalization, depthwise
+convolutions, activations, pooling, padding) pass the description through;
+element-wise merges (`Add`, `Multiply`, `x + y`) unite the sets they combine,
+because a channel of a residual sum can only be removed if it is removed from
+every branch; `Concatenate` joins segments; `Flatten` keeps them, with a
+spatial stride. How each layer type behaves is in `keras_sfp.rules`.
 
-United sets form *groups*. A group is prunable when all its sets are: sets
-that reach a model output, cross an unsupported layer, or belong to a skipped
-layer are not. This is the dependency-graph idea of Torch-Pruning (Fang et
+United sets form *groups*. A group is prunable when it has producers and all
+its sets are prunable: sets that reach a model output, cross a boundary, or
+belong to a skipped layer are not, nor are sets whose pruned channels would
+not be zero where a layer consumes them (after an activation that does not
+map 0 to 0, say). This is the dependency-graph idea of Torch-Pruning (Fang et
 al., CVPR 2023) applied to Keras functional graphs; the reference SFP code
 instead prunes each layer independently, which leaves residual channels that
 cannot be removed (`coupling="layer"` reproduces that).
+
+A channel can be removed exactly when it is zero in every tensor of its group
+that a layer *consumes* by mixing channels (a producer's input): tensors
+that only feed channelwise layers and merges may hold anything there, which
+is what lets a squeeze-and-excitation gate (`sigmoid(0) = 0.5`) multiply a
+pruned channel away.
 """
 
 from __future__ import annotations
@@ -25,105 +33,20 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_sfp import _keras_graph
-from keras_sfp.wrapper import FilterPruning
+from keras_sfp import _keras_graph, rules
+from keras_sfp.rules import activation_preserves_zero, producer_layer
 
-L = keras.layers
-
-# Layers that act on each channel independently and map zero to zero (the
-# element-wise ones are listed in `_ELEMENTWISE` below).
-_PASS_THROUGH = (
-    L.SpatialDropout2D,
-    L.MaxPooling2D,
-    L.AveragePooling2D,
-    L.GlobalAveragePooling2D,
-    L.GlobalMaxPooling2D,
-    L.ZeroPadding2D,
-    L.Cropping2D,
-    L.UpSampling2D,
-    L.BatchNormalization,
-    L.DepthwiseConv2D,
-)
-# Channel-wise layers that add an offset: a zero channel leaves them non-zero
-# unless the offset is zeroed too (the "BN shift").
-OFFSET_LAYERS = (L.BatchNormalization, L.DepthwiseConv2D)
-_ADD_LIKE = (L.Add, L.Subtract, L.Average, L.Maximum, L.Minimum)
-_MERGES = (*_ADD_LIKE, L.Multiply)
-
-# Activations f with f(0) == 0: a zeroed channel stays zero through them.
-_ZERO_PRESERVING = {
-    "linear",
-    "relu",
-    "relu6",
-    "leaky_relu",
-    "elu",
-    "selu",
-    "gelu",
-    "silu",
-    "swish",
-    "tanh",
-    "hard_silu",
-    "hard_swish",
-    "mish",
-    "softsign",
-    "celu",
-    "hard_tanh",
-}
-# Element-wise layers without weights: they may also follow a Flatten.
-_ELEMENTWISE = (
-    L.Activation,
-    L.ReLU,
-    L.LeakyReLU,
-    L.ELU,
-    L.Dropout,
-    L.GaussianNoise,
-    L.GaussianDropout,
-    L.AlphaDropout,
-    L.ActivityRegularization,
-    L.Identity,
-)
-_ACTIVATION_LAYERS = (L.Activation, L.ReLU, L.LeakyReLU, L.ELU)
-
-
-def activation_preserves_zero(activation) -> bool:
-    """True if `activation(0) == 0` (checked by name, then numerically).
-
-    Example:
-    >>> activation_preserves_zero(keras.activations.relu)
-    True
-    >>> activation_preserves_zero(keras.activations.sigmoid)
-    False
-    """
-    if activation is None:
-        return True
-    name = getattr(activation, "__name__", None)
-    if name in _ZERO_PRESERVING:
-        return True
-    return _maps_zero_to_zero(activation, 4)
-
-
-def _maps_zero_to_zero(fn, channels: int) -> bool:
-    """True if `fn` keeps the shape of a zero `(1, channels)` input and its zeros."""
-    try:
-        value = keras.ops.convert_to_numpy(fn(np.zeros((1, channels), "float32")))
-    except Exception:  # noqa: BLE001 - something we cannot evaluate
-        return False
-    return value.shape == (1, channels) and bool(np.all(value == 0))
-
-
-def _channels_last(layer) -> bool:
-    fmt = getattr(layer, "data_format", "channels_last")
-    return fmt in (None, "channels_last")
+__all__ = ["ChannelGraph", "activation_preserves_zero"]
 
 
 @dataclasses.dataclass
 class ChannelSet:
-    """Channels created by one layer (or by an input / unsupported layer)."""
+    """Channels created by one layer (or by an input / boundary)."""
 
     id: int
     length: int
     origin: str  # name of the layer that created it
-    producer: object = None  # the Conv2D / FilterPruning layer, if any
+    producer: object = None  # the producing layer (Conv2D / wrapper / ...)
     blocked: str | None = None  # why it cannot be pruned, or None
 
 
@@ -134,7 +57,7 @@ class Group:
     id: int
     length: int
     sets: list
-    producers: list  # layers producing the group's channels (Conv2D/wrappers)
+    producers: list  # layers producing the group's channels
     blocked: list  # reasons why it cannot be pruned (empty if prunable)
 
     @property
@@ -162,9 +85,13 @@ class ChannelGraph:
     """The channel sets, groups and tensor layouts of a model.
 
     Args:
-        model: A built Sequential or functional model.
+        model: A built Sequential or functional model. Nested Sequential or
+            functional models called once are analysed through.
         skip: Names of layers whose channels must not be pruned. Defaults to
             None.
+
+    Raises:
+        ValueError: If `model` is not a built Sequential or functional model.
     """
 
     def __init__(self, model: keras.Model, skip=None):
@@ -175,14 +102,20 @@ class ChannelGraph:
         self._parent: list[int] = []
         self.tensors: dict[int, TensorChannels] = {}
         self.nodes = _keras_graph.nodes(model)
-        self.kinds: dict[int, str] = {}  # id(node) -> rule applied
+        self.kinds: dict[int, str] = {}  # id(node) -> kind applied
+        self.rules: dict[int, rules.LayerRule] = {}
+        self.boundaries: list[tuple[str, str]] = []  # (layer name, reason)
+        self.exits: list[tuple] = []  # (tensor, consumer node) mixing channels
+        self._probes: dict[int, np.ndarray] = {}
         self._calls: dict[int, int] = {}
         for node in self.nodes:
-            self._calls[id(node.layer)] = self._calls.get(id(node.layer), 0) + 1
+            key = id(node.operation)
+            self._calls[key] = self._calls.get(key, 0) + 1
         for node in self.nodes:
             self._visit(node)
         for tensor in model.outputs:
             self._block(tensor, "reaches a model output")
+        self._block_nonzero_exits()
 
     # -- union-find ---------------------------------------------------------
     def find(self, set_id: int) -> int:
@@ -214,13 +147,6 @@ class ChannelGraph:
             if self.sets[set_id].blocked is None:
                 self.sets[set_id].blocked = reason
 
-    def _opaque(self, node, reason: str) -> None:
-        """Unsupported operation: nothing crossing it may be pruned."""
-        for tensor in node.inputs:
-            self._block(tensor, reason)
-        for tensor in node.outputs:
-            self._new_tensor(tensor, node.name, blocked=reason)
-
     def _new_tensor(self, tensor, origin, producer=None, blocked=None) -> None:
         shape = tensor.shape
         if len(shape) < 2 or shape[-1] is None:
@@ -229,117 +155,262 @@ class ChannelGraph:
         self.tensors[id(tensor)] = TensorChannels(((set_id, shape[-1]),))
 
     def _visit(self, node) -> None:
-        layer = node.layer
-        ins = [self._info(t) for t in node.inputs]
         name = node.name
         if node.is_input:
             self.kinds[id(node)] = "input"
             for tensor in node.outputs:
                 self._new_tensor(tensor, name, blocked="model input")
             return
-        kind, reason = self._classify(layer, node, ins)
+        rule = rules.rule_for(node)
+        kind, reason = self._check_layout(node, rule)
         skipped = f"layer {name!r} is in `skip`"
         if name in self.skip and kind != "producer":
-            # Leave the layer alone: nothing crossing it is pruned.
-            kind, reason = "opaque", skipped
+            kind, reason = "boundary", skipped  # nothing crossing it is pruned
         self.kinds[id(node)] = kind
+        self.rules[id(node)] = rule
+        ins = [self._info(t) for t in node.inputs]
+        out = node.outputs[0] if node.outputs else None
         if kind == "producer":
-            out = node.outputs[0]
-            conv = layer.layer if isinstance(layer, FilterPruning) else layer
+            layer = producer_layer(node.layer)
             blocked = skipped if name in self.skip else None
-            if not activation_preserves_zero(conv.activation):
-                blocked = f"{name}: activation does not map 0 to 0"
-            self._new_tensor(out, name, producer=layer, blocked=blocked)
-        elif kind == "pass":
-            self.tensors[id(node.outputs[0])] = ins[0]
+            if rules.activation_kind(layer.activation) != "elementwise":
+                activation = rules.activation_name(layer.activation)
+                blocked = f"{name}: activation {activation!r} mixes channels"
+            if ins[0] is not None:
+                self.exits.append((node.inputs[0], node))
+            self._new_tensor(out, name, producer=node.layer, blocked=blocked)
+        elif kind == "channelwise":
+            self.tensors[id(out)] = ins[0]
+            if node.layer is not None and getattr(node.layer, "weights", None):
+                if rule.slice_weights is None:
+                    self._block(
+                        out, f"{name}: no rule to slice its per-channel weights"
+                    )
         elif kind == "merge":
-            for info in ins[1:]:
-                for (a, _), (b, _) in zip(ins[0].segments, info.segments):
+            aligned, side = self._merge_inputs(node)
+            first = self._info(aligned[0])
+            for tensor in aligned[1:]:
+                for (a, _), (b, _) in zip(first.segments, self._info(tensor).segments):
                     self._union(a, b)
-            self.tensors[id(node.outputs[0])] = ins[0]
+            self.exits.extend((t, node) for t in side if self._info(t) is not None)
+            self.tensors[id(out)] = first
         elif kind == "concat":
             segments = tuple(s for info in ins for s in info.segments)
-            self.tensors[id(node.outputs[0])] = TensorChannels(segments)
+            self.tensors[id(out)] = TensorChannels(segments)
         elif kind == "flatten":
             spatial = int(np.prod(node.inputs[0].shape[1:-1]))
-            self.tensors[id(node.outputs[0])] = TensorChannels(ins[0].segments, spatial)
-        elif kind == "consumer":
-            # Dense: consumes channels, produces units nobody prunes (yet).
-            for tensor in node.outputs:
-                self._new_tensor(tensor, name, blocked=f"{name}: Dense units")
+            self.tensors[id(out)] = TensorChannels(ins[0].segments, spatial)
         else:
-            self._opaque(node, reason)
+            self.boundaries.append((name, reason))
+            for tensor in node.inputs:
+                self._block(tensor, reason)
+            for tensor in node.outputs:
+                self._new_tensor(tensor, name, blocked=reason)
 
-    def _classify(self, layer, node, ins):
-        """Returns `(rule, reason)` for a node; the rule drives `_visit`."""
-        cls = type(layer).__name__
-        unsupported = f"{node.name} ({cls}) is not understood by the channel graph"
-        if len(node.outputs) != 1 or any(info is None for info in ins[:1]):
-            return "opaque", unsupported
-        if getattr(layer, "weights", None) and self._calls[id(layer)] > 1:
-            # One set of weights serves several calls whose channels could be
-            # pruned differently: leave it whole.
-            return "opaque", f"{node.name}: a layer with weights called twice"
-        flat = [info.spatial is not None for info in ins]
-        if any(flat):
-            # A flattened tensor: Dense consumes it, element-wise layers
-            # carry it; anything else would need the flat layout.
-            if type(layer) is L.Dense:
-                return "consumer", None
-            if type(layer) in _ELEMENTWISE and len(ins) == 1:
-                return self._elementwise(layer, node, ins)
-            return "opaque", f"{node.name}: {cls} of a flattened tensor"
-        out_rank = len(node.outputs[0].shape)
-        if isinstance(layer, FilterPruning) or type(layer) is L.Conv2D:
-            conv = layer.layer if isinstance(layer, FilterPruning) else layer
-            if conv.groups != 1 or not _channels_last(conv):
-                return "opaque", f"{node.name}: grouped or channels_first Conv2D"
+    def _merge_inputs(self, node):
+        """Splits a merge's inputs into channel-aligned ones and broadcast ones."""
+        channels = node.outputs[0].shape[-1]
+        aligned, side = [], []
+        for tensor in node.inputs:
+            info = self._info(tensor)
+            if info is not None and info.spatial is None and info.length == channels:
+                aligned.append(tensor)
+            else:
+                side.append(tensor)
+        return aligned, side
+
+    def _check_layout(self, node, rule):
+        """Returns `(kind, reason)`: the rule's kind, or a boundary."""
+        name, layer = node.name, node.layer
+        if rule.kind == "boundary":
+            return "boundary", rule.reason
+        if len(node.outputs) != 1 or not node.inputs:
+            return "boundary", f"{name}: not a single-output operation"
+        ins = [self._info(t) for t in node.inputs]
+        cls = type(layer).__name__ if layer is not None else "alias"
+        if layer is not None and getattr(layer, "weights", None):
+            if self._calls[id(layer)] > 1:
+                # One set of weights serves several calls whose channels
+                # could be pruned differently: leave it whole.
+                return "boundary", f"{name}: a layer with weights called twice"
+        flat = any(info is not None and info.spatial is not None for info in ins)
+        kind = rule.kind
+        if kind == "producer":
+            conv = producer_layer(layer)
+            if ins[0] is None and not isinstance(conv, keras.layers.Dense):
+                return "boundary", f"{name}: input channels unknown"
             return "producer", None
-        if type(layer) in _ELEMENTWISE:
-            return self._elementwise(layer, node, ins)
-        if type(layer) in _PASS_THROUGH:
-            if not _channels_last(layer):
-                return "opaque", f"{node.name}: channels_first"
-            if isinstance(layer, L.BatchNormalization) and layer.axis not in (
-                -1,
-                out_rank - 1,
-            ):
-                return "opaque", f"{node.name}: normalizes another axis"
-            if isinstance(layer, L.DepthwiseConv2D):
-                if layer.depth_multiplier != 1:
-                    return "opaque", f"{node.name}: depth_multiplier > 1"
-                if not activation_preserves_zero(layer.activation):
-                    return "opaque", f"{node.name}: activation does not map 0 to 0"
-            return "pass", None
-        if type(layer) in _MERGES:
-            lengths = {tuple(n for _, n in i.segments) for i in ins if i is not None}
-            if (
-                any(i is None for i in ins)
-                or len(lengths) != 1
-                or any(len(t.shape) != out_rank for t in node.inputs)
-            ):
-                return "opaque", f"{node.name}: merges tensors of different layouts"
+        if kind == "merge":
+            aligned, side = self._merge_inputs(node)
+            layouts = {tuple(n for _, n in self._info(t).segments) for t in aligned}
+            if not aligned or len(layouts) != 1:
+                return "boundary", f"{name}: merges tensors of different layouts"
+            if any(t.shape[-1] != 1 for t in side):
+                return "boundary", f"{name}: merges tensors of different layouts"
             return "merge", None
-        if type(layer) is L.Concatenate:
-            if layer.axis not in (-1, out_rank - 1) or any(i is None for i in ins):
-                return "opaque", f"{node.name}: concatenates along another axis"
+        if ins[0] is None:
+            return "boundary", f"{name}: input channels unknown"
+        if flat:
+            # A flattened tensor: only weightless channelwise layers carry it.
+            if kind == "channelwise" and not getattr(layer, "weights", None):
+                return "channelwise", None
+            return "boundary", f"{name}: {cls} of a flattened tensor"
+        rank = len(node.outputs[0].shape)
+        if kind == "concat":
+            if layer.axis not in (-1, rank - 1) or any(i is None for i in ins):
+                return "boundary", f"{name}: concatenates along another axis"
             return "concat", None
-        if type(layer) is L.Flatten:
+        if kind == "flatten":
             shape = node.inputs[0].shape
-            if len(shape) == 4 and None not in shape[1:] and _channels_last(layer):
+            if len(shape) >= 3 and None not in shape[1:]:
                 return "flatten", None
-            return "opaque", f"{node.name}: Flatten of a non-image tensor"
-        if type(layer) is L.Dense:
-            return "consumer", None
-        return "opaque", unsupported
+            return "boundary", f"{name}: Flatten of a tensor of unknown size"
+        if node.outputs[0].shape[-1] != node.inputs[0].shape[-1]:
+            return "boundary", f"{name}: changes the number of channels"
+        return kind, None
 
-    def _elementwise(self, layer, node, ins):
-        """Element-wise layers pass channels through if they map 0 to 0."""
-        if type(layer) in _ACTIVATION_LAYERS and not _maps_zero_to_zero(
-            layer, ins[0].length
-        ):
-            return "opaque", f"{node.name}: does not map 0 to 0 channel by channel"
-        return "pass", None
+    # -- zero channels ------------------------------------------------------
+    def _probe(self, node) -> np.ndarray:
+        if id(node) not in self._probes:
+            self._probes[id(node)] = rules.probe_zero(node)
+        return self._probes[id(node)]
+
+    def _channelwise_zero(self, node, zero_in, zeroed_offsets):
+        rule = self.rules[id(node)]
+        if rule.zero is not None:
+            return np.asarray(rule.zero(node.layer, zero_in, zeroed_offsets), bool)
+        return zero_in & self._probe(node)
+
+    def _merge_zero(self, node, zeros):
+        aligned, side = self._merge_inputs(node)
+        channels = node.outputs[0].shape[-1]
+        values = []
+        for tensor in node.inputs:
+            value = zeros.get(id(tensor))
+            if value is None:
+                value = np.zeros(1, bool)
+            values.append(np.broadcast_to(value, (channels,)))
+        rule = self.rules[id(node)]
+        if rule.zero is not None:
+            return np.asarray(rule.zero(node.layer, values), bool)
+        # A registered merge: zero where all inputs are, if it maps 0 to 0.
+        return np.logical_and.reduce(values) & self._probe(node)
+
+    def tensor_zeros(self, producer_zero, zeroed_offsets=False, culprits=None) -> dict:
+        """Which channels of every tracked tensor are exactly zero.
+
+        Args:
+            producer_zero: Callable `layer -> bool array`: which output channels
+                of a producer are zero (its filters and bias are zero).
+            zeroed_offsets: If True, layers with offsets (BatchNormalization,
+                depthwise biases) keep zero channels zero (as after
+                `strip_pruning`, which zeroes their offsets there); otherwise
+                their weights decide.
+            culprits: Optional dict filled with `{id(tensor): layer name}` of
+                the layer that first made a zero channel non-zero upstream.
+
+        Returns:
+            `{id(tensor): bool array over the tensor's channels}`.
+        """
+        zeros: dict[int, np.ndarray] = {}
+        culprits = {} if culprits is None else culprits
+        for node in self.nodes:
+            kind = self.kinds[id(node)]
+            tracked = [t for t in node.outputs if self._info(t) is not None]
+            if not tracked:
+                continue
+            out = tracked[0]
+            if kind not in ("producer", "channelwise", "merge", "concat", "flatten"):
+                for tensor in tracked:  # a boundary: assume nothing is zero
+                    zeros[id(tensor)] = np.zeros(self._info(tensor).length, bool)
+                continue
+            ins = [zeros.get(id(t)) for t in node.inputs]
+            before = None
+            if kind == "producer":
+                layer = producer_layer(node.layer)
+                value = np.asarray(producer_zero(node.layer), dtype=bool)
+                before = value
+                value = value & activation_preserves_zero(layer.activation)
+            elif kind == "channelwise":
+                before = ins[0]
+                value = self._channelwise_zero(node, ins[0], zeroed_offsets)
+            elif kind == "merge":
+                value = self._merge_zero(node, zeros)
+            elif kind == "concat":
+                value = np.concatenate(ins)
+            else:  # flatten
+                value = ins[0]
+            if before is not None and np.any(before & ~value):
+                culprits[id(out)] = node.name
+            elif node.inputs:
+                for tensor in node.inputs:
+                    if id(tensor) in culprits:
+                        culprits[id(out)] = culprits[id(tensor)]
+                        break
+            zeros[id(out)] = value
+        return zeros
+
+    def removable_channels(self, producer_zero) -> dict[int, np.ndarray]:
+        """Channels that can be removed from each group without changing outputs.
+
+        A channel is removable when it is zero in every tensor of its group
+        that a layer consumes by mixing channels.
+
+        Args:
+            producer_zero: As for `tensor_zeros`.
+
+        Returns:
+            `{root set id: bool array}`, for groups that are consumed.
+        """
+        zeros = self.tensor_zeros(producer_zero)
+        acc: dict[int, np.ndarray] = {}
+        for tensor, _ in self.exits:
+            value = zeros.get(id(tensor))
+            info = self._info(tensor)
+            offset = 0
+            for set_id, n in info.segments:
+                root = self.find(set_id)
+                part = (
+                    value[offset : offset + n]
+                    if value is not None
+                    else np.zeros(n, bool)
+                )
+                acc[root] = part.copy() if root not in acc else acc[root] & part
+                offset += n
+        return acc
+
+    def _block_nonzero_exits(self) -> None:
+        """Blocks sets whose channels stay non-zero, even pruned, where consumed."""
+        culprits = {}
+        zeros = self.tensor_zeros(
+            lambda layer: np.ones(self._filters(layer), bool),
+            zeroed_offsets=True,
+            culprits=culprits,
+        )
+        for tensor, consumer in self.exits:
+            value = zeros.get(id(tensor))
+            info = self._info(tensor)
+            offset = 0
+            for set_id, n in info.segments:
+                part = value[offset : offset + n] if value is not None else None
+                offset += n
+                if part is not None and part.all():
+                    continue
+                culprit = culprits.get(id(tensor), "a boundary")
+                self._block_set(
+                    set_id,
+                    f"pruned channels would not be zero where {consumer.name} "
+                    f"consumes them ({culprit} does not map 0 to 0)",
+                )
+
+    def _block_set(self, set_id: int, reason: str) -> None:
+        if self.sets[set_id].blocked is None:
+            self.sets[set_id].blocked = reason
+
+    @staticmethod
+    def _filters(layer) -> int:
+        layer = producer_layer(layer)
+        return layer.units if isinstance(layer, keras.layers.Dense) else layer.filters
 
     # -- results ------------------------------------------------------------
     def groups(self) -> list[Group]:
@@ -357,87 +428,11 @@ class ChannelGraph:
                 group.blocked.append(channel_set.blocked)
         return list(by_root.values())
 
-    def tensor_zeros(self, producer_zero, zeroed_offsets=False) -> dict:
-        """Which channels of every tracked tensor are exactly zero.
-
-        Args:
-            producer_zero: Callable `layer -> bool array`: which output channels
-                of a producer are zero (its filters and bias are zero).
-            zeroed_offsets: If True, BatchNormalization and DepthwiseConv2D
-                keep zero channels zero (as after `strip_pruning`, which zeroes
-                their offsets there); otherwise their weights decide.
-
-        Returns:
-            `{id(tensor): bool array over the tensor's channels}`.
-        """
-        zeros: dict[int, np.ndarray] = {}
-        for node in self.nodes:
-            kind = self.kinds[id(node)]
-            tracked = [t for t in node.outputs if self._info(t) is not None]
-            if not tracked:
-                continue
-            if kind not in ("producer", "pass", "flatten", "merge", "concat"):
-                for tensor in tracked:  # unsupported: assume nothing is zero
-                    zeros[id(tensor)] = np.zeros(self._info(tensor).length, bool)
-                continue
-            ins = [zeros.get(id(t)) for t in node.inputs]
-            if kind == "producer":
-                value = np.asarray(producer_zero(node.layer), dtype=bool)
-            elif kind in ("pass", "flatten"):
-                offset = isinstance(node.layer, OFFSET_LAYERS)
-                if offset and zeroed_offsets:
-                    value = ins[0]
-                else:
-                    value = _pass_zero(node.layer, ins[0])
-            elif kind == "merge":
-                stack = np.stack(ins)
-                multiply = isinstance(node.layer, L.Multiply)
-                value = stack.any(axis=0) if multiply else stack.all(axis=0)
-            else:  # concat
-                value = np.concatenate(ins)
-            zeros[id(node.outputs[0])] = value
-        return zeros
-
-    def zero_channels(self, producer_zero) -> dict[int, np.ndarray]:
-        """Channels that are exactly zero on every tensor of each group.
-
-        Args:
-            producer_zero: As for `tensor_zeros`.
-
-        Returns:
-            `{root set id: bool array}`; `True` where the channel is zero in
-            every tensor of the group, so removing it changes nothing.
-        """
-        acc: dict[int, np.ndarray] = {}
-        for tensor_id, value in self.tensor_zeros(producer_zero).items():
-            offset = 0
-            for set_id, n in self.tensors[tensor_id].segments:
-                root = self.find(set_id)
-                part = value[offset : offset + n]
-                acc[root] = part.copy() if root not in acc else acc[root] & part
-                offset += n
-        return acc
-
-
-def _pass_zero(layer, zero_in: np.ndarray) -> np.ndarray:
-    """Zero channels after a channel-wise layer, given those before it."""
-    if isinstance(layer, L.BatchNormalization):
-        at_zero = batch_norm_at_zero(layer)
-        return zero_in & (at_zero == 0)
-    if isinstance(layer, L.DepthwiseConv2D):
-        kernel = keras.ops.convert_to_numpy(layer.kernel)
-        filter_zero = np.all(kernel.reshape(-1, kernel.shape[2]) == 0, axis=0)
-        out = zero_in | filter_zero
-        if layer.use_bias:
-            out &= keras.ops.convert_to_numpy(layer.bias) == 0
-        return out
-    return zero_in
-
-
-def batch_norm_at_zero(layer) -> np.ndarray:
-    """The inference output of a BatchNormalization layer for a zero input."""
-    mean = keras.ops.convert_to_numpy(layer.moving_mean).astype(np.float64)
-    var = keras.ops.convert_to_numpy(layer.moving_variance).astype(np.float64)
-    gamma = keras.ops.convert_to_numpy(layer.gamma) if layer.scale else 1.0
-    beta = keras.ops.convert_to_numpy(layer.beta) if layer.center else 0.0
-    return beta - gamma * mean / np.sqrt(var + layer.epsilon)
+    def offset_nodes(self):
+        """Channelwise nodes with offsets (BatchNormalization, depthwise bias)."""
+        return [
+            node
+            for node in self.nodes
+            if self.kinds.get(id(node)) == "channelwise"
+            and self.rules[id(node)].offsets is not None
+        ]

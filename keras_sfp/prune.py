@@ -6,8 +6,13 @@ import keras
 import numpy as np
 
 from keras_sfp import _keras_graph
-from keras_sfp.graph import OFFSET_LAYERS, ChannelGraph
-from keras_sfp.wrapper import FilterPruning, check_prune_args
+from keras_sfp.graph import ChannelGraph
+from keras_sfp.wrapper import (
+    PRUNABLE_TYPES,
+    FilterPruning,
+    check_prune_args,
+    output_kernel,
+)
 
 WRAPPER_PREFIX = "sfp_"
 
@@ -19,7 +24,7 @@ def _check_skip(model, skip) -> tuple:
         raise ValueError(
             f"`skip` must be a list of layer names (strings). Received: skip={skip!r}"
         )
-    names = {layer.name for layer in model.layers}
+    names = {layer.name for layer in _keras_graph.all_layers(model)}
     missing = [s for s in skip if s not in names]
     if missing:
         raise ValueError(
@@ -30,14 +35,14 @@ def _check_skip(model, skip) -> tuple:
 
 
 def prunable_layers(model, skip=None) -> list:
-    """The Conv2D layers whose filters `prune_filters` would prune."""
+    """The layers whose filters (or units) `prune_filters` would prune."""
     graph = ChannelGraph(model, skip=skip)
     return [
         producer
         for group in graph.groups()
         if group.prunable
         for producer in group.producers
-        if type(producer) is keras.layers.Conv2D
+        if type(producer) in PRUNABLE_TYPES
     ]
 
 
@@ -52,17 +57,21 @@ def prune_filters(
 ) -> keras.Model:
     """Prepares a model for Soft Filter Pruning.
 
-    Returns a clone of `model` (same weights) in which every prunable `Conv2D`
-    is wrapped in `FilterPruning`, a wrapper that owns a per-filter mask. Train
-    the clone with the `SoftFilterPrune` callback; it zeroes the lowest-scoring
-    filters at every epoch end (He et al., IJCAI 2018). The clone computes
-    exactly what `model` computes until the first prune event.
+    Returns a clone of `model` (same weights) in which every prunable `Conv2D`,
+    `SeparableConv2D` (pointwise filters) and `Dense` (units) is wrapped in
+    `FilterPruning`, a wrapper that owns a per-filter mask. Train the clone
+    with the `SoftFilterPrune` callback; it zeroes the lowest-scoring filters
+    at every epoch end (He et al., IJCAI 2018). The clone computes exactly what
+    `model` computes until the first prune event.
 
-    A convolution is prunable if its output channels can be physically removed
+    A layer is prunable if its output channels can be physically removed
     afterwards: they do not reach a model output, do not cross a layer the
-    channel graph does not understand, and no layer of their group is named in
-    `skip`. With `coupling="group"` channels joined by residual merges are
-    scored and pruned together, so `shrink` removes all of them.
+    channel graph does not understand (see `describe`), and no layer of their
+    group is named in `skip`. With `coupling="group"` channels joined by
+    residual merges, concatenations' consumers or squeeze-and-excitation gates
+    are scored and pruned together, so `shrink` removes all of them. Nested
+    Sequential or functional models are inlined: the clone is one flat
+    functional model.
 
     Call it inside `strategy.scope()` when training with a distribution
     strategy, like building any model.
@@ -86,7 +95,8 @@ def prune_filters(
         skip: Names of layers to leave alone. Defaults to None.
 
     Returns:
-        A new model of the same kind with wrapped convolutions.
+        A new model of the same kind (functional if `model` nests models)
+        with wrapped layers.
 
     Raises:
         ValueError: For an invalid option, a subclassed or unbuilt model, a
@@ -104,11 +114,13 @@ def prune_filters(
     check_prune_args(rate, criterion, coupling, round_to, schedule)
     _keras_graph.check_graph_model(model)
     skip = _check_skip(model, skip)
+    model = _keras_graph.inline(model)
     targets = {id(layer) for layer in prunable_layers(model, skip)}
     if not targets:
         raise ValueError(
-            "`model` has no prunable Conv2D layer: every convolution's channels "
-            "reach an output, cross an unsupported layer or are skipped. "
+            "`model` has no prunable layer: every convolution's channels "
+            "reach an output, cross an unsupported layer or are skipped "
+            "(keras_sfp.describe(model) says why). "
             f"Received: model {model.name!r} with layers "
             f"{[type(layer).__name__ for layer in model.layers]}"
         )
@@ -136,7 +148,7 @@ def prune_filters(
 def _copy_weights(source, target, transform=None) -> None:
     """Copies weights layer by layer, matching wrapped and plain names."""
     by_name = {}
-    for layer in source.layers:
+    for layer in _keras_graph.all_layers(source):
         inner = layer.layer if isinstance(layer, FilterPruning) else layer
         by_name[inner.name] = layer
     for layer in target.layers:
@@ -155,9 +167,18 @@ def _plain_weights(layer) -> list:
 
 
 def masked_weights(wrapper: FilterPruning) -> list:
-    """The wrapped convolution's weights with pruned filters set to zero."""
+    """The wrapped layer's weights with pruned filters set to zero."""
     mask = keras.ops.convert_to_numpy(wrapper.mask)
-    return [w * mask.astype(w.dtype) for w in wrapper.layer.get_weights()]
+    layer = wrapper.layer
+    masked = {id(output_kernel(layer))}
+    if layer.use_bias:
+        masked.add(id(layer.bias))
+    return [
+        keras.ops.convert_to_numpy(v) * mask.astype(v.dtype)
+        if id(v) in masked
+        else keras.ops.convert_to_numpy(v)
+        for v in layer.weights
+    ]
 
 
 def wrappers(model) -> list[FilterPruning]:
@@ -169,9 +190,10 @@ def dead_offset_channels(model, graph: ChannelGraph | None = None) -> dict:
     """Channels of offset layers (BatchNormalization, depthwise bias) fed zeros.
 
     Returns:
-        `{layer name: bool array}` for every BatchNormalization or
-        DepthwiseConv2D layer of `model` that receives at least one channel
-        that the masks (or all-zero filters) make zero.
+        `{layer name: (offsets, bool array)}` for every channelwise layer of
+        `model` with offsets that receives at least one channel that the
+        masks (or all-zero filters) make zero; `offsets(layer)` lists the
+        layer's offset variables.
     """
     graph = graph or ChannelGraph(model)
 
@@ -182,36 +204,32 @@ def dead_offset_channels(model, graph: ChannelGraph | None = None) -> dict:
 
     zeros = graph.tensor_zeros(producer_zero, zeroed_offsets=True)
     result = {}
-    for node in graph.nodes:
-        if isinstance(node.layer, OFFSET_LAYERS) and graph.kinds[id(node)] == "pass":
-            entering = zeros.get(id(node.inputs[0]))
-            if entering is not None and entering.any():
-                result[node.layer.name] = entering
+    for node in graph.offset_nodes():
+        entering = zeros.get(id(node.inputs[0]))
+        if entering is not None and entering.any():
+            result[node.layer.name] = (graph.rules[id(node)].offsets, entering)
     return result
 
 
-def filters_are_zero(conv) -> np.ndarray:
-    """Output channels of a convolution whose kernel and bias are all zero."""
-    weights = conv.get_weights()
-    kernel = weights[0]
+def filters_are_zero(layer) -> np.ndarray:
+    """Output channels of a producer whose kernel slice and bias are all zero."""
+    if isinstance(layer, FilterPruning):
+        layer = layer.layer
+    kernel = keras.ops.convert_to_numpy(output_kernel(layer))
     zero = np.all(kernel.reshape(-1, kernel.shape[-1]) == 0, axis=0)
-    if conv.use_bias:
-        zero &= weights[1] == 0
+    if layer.use_bias:
+        zero &= keras.ops.convert_to_numpy(layer.bias) == 0
     return zero
 
 
-def zero_offsets(layer, channels: np.ndarray) -> None:
-    """Makes a channel-wise layer map 0 to exactly 0 on `channels`.
+def zero_offsets(variables, channels: np.ndarray) -> None:
+    """Sets the offsets of `channels` to zero, so they map 0 to exactly 0.
 
-    BatchNormalization: sets the moving mean (and beta) of those channels to
-    zero, so `gamma * (0 - 0) / sqrt(var + eps) + 0 == 0` whatever gamma and
-    variance. DepthwiseConv2D: sets the bias of those channels to zero.
+    For BatchNormalization the offsets are the moving mean and beta, so
+    `gamma * (0 - 0) / sqrt(var + eps) + 0 == 0` whatever gamma and variance;
+    for a depthwise convolution, its bias.
     """
     keep = (~channels).astype("float32")
-    if isinstance(layer, keras.layers.BatchNormalization):
-        variables = [layer.moving_mean] + ([layer.beta] if layer.center else [])
-    else:
-        variables = [layer.bias] if layer.use_bias else []
     # Called after every batch of the hard epochs: stay on the device.
     for variable in variables:
         variable.assign(keras.ops.multiply(variable, keep))
@@ -264,6 +282,6 @@ def strip_pruning(model: keras.Model) -> keras.Model:
             masked_weights(src) if isinstance(src, FilterPruning) else src.get_weights()
         ),
     )
-    for name, channels in dead.items():
-        zero_offsets(stripped.get_layer(name), channels)
+    for name, (offsets, channels) in dead.items():
+        zero_offsets(offsets(stripped.get_layer(name)), channels)
     return stripped

@@ -11,6 +11,20 @@ from keras_sfp import criteria as criteria_lib
 from keras_sfp import schedules as schedules_lib
 
 COUPLINGS = ("group", "layer")
+# Layers whose output channels (filters, units) the wrapper can mask.
+PRUNABLE_TYPES = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.Dense)
+
+
+def output_kernel(layer):
+    """The kernel whose last axis indexes the layer's output channels."""
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        return layer.pointwise_kernel
+    return layer.kernel
+
+
+def num_outputs(layer) -> int:
+    """Output channels of a Conv2D/SeparableConv2D (filters) or Dense (units)."""
+    return layer.units if isinstance(layer, keras.layers.Dense) else layer.filters
 
 
 def check_prune_args(
@@ -35,7 +49,7 @@ def check_prune_args(
 
 @keras.saving.register_keras_serializable(package="keras_sfp")
 class FilterPruning(keras.layers.Wrapper):
-    """Wraps a `Conv2D` with a non-trainable per-filter mask.
+    """Wraps a `Conv2D`, `SeparableConv2D` or `Dense` with a per-filter mask.
 
     In the default *soft* state the wrapper computes exactly what the wrapped
     convolution computes: Soft Filter Pruning (He et al., IJCAI 2018) zeroes
@@ -50,7 +64,9 @@ class FilterPruning(keras.layers.Wrapper):
     the structure it will be deployed with.
 
     Args:
-        layer: A built or unbuilt `keras.layers.Conv2D`.
+        layer: A built or unbuilt `keras.layers.Conv2D` (not grouped),
+            `SeparableConv2D` (its pointwise filters are masked) or `Dense`
+            (its units are masked).
         rate: Fraction of filters to prune, in [0, 1). Defaults to 0.3.
         criterion: `"l2"`, `"l1"`, `"fpgm"` or a callable (register it with
             `keras.saving.register_keras_serializable` so that `.keras` files
@@ -63,7 +79,7 @@ class FilterPruning(keras.layers.Wrapper):
         **kwargs: Passed to `keras.layers.Wrapper`.
 
     Raises:
-        ValueError: If `layer` is not a Conv2D or an option is invalid.
+        ValueError: If `layer` is not one of those or an option is invalid.
 
     Example:
     >>> w = FilterPruning(keras.layers.Conv2D(4, 3), rate=0.5)
@@ -83,9 +99,10 @@ class FilterPruning(keras.layers.Wrapper):
         round_to: int = 1,
         **kwargs,
     ):
-        if not isinstance(layer, keras.layers.Conv2D):
+        if type(layer) not in PRUNABLE_TYPES or getattr(layer, "groups", 1) != 1:
             raise ValueError(
-                "`layer` must be a keras.layers.Conv2D. "
+                "`layer` must be a keras.layers.Conv2D (groups=1), "
+                "SeparableConv2D or Dense. "
                 f"Received: layer={layer!r} of type {type(layer).__name__}"
             )
         check_prune_args(rate, criterion, coupling, round_to, schedule)
@@ -99,7 +116,7 @@ class FilterPruning(keras.layers.Wrapper):
     def build(self, input_shape=None):
         if not self.layer.built:
             self.layer.build(input_shape)
-        filters = self.layer.filters
+        filters = num_outputs(self.layer)
         self.mask = self.add_weight(
             name="mask",
             shape=(filters,),
@@ -127,7 +144,8 @@ class FilterPruning(keras.layers.Wrapper):
 
     @property
     def kernel(self):
-        return self.layer.kernel
+        """The wrapped layer's kernel whose last axis indexes filters."""
+        return output_kernel(self.layer)
 
     @property
     def bias(self):
@@ -138,19 +156,34 @@ class FilterPruning(keras.layers.Wrapper):
         return 1.0 - self.hard * (1.0 - self.mask)
 
     def call(self, inputs):
-        conv = self.layer
-        m = ops.cast(self.effective_mask(), conv.compute_dtype)
-        kernel = ops.cast(conv.kernel, conv.compute_dtype) * m
-        outputs = conv.convolution_op(inputs, kernel)
-        if conv.use_bias:
-            bias = ops.cast(conv.bias, conv.compute_dtype) * m
-            if conv.data_format == "channels_last":
-                shape = (1,) * (conv.rank + 1) + (conv.filters,)
+        layer = self.layer
+        dtype = layer.compute_dtype
+        m = ops.cast(self.effective_mask(), dtype)
+        kernel = ops.cast(output_kernel(layer), dtype) * m
+        inputs = ops.cast(inputs, dtype)
+        if isinstance(layer, keras.layers.Dense):
+            outputs = ops.matmul(inputs, kernel)
+        elif isinstance(layer, keras.layers.SeparableConv2D):
+            outputs = ops.separable_conv(
+                inputs,
+                ops.cast(layer.depthwise_kernel, dtype),
+                kernel,
+                strides=layer.strides,
+                padding=layer.padding,
+                dilation_rate=layer.dilation_rate,
+                data_format=layer.data_format,
+            )
+        else:
+            outputs = layer.convolution_op(inputs, kernel)
+        if layer.use_bias:
+            bias = ops.cast(layer.bias, dtype) * m
+            if getattr(layer, "data_format", "channels_last") == "channels_last":
+                shape = (1,) * (len(outputs.shape) - 1) + (-1,)
             else:
-                shape = (1, conv.filters) + (1,) * conv.rank
+                shape = (1, -1) + (1,) * (len(outputs.shape) - 2)
             outputs = ops.add(outputs, ops.reshape(bias, shape))
-        if conv.activation is not None:
-            outputs = conv.activation(outputs)
+        if layer.activation is not None:
+            outputs = layer.activation(outputs)
         return outputs
 
     def compute_output_shape(self, input_shape):

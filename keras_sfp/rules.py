@@ -1,0 +1,538 @@
+"""How each layer acts on channels: the rules behind the graph and `shrink`.
+
+A layer (or `keras.ops` call) is one of four kinds:
+
+- *producer*: creates new channels that can be pruned (`Conv2D`, the
+  pointwise half of `SeparableConv2D`, `Dense`) and consumes its input's
+  channels by mixing them;
+- *channelwise*: acts on each channel on its own (normalization, depthwise
+  convolution, pooling, padding, activations, per-channel scales), so a
+  channel removed before it is removed after it;
+- *merge*: combines tensors element by element (`Add`, `Multiply`, `x + y`),
+  so their channels must be pruned with the same indices;
+- *boundary*: anything else; channels crossing it are never pruned.
+
+A rule also says how a zero channel propagates (does the layer map 0 to 0?)
+and how to slice the layer's weights when channels are removed. Users add
+rules for their own layer types with `register_layer`, the extension point
+that tfmot's `PrunableLayer` is for magnitude pruning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from keras_sfp import _keras_graph
+from keras_sfp.wrapper import FilterPruning
+
+L = keras.layers
+KINDS = ("producer", "channelwise", "merge", "boundary")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """How one layer acts on channels.
+
+    Attributes:
+        kind: One of `KINDS`.
+        slice_weights: Channelwise layers with weights:
+            `(layer, config, weights, keep) -> (config, weights)` for the kept
+            channel indices `keep`. Producers:
+            `(layer, config, weights, keep_in, keep_out) -> (config, weights)`.
+        zero: Channelwise: `(layer, zero_in, zeroed_offsets) -> zero_out`,
+            bool arrays over channels. Merge: `(layer, [zero_in, ...]) ->
+            zero_out`. None: decided by evaluating the layer on zeros.
+        offsets: `layer -> variables` that `strip_pruning` zeroes on channels
+            that only receive zeros (BatchNormalization's moving mean and
+            beta, a depthwise bias): the "BN shift".
+        reason: Why a boundary is one.
+    """
+
+    kind: str
+    slice_weights: Callable | None = None
+    zero: Callable | None = None
+    offsets: Callable | None = None
+    reason: str | None = None
+
+
+def _boundary(reason: str) -> LayerRule:
+    return LayerRule("boundary", reason=reason)
+
+
+# -- zero propagation -------------------------------------------------------
+def _same(layer, zero_in, zeroed_offsets):
+    return zero_in
+
+
+def _all(layer, zeros):
+    return np.logical_and.reduce(zeros)
+
+
+def _any(layer, zeros):
+    return np.logical_or.reduce(zeros)
+
+
+def _first(layer, zeros):
+    return zeros[0]
+
+
+def batch_norm_at_zero(layer) -> np.ndarray:
+    """The inference output of a BatchNormalization layer for a zero input."""
+    mean = keras.ops.convert_to_numpy(layer.moving_mean).astype(np.float64)
+    var = keras.ops.convert_to_numpy(layer.moving_variance).astype(np.float64)
+    gamma = keras.ops.convert_to_numpy(layer.gamma) if layer.scale else 1.0
+    beta = keras.ops.convert_to_numpy(layer.beta) if layer.center else 0.0
+    return beta - gamma * mean / np.sqrt(var + layer.epsilon)
+
+
+def _batch_norm_zero(layer, zero_in, zeroed_offsets):
+    if zeroed_offsets:
+        return zero_in
+    return zero_in & (batch_norm_at_zero(layer) == 0)
+
+
+def _depthwise_zero(layer, zero_in, zeroed_offsets):
+    kernel = keras.ops.convert_to_numpy(layer.kernel)
+    channels = kernel.shape[2] * kernel.shape[3]  # (kh, kw, C, 1) or (kh, kw, 1, C)
+    filter_zero = np.all(kernel.reshape(-1, channels) == 0, axis=0)
+    if zeroed_offsets or not layer.use_bias:
+        return zero_in | (filter_zero & _bias_zero(layer))
+    return (zero_in | filter_zero) & _bias_zero(layer)
+
+
+def _bias_zero(layer):
+    if not layer.use_bias:
+        return True
+    return keras.ops.convert_to_numpy(layer.bias) == 0
+
+
+def _rescaling_zero(layer, zero_in, zeroed_offsets):
+    offset = np.asarray(layer.offset, dtype=np.float64)
+    return zero_in & (offset == 0)
+
+
+def _bias_offsets(layer):
+    return [layer.bias] if layer.use_bias else []
+
+
+def _batch_norm_offsets(layer):
+    return [layer.moving_mean] + ([layer.beta] if layer.center else [])
+
+
+# -- weight slicing -----------------------------------------------------------
+def _slice_conv2d(layer, config, weights, keep_in, keep_out):
+    config["filters"] = len(keep_out)
+    kernel = weights[0][:, :, keep_in, :][..., keep_out]
+    return config, [kernel] + [b[keep_out] for b in weights[1:]]
+
+
+def _slice_separable(layer, config, weights, keep_in, keep_out):
+    multiplier = layer.depth_multiplier
+    rows = (keep_in[:, None] * multiplier + np.arange(multiplier)).reshape(-1)
+    config["filters"] = len(keep_out)
+    depthwise = weights[0][:, :, keep_in, :]
+    pointwise = weights[1][:, :, rows, :][..., keep_out]
+    return config, [depthwise, pointwise] + [b[keep_out] for b in weights[2:]]
+
+
+def _slice_dense(layer, config, weights, keep_in, keep_out):
+    config["units"] = len(keep_out)
+    kernel = weights[0][keep_in, :][:, keep_out]
+    return config, [kernel] + [b[keep_out] for b in weights[1:]]
+
+
+def slice_last_axis(layer, config, weights, keep):
+    """Slices every weight whose last axis is per channel (size 1: shared)."""
+    return config, [w if w.shape[-1] == 1 else w[..., keep] for w in weights]
+
+
+def _slice_depthwise(layer, config, weights, keep):
+    return config, [weights[0][:, :, keep, :]] + [b[keep] for b in weights[1:]]
+
+
+def _slice_grouped_depthwise(layer, config, weights, keep):
+    config["filters"] = config["groups"] = len(keep)
+    return config, [weights[0][..., keep]] + [b[keep] for b in weights[1:]]
+
+
+def _slice_reshape(layer, config, weights, keep):
+    config["target_shape"] = (*tuple(config["target_shape"])[:-1], len(keep))
+    return config, weights
+
+
+def _slice_layer_scale(layer, config, weights, keep):
+    config["projection_dim"] = len(keep)
+    return config, [w[keep] for w in weights]
+
+
+# -- the tables -------------------------------------------------------------
+_IDENTITY = LayerRule("channelwise", zero=_same)
+# Layers that act on each channel alone and keep zeros zero.
+_CHANNELWISE = {
+    cls: _IDENTITY
+    for cls in (
+        L.MaxPooling1D,
+        L.MaxPooling2D,
+        L.MaxPooling3D,
+        L.AveragePooling1D,
+        L.AveragePooling2D,
+        L.AveragePooling3D,
+        L.GlobalAveragePooling1D,
+        L.GlobalAveragePooling2D,
+        L.GlobalAveragePooling3D,
+        L.GlobalMaxPooling1D,
+        L.GlobalMaxPooling2D,
+        L.GlobalMaxPooling3D,
+        L.ZeroPadding1D,
+        L.ZeroPadding2D,
+        L.ZeroPadding3D,
+        L.Cropping1D,
+        L.Cropping2D,
+        L.Cropping3D,
+        L.UpSampling1D,
+        L.UpSampling2D,
+        L.UpSampling3D,
+        L.Dropout,
+        L.SpatialDropout1D,
+        L.SpatialDropout2D,
+        L.SpatialDropout3D,
+        L.GaussianNoise,
+        L.GaussianDropout,
+        L.AlphaDropout,
+        L.ActivityRegularization,
+        L.Identity,
+    )
+}
+_MERGE_LAYERS = {
+    L.Add: _all,
+    L.Subtract: _all,
+    L.Average: _all,
+    L.Maximum: _all,
+    L.Minimum: _all,
+    L.Multiply: _any,
+}
+# keras.ops operations that act element by element. With one tensor argument
+# (the others constants) they are channelwise; with two, merges.
+_ELEMENTWISE_OPS = {
+    "Add": _all,
+    "Subtract": _all,
+    "Maximum": _all,
+    "Minimum": _all,
+    "Multiply": _any,
+    "Divide": _first,
+    "TrueDivide": _first,
+    **dict.fromkeys(
+        (
+            "Negative Absolute Abs Square Sqrt Exp Expm1 Log1p Power Clip Tanh "
+            "Sin Sinh Arcsinh Arctan Sign Floor Ceil Round Cast Relu Relu6 "
+            "Sigmoid SparseSigmoid Softplus Softsign SoftShrink SparsePlus Silu "
+            "Squareplus LogSigmoid LeakyRelu HardSigmoid HardSilu Elu Selu "
+            "Gelu Celu TanhShrink HardTanh HardShrink Threshold Erf"
+        ).split()
+    ),
+}
+# Activations computed element by element (the others mix channels).
+ELEMENTWISE_ACTIVATIONS = set(
+    (
+        "linear relu relu6 leaky_relu elu selu gelu silu swish tanh sigmoid "
+        "hard_sigmoid hard_silu hard_swish mish softsign softplus celu hard_tanh "
+        "hard_shrink soft_shrink tanh_shrink squareplus sparse_plus threshold "
+        "sparse_sigmoid log_sigmoid exponential"
+    ).split()
+)
+
+_USER_RULES: dict[type, LayerRule] = {}
+
+
+def register_layer(layer_type: type, kind: str, slice_weights=None) -> None:
+    """Tells the channel graph how a layer type of yours acts on channels.
+
+    Unregistered layer types that the graph does not know are boundaries:
+    correct, but channels crossing them are never pruned. Register a type to
+    let channels through it:
+
+    - `"channelwise"`: each output channel depends only on the same input
+      channel (a per-channel scale, a custom activation). If the layer has
+      weights with a per-channel axis, pass `slice_weights`.
+    - `"merge"`: combines several inputs element by element (a scaled
+      residual sum such as InceptionResNetV2's `CustomScaleLayer`).
+    - `"boundary"`: never look through it (the default for unknown types).
+
+    Whether a layer keeps zero channels at zero is measured by calling it on
+    zeros, so only its channel behaviour has to be declared.
+
+    Args:
+        layer_type: A `keras.layers.Layer` subclass (matched exactly, not its
+            subclasses).
+        kind: `"channelwise"`, `"merge"` or `"boundary"`.
+        slice_weights: For channelwise layers with weights:
+            `fn(layer, config, weights, keep) -> (config, weights)` returning
+            the config and weights of the layer with only the channels `keep`
+            (an int array). Defaults to slicing the last axis of every weight
+            (see `slice_last_axis`).
+
+    Raises:
+        ValueError: If `layer_type` is not a Layer subclass or `kind` is not
+            one of the three.
+
+    Example:
+    >>> class Scale(keras.layers.Layer):
+    ...     def build(self, shape):
+    ...         self.gamma = self.add_weight(shape=(shape[-1],), initializer="ones")
+    ...     def call(self, x):
+    ...         return x * self.gamma
+    >>> register_layer(Scale, "channelwise")
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, L.Layer)):
+        raise ValueError(
+            "`layer_type` must be a keras.layers.Layer subclass. "
+            f"Received: layer_type={layer_type!r}"
+        )
+    kinds = ("channelwise", "merge", "boundary")
+    if kind not in kinds:
+        raise ValueError(f"`kind` must be one of {kinds}. Received: kind={kind!r}")
+    if slice_weights is not None and not callable(slice_weights):
+        raise ValueError(
+            "`slice_weights` must be a callable "
+            "(layer, config, weights, keep) -> (config, weights). "
+            f"Received: slice_weights={slice_weights!r}"
+        )
+    if kind == "boundary":
+        rule = _boundary(f"{layer_type.__name__} is registered as a boundary")
+    else:
+        rule = LayerRule(kind, slice_weights=slice_weights or slice_last_axis)
+    _USER_RULES[layer_type] = rule
+
+
+def unregister_layer(layer_type: type) -> None:
+    """Removes a rule added by `register_layer` (no error if there is none)."""
+    _USER_RULES.pop(layer_type, None)
+
+
+def activation_name(activation) -> str:
+    """The name of an activation function (or its repr)."""
+    if isinstance(activation, str):
+        return activation
+    return getattr(activation, "__name__", repr(activation))
+
+
+def activation_kind(activation) -> str:
+    """`"elementwise"`, `"mixing"` (softmax and the like) or `"unknown"`.
+
+    Example:
+    >>> activation_kind(keras.activations.relu), activation_kind("softmax")
+    ('elementwise', 'mixing')
+    """
+    if activation is None:
+        return "elementwise"
+    name = activation_name(activation)
+    if name in ELEMENTWISE_ACTIVATIONS:
+        return "elementwise"
+    if name in ("softmax", "log_softmax", "glu", "sparsemax"):
+        return "mixing"
+    return "unknown"
+
+
+_PRESERVES_ZERO: dict = {}
+
+
+def activation_preserves_zero(activation) -> bool:
+    """True if `activation` acts element by element and maps 0 to 0.
+
+    Example:
+    >>> activation_preserves_zero(keras.activations.relu)
+    True
+    >>> activation_preserves_zero(keras.activations.sigmoid)
+    False
+    """
+    if activation is None:
+        return True
+    if activation_kind(activation) != "elementwise":
+        return False
+    activation = keras.activations.get(activation)
+    if activation not in _PRESERVES_ZERO:
+        value = keras.ops.convert_to_numpy(activation(np.zeros((1, 2), "float32")))
+        _PRESERVES_ZERO[activation] = bool(np.all(value == 0))
+    return _PRESERVES_ZERO[activation]
+
+
+def _activation_rule(name: str, activation) -> LayerRule:
+    kind = activation_kind(activation)
+    if kind == "elementwise":
+        return LayerRule("channelwise")
+    what = (
+        "mixes channels"
+        if kind == "mixing"
+        else "is not known to act channel by channel"
+    )
+    return _boundary(f"{name}: activation {activation_name(activation)!r} {what}")
+
+
+def _channels_last(layer) -> bool:
+    return getattr(layer, "data_format", "channels_last") in (None, "channels_last")
+
+
+def _last_axis(axis, rank: int) -> bool:
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return [a % rank for a in axes] == [rank - 1]
+
+
+def producer_layer(layer):
+    """The layer whose filters a producer node prunes (unwraps FilterPruning)."""
+    return layer.layer if isinstance(layer, FilterPruning) else layer
+
+
+def rule_for(node) -> LayerRule:
+    """The rule for one graph node (kind, zero propagation, slicing)."""
+    if node.is_alias:
+        return _IDENTITY
+    op, name = node.operation, node.name
+    cls = type(op).__name__
+    if not _keras_graph.is_layer(op):
+        return _op_rule(node)
+    if type(op) in _USER_RULES:
+        return _USER_RULES[type(op)]
+    rank = len(node.outputs[0].shape) if node.outputs else 0
+    if not _channels_last(op):
+        return _boundary(f"{name}: channels_first data format")
+    layer = producer_layer(op)
+    if type(layer) is L.Conv2D:
+        cin = node.inputs[0].shape[-1]
+        if layer.groups == 1:
+            return LayerRule("producer", slice_weights=_slice_conv2d)
+        if layer.groups == cin == layer.filters:  # a depthwise convolution
+            if activation_kind(layer.activation) != "elementwise":
+                return _activation_rule(name, layer.activation)
+            return LayerRule(
+                "channelwise",
+                slice_weights=_slice_grouped_depthwise,
+                zero=_activation_after(_depthwise_zero),
+                offsets=_bias_offsets,
+            )
+        return _boundary(
+            f"{name}: grouped Conv2D (groups={layer.groups}) couples channels "
+            "within groups"
+        )
+    if type(layer) is L.SeparableConv2D:
+        return LayerRule("producer", slice_weights=_slice_separable)
+    if type(layer) is L.Dense:
+        if getattr(layer, "lora_enabled", False) or getattr(
+            layer, "quantization_mode", None
+        ):
+            return _boundary(f"{name}: LoRA or quantized Dense")
+        return LayerRule("producer", slice_weights=_slice_dense)
+    if type(op) is L.DepthwiseConv2D:
+        if op.depth_multiplier != 1:
+            return _boundary(f"{name}: depth_multiplier > 1")
+        if activation_kind(op.activation) != "elementwise":
+            return _activation_rule(name, op.activation)
+        return LayerRule(
+            "channelwise",
+            slice_weights=_slice_depthwise,
+            zero=_activation_after(_depthwise_zero),
+            offsets=_bias_offsets,
+        )
+    if type(op) is L.BatchNormalization:
+        if not _last_axis(op.axis, rank):
+            return _boundary(f"{name}: normalizes another axis")
+        return LayerRule(
+            "channelwise",
+            slice_weights=slice_last_axis,
+            zero=_batch_norm_zero,
+            offsets=_batch_norm_offsets,
+        )
+    if type(op) in (L.LayerNormalization, L.GroupNormalization, L.UnitNormalization):
+        return _boundary(
+            f"{name}: {cls} computes statistics across channels, so removing "
+            "one changes the others"
+        )
+    if type(op) in _CHANNELWISE:
+        return _CHANNELWISE[type(op)]
+    if type(op) is L.Activation:
+        return _activation_rule(name, op.activation)
+    if type(op) in (L.ReLU, L.LeakyReLU, L.ELU):
+        return LayerRule("channelwise")
+    if type(op) is L.PReLU:
+        return LayerRule("channelwise", slice_weights=slice_last_axis, zero=_same)
+    if type(op) is _keras_graph.LayerScale:
+        return LayerRule("channelwise", slice_weights=_slice_layer_scale, zero=_same)
+    if type(op) is L.Rescaling:
+        if np.size(op.scale) != 1 or np.size(op.offset) != 1:
+            return _boundary(f"{name}: per-channel Rescaling")
+        return LayerRule("channelwise", zero=_rescaling_zero)
+    if type(op) is L.Reshape:
+        return _reshape_rule(node)
+    if type(op) in _MERGE_LAYERS:
+        return LayerRule("merge", zero=_MERGE_LAYERS[type(op)])
+    if type(op) is L.Concatenate:
+        return LayerRule("concat")
+    if type(op) is L.Flatten:
+        return LayerRule("flatten")
+    if type(op) is L.Normalization:
+        if not _last_axis(op.axis, rank):
+            return _boundary(f"{name}: normalizes another axis")
+        return LayerRule("channelwise")  # no slicing rule: its set is kept whole
+    if _keras_graph.is_graph_model(op):
+        return _boundary(f"{name}: a nested model called more than once")
+    return _boundary(f"{name} ({cls}) is not understood by the channel graph")
+
+
+def _activation_after(zero_fn):
+    """Composes a channelwise zero rule with the layer's own activation."""
+
+    def zero(layer, zero_in, zeroed_offsets):
+        out = zero_fn(layer, zero_in, zeroed_offsets)
+        return out & activation_preserves_zero(layer.activation)
+
+    return zero
+
+
+def _reshape_rule(node) -> LayerRule:
+    """A Reshape that only adds or drops size-1 axes keeps channels apart."""
+    before, after = node.inputs[0].shape[1:], node.outputs[0].shape[1:]
+    if (
+        before
+        and after
+        and before[-1] == after[-1]
+        and all(d == 1 for d in before[:-1])
+        and all(d == 1 for d in after[:-1])
+    ):
+        return LayerRule("channelwise", slice_weights=_slice_reshape, zero=_same)
+    return _boundary(f"{node.name}: Reshape from {before} to {after} moves channels")
+
+
+def _op_rule(node) -> LayerRule:
+    cls = type(node.operation).__name__
+    name = f"{node.name} (keras.ops {cls})"
+    if cls not in _ELEMENTWISE_OPS:
+        return _boundary(f"{name} is not understood by the channel graph")
+    for constant in node.constants:
+        if np.size(constant) > 1:
+            return _boundary(f"{name}: a constant with per-channel values")
+    if len(node.inputs) == 1:
+        return LayerRule("channelwise")
+    if len(node.inputs) == 2 and _ELEMENTWISE_OPS[cls] is not None:
+        return LayerRule("merge", zero=_ELEMENTWISE_OPS[cls])
+    return _boundary(f"{name}: {len(node.inputs)} tensor arguments")
+
+
+def probe_zero(node) -> np.ndarray:
+    """Which channels a channelwise node maps from 0 to exactly 0 (by running it).
+
+    Unknown spatial sizes are taken as 1; merges get zeros on every input.
+    """
+    values = {}
+    for tensor in node.inputs:
+        shape = [1 if d is None else d for d in tensor.shape]
+        values[id(tensor)] = np.zeros(shape, dtype=tensor.dtype or "float32")
+    try:
+        args, kwargs = _keras_graph.fill_in(node, values)
+        out = keras.ops.convert_to_numpy(node.operation(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - a layer we cannot evaluate keeps nothing zero
+        return np.zeros(node.outputs[0].shape[-1], dtype=bool)
+    out = out.reshape(-1, out.shape[-1])
+    return np.all(out == 0, axis=0)
