@@ -88,9 +88,11 @@ def randomize_batch_norm(model: keras.Model, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     norms = _batch_norms(model)
     for layer in norms:
-        n = layer.gamma.shape[0]
-        layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-        layer.beta.assign(rng.normal(0.0, 0.5, n).astype("float32"))
+        n = layer.moving_mean.shape[0]
+        if layer.scale:
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+        if layer.center:
+            layer.beta.assign(rng.normal(0.0, 0.5, n).astype("float32"))
     calibrate(model, seed)
 
 

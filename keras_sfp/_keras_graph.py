@@ -222,12 +222,24 @@ def rebuild(model, graph_nodes, make_operation, name: str) -> keras.Model:
     )
 
 
+def layer_from_config(layer, config=None):
+    """A new layer like `layer` from `config` (default: its own config).
+
+    The config comes from a live object, not a file, so a `Lambda`'s Python
+    function may be restored (Keras refuses that by default, for files).
+    """
+    config = layer.get_config() if config is None else config
+    if isinstance(layer, keras.layers.Lambda):
+        return layer.__class__.from_config(config, safe_mode=False)
+    return layer.__class__.from_config(config)
+
+
 def clone_operation(node: GraphNode):
     """A fresh copy of a node's layer with its weights (ops are reused)."""
     op = node.operation
     if not is_layer(op):
         return op
-    return WeightsOnBuild(op.__class__.from_config(op.get_config()), op.get_weights())
+    return WeightsOnBuild(layer_from_config(op), op.get_weights())
 
 
 def inline(model) -> keras.Model:

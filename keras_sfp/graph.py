@@ -279,7 +279,10 @@ class ChannelGraph:
         rule = self.rules[id(node)]
         if rule.zero is not None:
             return np.asarray(rule.zero(node.layer, zero_in, zeroed_offsets), bool)
-        return zero_in & self._probe(node)
+        probe = self._probe(node)
+        if len(probe) != len(zero_in):  # a flattened tensor: positions x channels
+            probe = probe.reshape(-1, len(zero_in)).all(axis=0)
+        return zero_in & probe
 
     def _merge_zero(self, node, zeros):
         aligned, side = self._merge_inputs(node)

@@ -127,7 +127,7 @@ def prune_filters(
 
     def clone(layer):
         config = layer.get_config()
-        new = layer.__class__.from_config(config)
+        new = _keras_graph.layer_from_config(layer, config)
         if id(layer) in targets:
             new = FilterPruning(
                 new,
@@ -272,7 +272,7 @@ def strip_pruning(model: keras.Model) -> keras.Model:
     def clone(layer):
         if isinstance(layer, FilterPruning):
             layer = layer.layer
-        return layer.__class__.from_config(layer.get_config())
+        return _keras_graph.layer_from_config(layer)
 
     stripped = keras.models.clone_model(model, clone_function=clone)
     _copy_weights(

@@ -121,7 +121,7 @@ def _rebuild_layer(graph: ChannelGraph, node, keep):
         keep_in = _index(graph, node.inputs[0], keep)
         if keep_in is not None and len(keep_in) < node.inputs[0].shape[-1]:
             config, weights = rule.slice_weights(layer, config, weights, keep_in)
-    new = layer.__class__.from_config(config)
+    new = _keras_graph.layer_from_config(layer, config)
     return _keras_graph.WeightsOnBuild(new, weights)
 
 

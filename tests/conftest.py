@@ -66,13 +66,25 @@ def tiny_vgg(input_shape=(12, 12, 1), classes=5):
     return keras.Model(inputs, L.Dense(classes, name="logits")(x), name="tiny_vgg")
 
 
+def _batch_norms(model):
+    """BatchNormalization layers of `model` and of the models nested in it."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found.extend(_batch_norms(layer))
+        elif isinstance(layer, L.BatchNormalization):
+            found.append(layer)
+    return found
+
+
 def randomize_batch_norm(model, seed=0):
     """Gives BatchNormalization layers random gamma and beta, then calibrates."""
     rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            n = layer.gamma.shape[0]
+    for layer in _batch_norms(model):
+        n = layer.moving_mean.shape[0]
+        if layer.scale:
             layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+        if layer.center:
             layer.beta.assign(rng.normal(0.0, 0.5, n).astype("float32"))
     return calibrate_batch_norm(model, seed)
 
@@ -84,9 +96,7 @@ def calibrate_batch_norm(model, seed=0):
     activations (a deep ResNet then outputs logits of 1e6); calibrated
     statistics give logits of realistic scale, as in a trained model.
     """
-    layers = [
-        layer for layer in model.layers if isinstance(layer, L.BatchNormalization)
-    ]
+    layers = _batch_norms(model)
     momentum = [layer.momentum for layer in layers]
     for layer in layers:
         layer.momentum = 0.0

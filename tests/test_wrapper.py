@@ -84,7 +84,13 @@ def test_keras_file_round_trip_keeps_masks_and_outputs(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "layer", [keras.layers.Dense(3), keras.layers.DepthwiseConv2D(3), "conv"]
+    "layer",
+    [
+        keras.layers.Conv2D(4, 3, groups=2),
+        keras.layers.DepthwiseConv2D(3),
+        keras.layers.Conv1D(4, 3),
+        "conv",
+    ],
 )
 def test_wrapping_something_other_than_conv2d_raises(layer):
     with pytest.raises(ValueError, match="`layer` must be a keras.layers.Conv2D"):

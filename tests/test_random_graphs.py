@@ -1,0 +1,101 @@
+"""Property: shrink is exact on random graphs built from the supported layers."""
+
+import keras
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import keras_sfp
+from conftest import randomize_batch_norm
+from keras_sfp.callback import num_pruned
+
+L = keras.layers
+OPS = (
+    "conv",
+    "depthwise",
+    "separable",
+    "dense",
+    "residual",
+    "concat",
+    "se",
+    "pool",
+    "ops",
+)
+
+
+def _build(draw, ops, widths):
+    """A functional model: a stem conv, then `ops` applied in order."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(draw(widths), 3, padding="same")(inputs)
+    pool = [x]  # earlier tensors (all 8x8) for residuals and concatenations
+    for op in ops:
+        channels = x.shape[-1]
+        if op == "conv":
+            x = L.Conv2D(draw(widths), draw(st.sampled_from([1, 3])), padding="same")(x)
+            x = L.BatchNormalization()(x)
+            x = L.Activation(draw(st.sampled_from(["relu", "swish", "linear"])))(x)
+        elif op == "depthwise":
+            x = L.DepthwiseConv2D(3, padding="same")(x)
+            x = L.ReLU(6.0)(L.BatchNormalization()(x))
+        elif op == "separable":
+            x = L.SeparableConv2D(draw(widths), 3, padding="same")(x)
+        elif op == "dense":  # a pointwise MLP layer, as in ConvNeXt
+            x = L.Dense(draw(widths), activation="gelu")(x)
+        elif op == "residual":
+            other = draw(st.sampled_from(pool))
+            if other.shape[-1] != channels:
+                other = L.Conv2D(channels, 1)(other)
+            x = L.Add()([x, L.BatchNormalization()(other)])
+        elif op == "concat":
+            x = L.Concatenate()([x, draw(st.sampled_from(pool))])
+        elif op == "se":
+            s = L.GlobalAveragePooling2D(keepdims=True)(x)
+            s = L.Conv2D(max(channels // 2, 1), 1, activation="relu")(s)
+            s = L.Conv2D(channels, 1, activation="sigmoid")(s)
+            x = L.Multiply()([x, s])
+        elif op == "pool":
+            pooling = draw(st.sampled_from([L.MaxPooling2D, L.AveragePooling2D]))
+            x = pooling(3, strides=1, padding="same")(x)
+        else:  # keras.ops nodes: hard-swish
+            x = x * keras.ops.relu6(x + 3.0) / 6.0
+        pool.append(x)
+    x = L.Conv2D(draw(widths), 3)(x)
+    outputs = L.Dense(3)(L.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs)
+
+
+@st.composite
+def graphs(draw):
+    ops = draw(st.lists(st.sampled_from(OPS), min_size=1, max_size=6))
+    widths = st.integers(4, 8)
+    model = _build(draw, ops, widths)
+    rate = draw(st.sampled_from([0.25, 0.5, 0.75]))
+    return model, rate, ops
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(graphs())
+def test_shrink_is_exact_on_random_graphs(case):
+    model, rate, ops = case
+    randomize_batch_norm(model)
+    pruned = keras_sfp.prune_filters(model, rate=rate)
+    callback = keras_sfp.SoftFilterPrune()
+    callback.set_model(pruned)
+    callback.prune(0)
+    x = np.random.default_rng(0).random((4, 8, 8, 3), "float32")
+    reference = keras_sfp.strip_pruning(pruned).predict(x, verbose=0)
+    small = keras_sfp.shrink(pruned)
+    out = small.predict(x, verbose=0)
+    np.testing.assert_allclose(
+        out, reference, atol=1e-5 * max(np.abs(reference).max(), 1.0), err_msg=str(ops)
+    )
+    # Fewer MACs whenever some prunable group is wide enough to lose a channel.
+    groups = keras_sfp.ChannelGraph(model).groups()
+    expect_fewer = any(g.prunable and num_pruned(g.length, rate) for g in groups)
+    assert expect_fewer, ops  # the tail conv's group always is prunable
+    assert keras_sfp.count_flops(small) < keras_sfp.count_flops(model), ops
