@@ -8,6 +8,8 @@ import keras
 
 from keras_sfp.graph import ChannelGraph
 
+_ROW = "{:>5}  {:>8}  {:<8}  {:<40}  {}"
+
 
 @dataclasses.dataclass
 class GroupReport:
@@ -38,16 +40,15 @@ class GraphReport:
             f"Channel graph of {self.model!r}: {len(self.groups)} groups, "
             f"{len(self.prunable_groups)} prunable ({producers} layers to prune), "
             f"{len(self.boundaries)} boundaries",
-            f"{'group':>5}  {'channels':>8}  {'prunable':<8}  {'producers':<40}  why not",
+            _ROW.format("group", "channels", "prunable", "producers", "why not"),
         ]
         for g in self.groups:
             names = ", ".join(g.producers[:2]) or "-"
             if len(g.producers) > 2:
                 names += f" (+{len(g.producers) - 2})"
-            lines.append(
-                f"{g.id:>5}  {g.channels:>8}  {'yes' if g.prunable else 'no':<8}  "
-                f"{names:<40}  {'; '.join(g.reasons) if not g.prunable else ''}".rstrip()
-            )
+            why = "" if g.prunable else "; ".join(g.reasons)
+            prunable = "yes" if g.prunable else "no"
+            lines.append(_ROW.format(g.id, g.channels, prunable, names, why).rstrip())
         if self.boundaries:
             lines.append("Boundaries (channels crossing them are never pruned):")
             lines.extend(f"  {reason}" for _, reason in self.boundaries)

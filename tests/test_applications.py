@@ -29,5 +29,6 @@ def test_application_shrinks_exactly(family, prunable, max_macs_kept):
         prunable = result.groups - 2
     assert result.prunable_groups == prunable
     assert result.max_diff <= 1e-3
+    assert result.max_diff64 <= 1e-9  # exact, up to float64 rounding
     assert result.reload_diff == 0.0
     assert 0.3 < result.macs_kept <= max_macs_kept

@@ -328,3 +328,19 @@ def test_graphless_models_get_a_clear_value_error(fn):
         fn(_Subclassed())
     with pytest.raises(ValueError, match="must be a keras.Model.*Received: model='x'"):
         fn("x")
+
+
+@pytest.mark.parametrize("build", [_se_conv, _grouped, _separable, _convnext])
+def test_hard_epochs_train_the_structure_that_shrink_deploys(build):
+    """After hard epochs the wrapped model already computes the shrunk one."""
+    pruned = keras_sfp.prune_filters(randomize_batch_norm(build()), rate=0.5)
+    x = np.random.default_rng(0).random((16, *pruned.inputs[0].shape[1:]), "float32")
+    y = np.random.default_rng(1).integers(0, 3, 16)
+    pruned.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=1)
+    pruned.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[callback])
+    small = keras_sfp.shrink(pruned)
+    reference = pruned.predict(x, verbose=0)
+    np.testing.assert_allclose(
+        small.predict(x, verbose=0), reference, atol=1e-5 * np.abs(reference).max()
+    )

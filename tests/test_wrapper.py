@@ -10,16 +10,23 @@ from keras_sfp import schedules
 from keras_sfp.wrapper import FilterPruning
 
 
-def _conv(use_bias=True):
-    conv = keras.layers.Conv2D(6, 3, padding="same", use_bias=use_bias)
+def _conv(use_bias=True, kind="conv"):
+    conv = {
+        "conv": lambda: keras.layers.Conv2D(6, 3, padding="same", use_bias=use_bias),
+        "separable": lambda: keras.layers.SeparableConv2D(
+            6, 3, padding="same", depth_multiplier=2, use_bias=use_bias
+        ),
+        "dense": lambda: keras.layers.Dense(6, use_bias=use_bias),
+    }[kind]()
     conv.build((None, 5, 5, 3))
     rng = np.random.default_rng(0)
     conv.set_weights([rng.normal(size=w.shape) for w in conv.get_weights()])
     return conv
 
 
-def test_soft_wrapper_computes_exactly_what_the_conv_computes():
-    conv = _conv()
+@pytest.mark.parametrize("kind", ["conv", "separable", "dense"])
+def test_soft_wrapper_computes_exactly_what_the_conv_computes(kind):
+    conv = _conv(kind=kind)
     wrapper = FilterPruning(conv, rate=0.5)
     x = np.random.default_rng(1).random((2, 5, 5, 3), dtype=np.float32)
     wrapper.build(x.shape)
@@ -27,9 +34,10 @@ def test_soft_wrapper_computes_exactly_what_the_conv_computes():
     np.testing.assert_array_equal(wrapper(x), conv(x))
 
 
+@pytest.mark.parametrize("kind", ["conv", "separable", "dense"])
 @pytest.mark.parametrize("use_bias", [True, False])
-def test_hard_wrapper_outputs_zero_on_masked_filters(use_bias):
-    conv = _conv(use_bias)
+def test_hard_wrapper_outputs_zero_on_masked_filters(use_bias, kind):
+    conv = _conv(use_bias, kind)
     wrapper = FilterPruning(conv)
     x = np.random.default_rng(1).random((2, 5, 5, 3), dtype=np.float32)
     wrapper.build(x.shape)
