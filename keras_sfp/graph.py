@@ -173,9 +173,9 @@ class ChannelGraph:
         if kind == "producer":
             layer = producer_layer(node.layer)
             blocked = skipped if name in self.skip else None
-            if rules.activation_kind(layer.activation) != "elementwise":
-                activation = rules.activation_name(layer.activation)
-                blocked = f"{name}: activation {activation!r} mixes channels"
+            problem = rules.activation_problem(layer.activation)
+            if problem is not None:
+                blocked = f"{name}: {problem}"
             if ins[0] is not None:
                 self.exits.append((node.inputs[0], node))
             self._new_tensor(out, name, producer=node.layer, blocked=blocked)

@@ -76,10 +76,6 @@ def _any(layer, zeros):
     return np.logical_or.reduce(zeros)
 
 
-def _first(layer, zeros):
-    return zeros[0]
-
-
 def batch_norm_at_zero(layer) -> np.ndarray:
     """The inference output of a BatchNormalization layer for a zero input."""
     mean = keras.ops.convert_to_numpy(layer.moving_mean).astype(np.float64)
@@ -223,8 +219,10 @@ _ELEMENTWISE_OPS = {
     "Maximum": _all,
     "Minimum": _all,
     "Multiply": _any,
-    "Divide": _first,
-    "TrueDivide": _first,
+    # x / y: x / constant is channelwise; dividing by a tensor that may be
+    # zero where x is (0 / 0) is not something to look through.
+    "Divide": None,
+    "TrueDivide": None,
     **dict.fromkeys(
         (
             "Negative Absolute Abs Square Sqrt Exp Expm1 Log1p Power Clip Tanh "
@@ -360,16 +358,23 @@ def activation_preserves_zero(activation) -> bool:
     return _PRESERVES_ZERO[activation]
 
 
-def _activation_rule(name: str, activation) -> LayerRule:
+def activation_problem(activation) -> str | None:
+    """Why an activation stops channels, or None if it acts element-wise."""
     kind = activation_kind(activation)
     if kind == "elementwise":
+        return None
+    if kind == "mixing":
+        what = "mixes channels"
+    else:
+        what = "is not known to act channel by channel"
+    return f"activation {activation_name(activation)!r} {what}"
+
+
+def _activation_rule(name: str, activation) -> LayerRule:
+    problem = activation_problem(activation)
+    if problem is None:
         return LayerRule("channelwise")
-    what = (
-        "mixes channels"
-        if kind == "mixing"
-        else "is not known to act channel by channel"
-    )
-    return _boundary(f"{name}: activation {activation_name(activation)!r} {what}")
+    return _boundary(f"{name}: {problem}")
 
 
 def _channels_last(layer) -> bool:

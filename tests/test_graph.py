@@ -71,3 +71,40 @@ def test_flatten_and_concatenate_layouts():
     groups = _groups_by_members(graph)
     assert not groups[("s0b0_c1",)].prunable
     assert "is in `skip`" in groups[("s0b0_c1",)].blocked[0]
+
+
+def test_unknown_activations_and_division_by_tensors_are_boundaries():
+    inputs = keras.Input((8, 8, 3))
+    a = L.Conv2D(4, 3, padding="same", name="a", activation=lambda t: t * 2)(inputs)
+    b = L.Conv2D(4, 3, padding="same", name="b")(a)
+    c = L.Conv2D(4, 3, padding="same", name="c")(inputs)
+    x = L.Conv2D(4, 3, name="d")(b / (keras.ops.abs(c) + 1.0))
+    graph = keras_sfp.ChannelGraph(keras.Model(inputs, L.Dense(2)(L.Flatten()(x))))
+    groups = _groups_by_members(graph)
+    assert "is not known to act channel by channel" in groups[("a",)].blocked[0]
+    assert "TrueDivide): 2 tensor arguments" in groups[("b",)].blocked[0]
+    assert not groups[("c",)].prunable and groups[("d",)].prunable
+
+
+def test_sigmoid_gate_is_pruned_with_the_channels_it_gates():
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="x")(inputs)
+    gate = L.Conv2D(6, 1, activation="sigmoid", name="gate")(x)
+    plus = L.Conv2D(6, 1, activation="sigmoid", name="plus")(x)
+    y = L.Conv2D(4, 3, name="y")(L.Multiply()([x, gate]))
+    z = L.Conv2D(4, 3, name="z")(L.Add()([x, plus]))
+    model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(y + z)))
+    groups = _groups_by_members(keras_sfp.ChannelGraph(model))
+    # x * sigmoid(0) is zero where x is; x + sigmoid(0) is not.
+    group = groups[("gate", "plus", "x")]
+    assert group.blocked == [
+        "pruned channels would not be zero where z consumes them "
+        "(plus does not map 0 to 0)"
+    ]
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="x")(inputs)
+    gate = L.Conv2D(6, 1, activation="sigmoid", name="gate")(x)
+    y = L.Conv2D(4, 3, name="y")(L.Multiply()([x, gate]))
+    model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(y)))
+    groups = _groups_by_members(keras_sfp.ChannelGraph(model))
+    assert groups[("gate", "x")].prunable
