@@ -109,14 +109,17 @@ class SoftFilterPrune(keras.callbacks.Callback):
             )
         graph = ChannelGraph(model)
         first = wrapped[0]
-        units = []  # lists of wrappers pruned with the same indices
+        # Units: lists of (wrapper, start, length) slices of output channels
+        # pruned with the same indices (a wrapper's whole output, unless a
+        # merge split it between groups).
+        units = []
         for group in graph.groups():
-            members = [p for p in group.producers if isinstance(p, FilterPruning)]
+            members = [m for m in group.members if isinstance(m[0], FilterPruning)]
             if not members:
                 continue
             if first.coupling == "layer":
                 units.extend([m] for m in members)
-            elif group.prunable and len(members) == len(group.producers):
+            elif group.prunable and len(members) == len(group.members):
                 units.append(members)
         self._plan = {
             "graph": graph,
@@ -155,9 +158,10 @@ class SoftFilterPrune(keras.callbacks.Callback):
         return rate
 
     # -- events ------------------------------------------------------------
-    def _score(self, member: FilterPruning, criterion) -> np.ndarray:
-        kernel = keras.ops.convert_to_numpy(member.kernel)
-        return criteria_lib.score(criterion, kernel)
+    def _score(self, member, criterion) -> np.ndarray:
+        wrapper, start, length = member
+        kernel = keras.ops.convert_to_numpy(wrapper.kernel)
+        return criteria_lib.score(criterion, kernel[..., start : start + length])
 
     def prune(self, epoch: int, rescore: bool = True) -> dict:
         """Runs one prune event and returns its log entries."""
@@ -166,9 +170,12 @@ class SoftFilterPrune(keras.callbacks.Callback):
         config = self._plan["config"]
         rate = self._rate(epoch)
         pruned = revived = 0
+        masks = {}  # id(wrapper) -> (wrapper, new full mask)
         for unit in self._plan["units"]:
-            previous = keras.ops.convert_to_numpy(unit[0].mask)
-            first_event = float(keras.ops.convert_to_numpy(unit[0].last_event)) < -1
+            wrapper, start, length = unit[0]
+            stop = start + length
+            previous = keras.ops.convert_to_numpy(wrapper.mask)[start:stop]
+            first_event = float(keras.ops.convert_to_numpy(wrapper.last_event)) < -1
             if rescore:
                 scores = sum(self._score(m, config.criterion) for m in unit)
                 n = num_pruned(len(scores), rate, config.round_to)
@@ -180,12 +187,18 @@ class SoftFilterPrune(keras.callbacks.Callback):
             if not first_event:
                 revived += len(unit) * int(np.sum((previous == 0) & (mask == 1)))
             pruned += len(unit) * int(np.sum(mask == 0))
-            for member in unit:
-                member.mask.assign(mask)
-                member.last_event.assign(float(epoch))
-                member.kernel.assign(keras.ops.convert_to_numpy(member.kernel) * mask)
-                if member.bias is not None:
-                    member.bias.assign(keras.ops.convert_to_numpy(member.bias) * mask)
+            for member, begin, size in unit:
+                if id(member) not in masks:
+                    current = keras.ops.convert_to_numpy(member.mask).astype("float32")
+                    start_from = current if not rescore else np.ones_like(current)
+                    masks[id(member)] = (member, start_from)
+                masks[id(member)][1][begin : begin + size] = mask
+        for member, mask in masks.values():
+            member.mask.assign(mask)
+            member.last_event.assign(float(epoch))
+            member.kernel.assign(keras.ops.convert_to_numpy(member.kernel) * mask)
+            if member.bias is not None:
+                member.bias.assign(keras.ops.convert_to_numpy(member.bias) * mask)
         return {"sfp_rate": rate, "sfp_pruned": pruned, "sfp_revived": revived}
 
     def _set_hard(self, hard: bool) -> None:

@@ -48,6 +48,8 @@ class ChannelSet:
     origin: str  # name of the layer that created it
     producer: object = None  # the producing layer (Conv2D / wrapper / ...)
     blocked: str | None = None  # why it cannot be pruned, or None
+    start: int = 0  # first of its channels in the producer's output
+    retired: bool = False  # split into two sets (see `ChannelGraph._split`)
 
 
 @dataclasses.dataclass
@@ -59,6 +61,9 @@ class Group:
     sets: list
     producers: list  # layers producing the group's channels
     blocked: list  # reasons why it cannot be pruned (empty if prunable)
+    # (layer, start, length): the slice of each producer's output channels
+    # in the group (the whole output unless a merge split it)
+    members: list = dataclasses.field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
@@ -129,11 +134,63 @@ class ChannelGraph:
         if ra != rb:
             self._parent[max(ra, rb)] = min(ra, rb)
 
-    def _new_set(self, length, origin, producer=None, blocked=None) -> int:
+    def _new_set(self, length, origin, producer=None, blocked=None, start=0) -> int:
         set_id = len(self.sets)
-        self.sets.append(ChannelSet(set_id, int(length), origin, producer, blocked))
+        self.sets.append(
+            ChannelSet(set_id, int(length), origin, producer, blocked, start)
+        )
         self._parent.append(set_id)
         return set_id
+
+    def _split(self, set_id: int, cut: int) -> None:
+        """Splits a set, and every set united with it, at channel `cut`.
+
+        Needed when a merge adds tensors whose channels are concatenated
+        differently (`concat([a, b]) + conv(x)`): the conv's filters then
+        form two groups, one pruned with `a`'s indices, one with `b`'s.
+        """
+        root = self.find(set_id)
+        members = [s for s in self.sets if not s.retired and self.find(s.id) == root]
+        halves = {}
+        for old in members:
+            first = self._new_set(cut, old.origin, old.producer, old.blocked, old.start)
+            second = self._new_set(
+                old.length - cut, old.origin, old.producer, old.blocked, old.start + cut
+            )
+            old.retired = True
+            halves[old.id] = ((first, cut), (second, old.length - cut))
+        pairs = list(halves.values())
+        for (a, _), (b, _) in pairs[1:]:
+            self._union(pairs[0][0][0], a)
+            self._union(pairs[0][1][0], b)
+        for info in self.tensors.values():
+            if any(sid in halves for sid, _ in info.segments):
+                info.segments = tuple(
+                    part
+                    for sid, n in info.segments
+                    for part in halves.get(sid, ((sid, n),))
+                )
+
+    def _align(self, tensors) -> None:
+        """Splits sets until every tensor has its segments at the same places."""
+        while True:
+            cuts = set()
+            for tensor in tensors:
+                cuts.update(np.cumsum([n for _, n in self._info(tensor).segments]))
+            split = False
+            for tensor in tensors:
+                position = 0
+                for set_id, n in self._info(tensor).segments:
+                    inner = [c - position for c in cuts if position < c < position + n]
+                    if inner:
+                        self._split(set_id, min(inner))
+                        split = True
+                        break
+                    position += n
+                if split:
+                    break
+            if not split:
+                return
 
     # -- propagation --------------------------------------------------------
     def _info(self, tensor) -> TensorChannels | None:
@@ -188,6 +245,7 @@ class ChannelGraph:
                     )
         elif kind == "merge":
             aligned, side = self._merge_inputs(node)
+            self._align(aligned)
             first = self._info(aligned[0])
             for tensor in aligned[1:]:
                 for (a, _), (b, _) in zip(first.segments, self._info(tensor).segments):
@@ -242,10 +300,7 @@ class ChannelGraph:
             return "producer", None
         if kind == "merge":
             aligned, side = self._merge_inputs(node)
-            layouts = {tuple(n for _, n in self._info(t).segments) for t in aligned}
-            if not aligned or len(layouts) != 1:
-                return "boundary", f"{name}: merges tensors of different layouts"
-            if any(t.shape[-1] != 1 for t in side):
+            if not aligned or any(t.shape[-1] != 1 for t in side):
                 return "boundary", f"{name}: merges tensors of different layouts"
             return "merge", None
         if ins[0] is None:
@@ -420,13 +475,18 @@ class ChannelGraph:
         """The channel groups, in the order their first set was created."""
         by_root: dict[int, Group] = {}
         for channel_set in self.sets:
+            if channel_set.retired:
+                continue
             root = self.find(channel_set.id)
             group = by_root.setdefault(
                 root, Group(len(by_root), channel_set.length, [], [], [])
             )
             group.sets.append(channel_set)
-            if channel_set.producer is not None:
-                group.producers.append(channel_set.producer)
+            producer = channel_set.producer
+            if producer is not None:
+                if all(p is not producer for p in group.producers):
+                    group.producers.append(producer)
+                group.members.append((producer, channel_set.start, channel_set.length))
             if channel_set.blocked and channel_set.blocked not in group.blocked:
                 group.blocked.append(channel_set.blocked)
         return list(by_root.values())

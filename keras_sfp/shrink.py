@@ -132,8 +132,9 @@ def _warn_unremoved(model, graph, keep) -> None:
         root = graph.find(group.sets[0].id)
         kept = np.zeros(group.length, dtype=bool)
         kept[keep[root]] = True
-        for producer in group.producers:
-            kept_zero += int(np.sum(prune_lib.filters_are_zero(producer) & kept))
+        for producer, start, length in group.members:
+            zero = prune_lib.filters_are_zero(producer)[start : start + length]
+            kept_zero += int(np.sum(zero & kept))
     if kept_zero:
         warnings.warn(
             f"shrink kept {kept_zero} all-zero (pruned or dead) filters of model "

@@ -133,6 +133,20 @@ def _dense_net():
     return keras.Model(inputs, _head(x))
 
 
+def _concat_plus_conv():
+    """Inception-ResNet / NASNet: a concatenation plus one conv's output.
+
+    The conv's filters split between the concatenated inputs' groups.
+    """
+    inputs = keras.Input((8, 8, 3))
+    a = L.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = L.Conv2D(6, 1, name="b")(inputs)
+    x = L.Concatenate()([a, b])
+    up = L.Conv2D(10, 1, name="up")(L.ReLU()(x))
+    x = L.ReLU()(L.BatchNormalization()(L.Add()([x, up])))
+    return keras.Model(inputs, _head(L.Conv2D(4, 3, name="d")(x)))
+
+
 def _boundaries():
     """A Lambda and a channel-mixing Reshape stop pruning, nothing else."""
     inputs = keras.Input((8, 8, 3))
@@ -155,6 +169,7 @@ PATTERNS = [
     (_nested_and_spatial, {"c", "inner_conv", "d"}),
     (_nested_twice, {"d"}),
     (_dense_net, {"a", "b", "c", "transition"}),
+    (_concat_plus_conv, {"a", "b", "up", "d"}),
     (_boundaries, {"d"}),
 ]
 
@@ -198,6 +213,17 @@ def test_boundaries_are_reported_with_their_reasons():
     text = str(report)
     assert "Boundaries (channels crossing them are never pruned):" in text
     assert f"{len(report.groups)} groups, 1 prunable" in text
+
+
+def test_a_merge_splits_a_producer_between_groups():
+    graph = keras_sfp.ChannelGraph(_concat_plus_conv())
+    members = {
+        tuple((p.name, start, n) for p, start, n in g.members): g.prunable
+        for g in graph.groups()
+        if g.members
+    }
+    assert members[(("a", 0, 4), ("up", 0, 4))]
+    assert members[(("b", 0, 6), ("up", 4, 6))]
 
 
 def test_grouped_conv_and_layer_norm_reasons():
@@ -330,7 +356,9 @@ def test_graphless_models_get_a_clear_value_error(fn):
         fn("x")
 
 
-@pytest.mark.parametrize("build", [_se_conv, _grouped, _separable, _convnext])
+@pytest.mark.parametrize(
+    "build", [_se_conv, _grouped, _separable, _convnext, _concat_plus_conv]
+)
 def test_hard_epochs_train_the_structure_that_shrink_deploys(build):
     """After hard epochs the wrapped model already computes the shrunk one."""
     pruned = keras_sfp.prune_filters(randomize_batch_norm(build()), rate=0.5)
