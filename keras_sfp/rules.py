@@ -284,6 +284,7 @@ def register_layer(layer_type: type, kind: str, slice_weights=None) -> None:
     ...     def call(self, x):
     ...         return x * self.gamma
     >>> register_layer(Scale, "channelwise")
+    >>> unregister_layer(Scale)
     """
     if not (isinstance(layer_type, type) and issubclass(layer_type, L.Layer)):
         raise ValueError(
@@ -410,14 +411,7 @@ def rule_for(node) -> LayerRule:
         if layer.groups == 1:
             return LayerRule("producer", slice_weights=_slice_conv2d)
         if layer.groups == cin == layer.filters:  # a depthwise convolution
-            if activation_kind(layer.activation) != "elementwise":
-                return _activation_rule(name, layer.activation)
-            return LayerRule(
-                "channelwise",
-                slice_weights=_slice_grouped_depthwise,
-                zero=_activation_after(_depthwise_zero),
-                offsets=_bias_offsets,
-            )
+            return _depthwise_rule(name, layer, _slice_grouped_depthwise)
         return _boundary(
             f"{name}: grouped Conv2D (groups={layer.groups}) couples channels "
             "within groups"
@@ -433,14 +427,7 @@ def rule_for(node) -> LayerRule:
     if type(op) is L.DepthwiseConv2D:
         if op.depth_multiplier != 1:
             return _boundary(f"{name}: depth_multiplier > 1")
-        if activation_kind(op.activation) != "elementwise":
-            return _activation_rule(name, op.activation)
-        return LayerRule(
-            "channelwise",
-            slice_weights=_slice_depthwise,
-            zero=_activation_after(_depthwise_zero),
-            offsets=_bias_offsets,
-        )
+        return _depthwise_rule(name, op, _slice_depthwise)
     if type(op) is L.BatchNormalization:
         if not _last_axis(op.axis, rank):
             return _boundary(f"{name}: normalizes another axis")
@@ -484,6 +471,18 @@ def rule_for(node) -> LayerRule:
     if _keras_graph.is_graph_model(op):
         return _boundary(f"{name}: a nested model called more than once")
     return _boundary(f"{name} ({cls}) is not understood by the channel graph")
+
+
+def _depthwise_rule(name, layer, slice_weights) -> LayerRule:
+    """A depthwise convolution: channelwise, with a bias as its offset."""
+    if activation_kind(layer.activation) != "elementwise":
+        return _activation_rule(name, layer.activation)
+    return LayerRule(
+        "channelwise",
+        slice_weights=slice_weights,
+        zero=_activation_after(_depthwise_zero),
+        offsets=_bias_offsets,
+    )
 
 
 def _activation_after(zero_fn):

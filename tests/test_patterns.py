@@ -202,6 +202,22 @@ def test_shrink_is_exact_on_application_patterns(build, expected, tmp_path):
     np.testing.assert_array_equal(reloaded.predict(x, verbose=0), out)
 
 
+@pytest.mark.parametrize("build", [_separable, _se_dense_reshape])
+def test_wrapped_separable_and_dense_layers_round_trip(build, tmp_path):
+    model = keras_sfp.prune_filters(build(), rate=0.5)
+    callback = keras_sfp.SoftFilterPrune()
+    callback.set_model(model)
+    callback.prune(0)
+    model.save(tmp_path / "pruned.keras")
+    reloaded = keras.saving.load_model(tmp_path / "pruned.keras")
+    for a, b in zip(wrappers(model), wrappers(reloaded), strict=True):
+        np.testing.assert_array_equal(a.mask.numpy(), b.mask.numpy())
+    x = np.random.default_rng(0).random((4, *model.inputs[0].shape[1:]), "float32")
+    np.testing.assert_array_equal(
+        reloaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+
+
 def test_boundaries_are_reported_with_their_reasons():
     report = keras_sfp.describe(_boundaries())
     reasons = " | ".join(reason for _, reason in report.boundaries)
