@@ -105,14 +105,15 @@ def _ordered(model) -> list:
     ]
 
 
-def _inlinable(operation, calls) -> bool:
+def _inlinable(operation, calls, outer_names) -> bool:
+    """A nested model called once whose layer names are free in the outer one."""
     if not is_graph_model(operation) or calls[id(operation)] != 1:
         return False
     try:
         check_graph_model(operation)
     except ValueError:
         return False
-    return True
+    return not {layer.name for layer in all_layers(operation)} & outer_names
 
 
 def nodes(model, inline: bool = True) -> list[GraphNode]:
@@ -123,6 +124,7 @@ def nodes(model, inline: bool = True) -> list[GraphNode]:
     """
     ordered = _ordered(model)
     calls = collections.Counter(id(node.operation) for node in ordered)
+    names = collections.Counter(layer.name for layer in all_layers(model))
     result = []
     for node in ordered:
         op = node.operation
@@ -131,7 +133,8 @@ def nodes(model, inline: bool = True) -> list[GraphNode]:
         if (
             inline
             and not node.is_input
-            and _inlinable(op, calls)
+            and is_graph_model(op)
+            and _inlinable(op, calls, _other_names(names, op))
             and len(inner_ins) == len(ins)
         ):
             result.extend(
@@ -145,6 +148,12 @@ def nodes(model, inline: bool = True) -> list[GraphNode]:
             continue
         result.append(GraphNode(op, ins, outs, node))
     return result
+
+
+def _other_names(names: collections.Counter, nested) -> set:
+    """Names used in the outer model other than by `nested` and its layers."""
+    own = collections.Counter(layer.name for layer in [nested, *all_layers(nested)])
+    return {name for name, count in (names - own).items() if count > 0}
 
 
 def has_nested_models(model) -> bool:
@@ -216,10 +225,18 @@ def rebuild(model, graph_nodes, make_operation, name: str) -> keras.Model:
             tensor_map[id(old)] = new
     new_outputs = [tensor_map[id(t)] for t in model.outputs]
     return keras.Model(
-        new_inputs if len(new_inputs) > 1 else new_inputs[0],
-        new_outputs if len(new_outputs) > 1 else new_outputs[0],
+        _structure(model, "_inputs_struct", new_inputs),
+        _structure(model, "_outputs_struct", new_outputs),
         name=name,
     )
+
+
+def _structure(model, attribute: str, flat: list):
+    """`flat` packed like the model's inputs or outputs (a dict stays a dict)."""
+    struct = getattr(model, attribute, None)
+    if struct is not None and len(keras.tree.flatten(struct)) == len(flat):
+        return keras.tree.pack_sequence_as(struct, flat)
+    return flat if len(flat) > 1 else flat[0]
 
 
 def layer_from_config(layer, config=None):

@@ -286,11 +286,15 @@ class ChannelGraph:
             return "boundary", f"{name}: not a single-output operation"
         ins = [self._info(t) for t in node.inputs]
         cls = type(layer).__name__ if layer is not None else "alias"
-        if layer is not None and getattr(layer, "weights", None):
-            if self._calls[id(layer)] > 1:
-                # One set of weights serves several calls whose channels
-                # could be pruned differently: leave it whole.
-                return "boundary", f"{name}: a layer with weights called twice"
+        if layer is not None and self._calls[id(layer)] > 1:
+            if getattr(layer, "weights", None) or rule.slice_weights is not None:
+                # One layer (its weights, or a config that names the channel
+                # count) serves calls whose channels could be pruned
+                # differently: leave it whole.
+                return (
+                    "boundary",
+                    f"{name}: a layer with per-channel state called twice",
+                )
         flat = any(info is not None and info.spatial is not None for info in ins)
         kind = rule.kind
         if kind == "producer":
@@ -302,6 +306,8 @@ class ChannelGraph:
             aligned, side = self._merge_inputs(node)
             if not aligned or any(t.shape[-1] != 1 for t in side):
                 return "boundary", f"{name}: merges tensors of different layouts"
+            if rule.zero is None and self._probe(node) is None:
+                return "boundary", f"{name}: maps 0 to inf or NaN"
             return "merge", None
         if ins[0] is None:
             return "boundary", f"{name}: input channels unknown"
@@ -322,6 +328,8 @@ class ChannelGraph:
             return "boundary", f"{name}: Flatten of a tensor of unknown size"
         if node.outputs[0].shape[-1] != node.inputs[0].shape[-1]:
             return "boundary", f"{name}: changes the number of channels"
+        if kind == "channelwise" and rule.zero is None and self._probe(node) is None:
+            return "boundary", f"{name}: maps 0 to inf or NaN"
         return kind, None
 
     # -- zero channels ------------------------------------------------------
@@ -340,7 +348,6 @@ class ChannelGraph:
         return zero_in & probe
 
     def _merge_zero(self, node, zeros):
-        aligned, side = self._merge_inputs(node)
         channels = node.outputs[0].shape[-1]
         values = []
         for tensor in node.inputs:

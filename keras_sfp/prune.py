@@ -146,16 +146,21 @@ def prune_filters(
 
 
 def _copy_weights(source, target, transform=None) -> None:
-    """Copies weights layer by layer, matching wrapped and plain names."""
-    by_name = {}
-    for layer in _keras_graph.all_layers(source):
-        inner = layer.layer if isinstance(layer, FilterPruning) else layer
-        by_name[inner.name] = layer
-    for layer in target.layers:
+    """Copies weights from `source` to its clone `target`, layer by layer.
+
+    `keras.models.clone_model` keeps the order of `layers`, so layers are
+    paired by position (names can repeat inside nested models).
+    """
+    pairs = list(zip(source.layers, target.layers, strict=True))
+    for src, layer in pairs:
         if isinstance(layer, keras.layers.InputLayer):
             continue
         inner = layer.layer if isinstance(layer, FilterPruning) else layer
-        src = by_name[inner.name]
+        plain = src.layer if isinstance(src, FilterPruning) else src
+        if inner.name != plain.name:  # a Keras change in clone_model's order
+            raise RuntimeError(
+                f"clone_model reordered layers: {plain.name!r} vs {inner.name!r}"
+            )
         weights = transform(src) if transform else _plain_weights(src)
         inner.set_weights(weights)
 

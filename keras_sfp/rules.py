@@ -469,7 +469,10 @@ def rule_for(node) -> LayerRule:
             return _boundary(f"{name}: normalizes another axis")
         return LayerRule("channelwise")  # no slicing rule: its set is kept whole
     if _keras_graph.is_graph_model(op):
-        return _boundary(f"{name}: a nested model called more than once")
+        return _boundary(
+            f"{name}: a nested model called more than once, or whose layer "
+            "names are also used outside it"
+        )
     return _boundary(f"{name} ({cls}) is not understood by the channel graph")
 
 
@@ -524,10 +527,13 @@ def _op_rule(node) -> LayerRule:
     return _boundary(f"{name}: {len(node.inputs)} tensor arguments")
 
 
-def probe_zero(node) -> np.ndarray:
+def probe_zero(node) -> np.ndarray | None:
     """Which channels a channelwise node maps from 0 to exactly 0 (by running it).
 
     Unknown spatial sizes are taken as 1; merges get zeros on every input.
+    Returns None if the output at zero is not finite (`1 / x`, `x ** -1`):
+    such a layer turns a removed channel into inf or NaN, not a value
+    that a later `Multiply` by zero cancels.
     """
     values = {}
     for tensor in node.inputs:
@@ -538,5 +544,7 @@ def probe_zero(node) -> np.ndarray:
         out = keras.ops.convert_to_numpy(node.operation(*args, **kwargs))
     except Exception:  # noqa: BLE001 - a layer we cannot evaluate keeps nothing zero
         return np.zeros(node.outputs[0].shape[-1], dtype=bool)
+    if not np.all(np.isfinite(out)):
+        return None
     out = out.reshape(-1, out.shape[-1])
     return np.all(out == 0, axis=0)

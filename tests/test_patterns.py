@@ -388,3 +388,72 @@ def test_hard_epochs_train_the_structure_that_shrink_deploys(build):
     np.testing.assert_allclose(
         small.predict(x, verbose=0), reference, atol=1e-5 * np.abs(reference).max()
     )
+
+
+def _exact(model, rate=0.5):
+    """Prunes once, shrinks, and checks shrink against strip_pruning."""
+    pruned = keras_sfp.prune_filters(model, rate=rate)
+    callback = keras_sfp.SoftFilterPrune()
+    callback.set_model(pruned)
+    callback.prune(0)
+    small = keras_sfp.shrink(pruned)
+    x = np.random.default_rng(0).random((4, *model.inputs[0].shape[1:]), "float32")
+    got = keras.tree.flatten(small.predict(x, verbose=0))
+    want = keras.tree.flatten(keras_sfp.strip_pruning(pruned).predict(x, verbose=0))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())
+    return pruned, small
+
+
+def test_a_weightless_layer_that_names_channels_called_twice_is_a_boundary():
+    inputs = keras.Input((8, 8, 3))
+    a = L.Conv2D(6, 3, padding="same", name="a")(inputs)
+    b = L.Conv2D(6, 3, padding="same", name="b")(inputs)
+    reshape = L.Reshape((1, 1, 6), name="reshape")
+    ga = reshape(L.GlobalAveragePooling2D()(a))
+    gb = reshape(L.GlobalAveragePooling2D()(b))
+    outputs = [L.Flatten()(L.Conv2D(4, 1)(ga)), L.Flatten()(gb)]
+    with pytest.raises(ValueError, match="no prunable layer"):
+        _exact(keras.Model(inputs, outputs))
+
+
+def test_nested_layer_names_that_repeat_outer_names_keep_their_weights():
+    inner = keras.Sequential([keras.Input((8, 8, 6)), L.Conv2D(6, 1, name="cc")])
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="a")(inputs)
+    x = L.Conv2D(6, 1, name="cc")(x)
+    once = inner(x)
+    twice = inner(inner(x))
+    for y in (once, twice):
+        model = keras.Model(inputs, _head(L.Conv2D(5, 1, name="d")(y)))
+        x_test = np.random.default_rng(0).random((2, 8, 8, 3), "float32")
+        pruned = keras_sfp.prune_filters(model, rate=0.5)
+        np.testing.assert_allclose(  # no prune event yet: the same network
+            pruned.predict(x_test, verbose=0), model.predict(x_test, verbose=0)
+        )
+        reason = "nested model called more than once, or whose layer names"
+        assert any(reason in r for _, r in keras_sfp.describe(model).boundaries)
+        _exact(model)
+
+
+def test_zero_mapped_to_infinity_is_a_boundary():
+    inputs = keras.Input((8, 8, 3))
+    a = L.Conv2D(6, 3, padding="same", name="a")(inputs)
+    b = L.Conv2D(6, 3, padding="same", name="b")(inputs)
+    x = L.Concatenate()([a * (1.0 / a), b * b**2])
+    model = keras.Model(inputs, _head(L.Conv2D(4, 3, name="d")(x)))
+    pruned, _ = _exact(model)
+    assert {w.layer.name for w in wrappers(pruned)} == {"b", "d"}
+    reasons = [r for _, r in keras_sfp.describe(model).boundaries]
+    assert any("maps 0 to inf or NaN" in r for r in reasons)
+
+
+def test_dictionary_inputs_and_outputs_stay_dictionaries():
+    inputs = {"image": keras.Input((8, 8, 3), name="image")}
+    x = L.Conv2D(6, 3, padding="same", name="a")(inputs["image"])
+    x = L.GlobalAveragePooling2D()(L.Conv2D(6, 3, name="b")(x))
+    outputs = {"logits": L.Dense(3)(x), "features": L.Dense(4)(x)}
+    _, small = _exact(keras.Model(inputs, outputs), rate=0.5)
+    x = {"image": np.zeros((1, 8, 8, 3), "float32")}
+    assert set(small.predict(x, verbose=0)) == {"logits", "features"}
+    assert small.get_layer("b").filters == 3
