@@ -16,11 +16,18 @@ import collections
 import dataclasses
 
 import keras
-from keras.src.applications.convnext import LayerScale
 from keras.src.models.functional import Functional
 from keras.src.ops.function import map_graph
 
-__all__ = ["LayerScale"]  # re-exported: ConvNeXt's per-channel scale layer
+try:  # ConvNeXt's per-channel scale layer (re-exported for `rules`)
+    from keras.src.applications.convnext import LayerScale
+except ImportError:  # a Keras without it: no ConvNeXt to support
+
+    class LayerScale:  # noqa: D101 - a placeholder no layer is an instance of
+        pass
+
+
+__all__ = ["LayerScale"]
 
 
 @dataclasses.dataclass
