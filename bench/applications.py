@@ -85,6 +85,7 @@ def build(family: str, size: int | None = None, **kwargs) -> keras.Model:
 
 
 def _batch_norms(model) -> list:
+    """BatchNormalization layers of `model` and of the models nested in it."""
     found = []
     for layer in model.layers:
         if isinstance(layer, keras.Model):
@@ -94,33 +95,43 @@ def _batch_norms(model) -> list:
     return found
 
 
-def randomize_batch_norm(model: keras.Model, seed: int = 0) -> None:
-    """Random gamma/beta, then moving statistics from one batch in [0, 255]."""
+def randomize_batch_norm(model, seed=0, n=16, scale=255.0) -> keras.Model:
+    """Gives BatchNormalization layers random gamma and beta, then calibrates."""
     rng = np.random.default_rng(seed)
-    norms = _batch_norms(model)
-    for layer in norms:
-        n = layer.moving_mean.shape[0]
+    for layer in _batch_norms(model):
+        channels = layer.moving_mean.shape[0]
         if layer.scale:
-            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, channels).astype("float32"))
         if layer.center:
-            layer.beta.assign(rng.normal(0.0, 0.5, n).astype("float32"))
-    calibrate(model, seed)
+            layer.beta.assign(rng.normal(0.0, 0.5, channels).astype("float32"))
+    return calibrate(model, seed, n, scale)
 
 
-def calibrate(model: keras.Model, seed: int = 0) -> None:
-    """Sets BN moving statistics to those of one batch (realistic logits)."""
+def calibrate(model, seed=0, n=16, scale=255.0) -> keras.Model:
+    """Sets BN moving statistics to those of one batch of `random_images`.
+
+    A few training steps on random data leave the statistics far from the
+    activations (a deep ResNet then outputs logits of 1e6); calibrated
+    statistics give logits of realistic scale, as in a trained model.
+    """
     norms = _batch_norms(model)
     momentum = [layer.momentum for layer in norms]
     for layer in norms:
         layer.momentum = 0.0
-    model(_images(model, 16, seed), training=True)
+    model(random_images(model, n, seed, scale), training=True)
     for layer, m in zip(norms, momentum):
         layer.momentum = m
+    return model
 
 
-def _images(model, n, seed):
+def random_images(model, n, seed, scale=255.0):
+    """`n` inputs uniform in [0, scale) for each of the model's inputs."""
     rng = np.random.default_rng(seed)
-    return rng.uniform(0, 255, (n, *model.inputs[0].shape[1:])).astype("float32")
+    xs = [
+        rng.random((n, *t.shape[1:]), dtype=np.float32) * np.float32(scale)
+        for t in model.inputs
+    ]
+    return xs if len(xs) > 1 else xs[0]
 
 
 def check_application(
@@ -155,7 +166,7 @@ def _check(family, model, rate, steps, batch, start) -> Result:
     randomize_batch_norm(model)
     groups = keras_sfp.ChannelGraph(model).groups()
     pruned = keras_sfp.prune_filters(model, rate=rate)
-    x = _images(model, steps * batch, 1)
+    x = random_images(model, steps * batch, 1)
     y = np.random.default_rng(2).integers(0, CLASSES, len(x))
     pruned.compile(
         keras.optimizers.SGD(1e-3),
@@ -172,7 +183,7 @@ def _check(family, model, rate, steps, batch, start) -> Result:
     calibrate(pruned, 3)
     stripped = keras_sfp.strip_pruning(pruned)
     small = keras_sfp.shrink(pruned)
-    test = _images(model, 8, 4)
+    test = random_images(model, 8, 4)
     reference = stripped.predict(test, verbose=0)
     out = small.predict(test, verbose=0)
     max_diff = _relative(out, reference)

@@ -112,22 +112,27 @@ def _ordered(model) -> list:
     ]
 
 
-def _inlinable(operation, calls, outer_names) -> bool:
+def _inlinable(node, calls, names) -> bool:
     """A nested model called once whose layer names are free in the outer one."""
-    if not is_graph_model(operation) or calls[id(operation)] != 1:
+    op = node.operation
+    if node.is_input or not is_graph_model(op) or calls[id(op)] != 1:
         return False
     try:
-        check_graph_model(operation)
+        check_graph_model(op)
     except ValueError:
         return False
-    return not {layer.name for layer in all_layers(operation)} & outer_names
+    if len(keras.tree.flatten(op.inputs)) != len(node.input_tensors):
+        return False
+    inner = collections.Counter(layer.name for layer in all_layers(op))
+    outer = names - inner - collections.Counter([op.name])
+    return not set(inner) & set(outer)
 
 
-def nodes(model, inline: bool = True) -> list[GraphNode]:
+def nodes(model) -> list[GraphNode]:
     """The model's nodes, inputs first, each after all nodes it depends on.
 
-    With `inline`, nested graph models called once are replaced by their own
-    nodes between alias nodes.
+    Nested graph models called once are replaced by their own nodes between
+    alias nodes.
     """
     ordered = _ordered(model)
     calls = collections.Counter(id(node.operation) for node in ordered)
@@ -136,31 +141,15 @@ def nodes(model, inline: bool = True) -> list[GraphNode]:
     for node in ordered:
         op = node.operation
         ins, outs = list(node.input_tensors), list(node.outputs)
-        inner_ins = keras.tree.flatten(op.inputs) if is_graph_model(op) else []
-        if (
-            inline
-            and not node.is_input
-            and is_graph_model(op)
-            and _inlinable(op, calls, _other_names(names, op))
-            and len(inner_ins) == len(ins)
-        ):
-            result.extend(
-                GraphNode(None, [o], [i], None) for o, i in zip(ins, inner_ins)
-            )
-            result.extend(n for n in nodes(op, inline) if not n.is_input)
-            inner_outs = keras.tree.flatten(op.outputs)
-            result.extend(
-                GraphNode(None, [i], [o], None) for i, o in zip(inner_outs, outs)
-            )
+        if not _inlinable(node, calls, names):
+            result.append(GraphNode(op, ins, outs, node))
             continue
-        result.append(GraphNode(op, ins, outs, node))
+        inner_ins = keras.tree.flatten(op.inputs)
+        inner_outs = keras.tree.flatten(op.outputs)
+        result.extend(GraphNode(None, [o], [i], None) for o, i in zip(ins, inner_ins))
+        result.extend(n for n in nodes(op) if not n.is_input)
+        result.extend(GraphNode(None, [i], [o], None) for i, o in zip(inner_outs, outs))
     return result
-
-
-def _other_names(names: collections.Counter, nested) -> set:
-    """Names used in the outer model other than by `nested` and its layers."""
-    own = collections.Counter(layer.name for layer in [nested, *all_layers(nested)])
-    return {name for name, count in (names - own).items() if count > 0}
 
 
 def has_nested_models(model) -> bool:

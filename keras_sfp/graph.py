@@ -28,6 +28,7 @@ pruned channel away.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import keras
@@ -35,8 +36,7 @@ import numpy as np
 
 from keras_sfp import _keras_graph, rules
 from keras_sfp.rules import activation_preserves_zero, producer_layer
-
-__all__ = ["ChannelGraph", "activation_preserves_zero"]
+from keras_sfp.wrapper import num_outputs
 
 
 @dataclasses.dataclass
@@ -112,10 +112,7 @@ class ChannelGraph:
         self.boundaries: list[tuple[str, str]] = []  # (layer name, reason)
         self.exits: list[tuple] = []  # (tensor, consumer node) mixing channels
         self._probes: dict[int, np.ndarray] = {}
-        self._calls: dict[int, int] = {}
-        for node in self.nodes:
-            key = id(node.operation)
-            self._calls[key] = self._calls.get(key, 0) + 1
+        self._calls = collections.Counter(id(node.operation) for node in self.nodes)
         for node in self.nodes:
             self._visit(node)
         for tensor in model.outputs:
@@ -177,20 +174,21 @@ class ChannelGraph:
             cuts = set()
             for tensor in tensors:
                 cuts.update(np.cumsum([n for _, n in self._info(tensor).segments]))
-            split = False
-            for tensor in tensors:
-                position = 0
-                for set_id, n in self._info(tensor).segments:
-                    inner = [c - position for c in cuts if position < c < position + n]
-                    if inner:
-                        self._split(set_id, min(inner))
-                        split = True
-                        break
-                    position += n
-                if split:
-                    break
-            if not split:
+            straddles = (self._straddle(tensor, cuts) for tensor in tensors)
+            split = next((s for s in straddles if s is not None), None)
+            if split is None:
                 return
+            self._split(*split)
+
+    def _straddle(self, tensor, cuts):
+        """`(set id, cut)` for the first segment of `tensor` a cut falls inside."""
+        position = 0
+        for set_id, n in self._info(tensor).segments:
+            inside = [c - position for c in cuts if position < c < position + n]
+            if inside:
+                return set_id, min(inside)
+            position += n
+        return None
 
     # -- propagation --------------------------------------------------------
     def _info(self, tensor) -> TensorChannels | None:
@@ -201,8 +199,7 @@ class ChannelGraph:
         if info is None:
             return
         for set_id, _ in info.segments:
-            if self.sets[set_id].blocked is None:
-                self.sets[set_id].blocked = reason
+            self._block_set(set_id, reason)
 
     def _new_tensor(self, tensor, origin, producer=None, blocked=None) -> None:
         shape = tensor.shape
@@ -415,6 +412,16 @@ class ChannelGraph:
             zeros[id(out)] = value
         return zeros
 
+    def _exit_parts(self, zeros):
+        """`(set id, zero part or None, consumer)` for every consumed segment."""
+        for tensor, consumer in self.exits:
+            value = zeros.get(id(tensor))
+            offset = 0
+            for set_id, n in self._info(tensor).segments:
+                part = None if value is None else value[offset : offset + n]
+                offset += n
+                yield set_id, part, consumer, tensor
+
     def removable_channels(self, producer_zero) -> dict[int, np.ndarray]:
         """Channels that can be removed from each group without changing outputs.
 
@@ -427,40 +434,24 @@ class ChannelGraph:
         Returns:
             `{root set id: bool array}`, for groups that are consumed.
         """
-        zeros = self.tensor_zeros(producer_zero)
         acc: dict[int, np.ndarray] = {}
-        for tensor, _ in self.exits:
-            value = zeros.get(id(tensor))
-            info = self._info(tensor)
-            offset = 0
-            for set_id, n in info.segments:
-                root = self.find(set_id)
-                part = (
-                    value[offset : offset + n]
-                    if value is not None
-                    else np.zeros(n, bool)
-                )
-                acc[root] = part.copy() if root not in acc else acc[root] & part
-                offset += n
+        for set_id, part, _, _ in self._exit_parts(self.tensor_zeros(producer_zero)):
+            root = self.find(set_id)
+            if part is None:
+                part = np.zeros(self.sets[set_id].length, bool)
+            acc[root] = part.copy() if root not in acc else acc[root] & part
         return acc
 
     def _block_nonzero_exits(self) -> None:
         """Blocks sets whose channels stay non-zero, even pruned, where consumed."""
         culprits = {}
         zeros = self.tensor_zeros(
-            lambda layer: np.ones(self._filters(layer), bool),
+            lambda layer: np.ones(num_outputs(producer_layer(layer)), bool),
             zeroed_offsets=True,
             culprits=culprits,
         )
-        for tensor, consumer in self.exits:
-            value = zeros.get(id(tensor))
-            info = self._info(tensor)
-            offset = 0
-            for set_id, n in info.segments:
-                part = value[offset : offset + n] if value is not None else None
-                offset += n
-                if part is not None and part.all():
-                    continue
+        for set_id, part, consumer, tensor in self._exit_parts(zeros):
+            if part is None or not part.all():
                 culprit = culprits.get(id(tensor), "a boundary")
                 self._block_set(
                     set_id,
@@ -471,11 +462,6 @@ class ChannelGraph:
     def _block_set(self, set_id: int, reason: str) -> None:
         if self.sets[set_id].blocked is None:
             self.sets[set_id].blocked = reason
-
-    @staticmethod
-    def _filters(layer) -> int:
-        layer = producer_layer(layer)
-        return layer.units if isinstance(layer, keras.layers.Dense) else layer.filters
 
     # -- results ------------------------------------------------------------
     def groups(self) -> list[Group]:

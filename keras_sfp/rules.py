@@ -168,41 +168,38 @@ def _slice_layer_scale(layer, config, weights, keep):
 # -- the tables -------------------------------------------------------------
 _IDENTITY = LayerRule("channelwise", zero=_same)
 # Layers that act on each channel alone and keep zeros zero.
-_CHANNELWISE = {
-    cls: _IDENTITY
-    for cls in (
-        L.MaxPooling1D,
-        L.MaxPooling2D,
-        L.MaxPooling3D,
-        L.AveragePooling1D,
-        L.AveragePooling2D,
-        L.AveragePooling3D,
-        L.GlobalAveragePooling1D,
-        L.GlobalAveragePooling2D,
-        L.GlobalAveragePooling3D,
-        L.GlobalMaxPooling1D,
-        L.GlobalMaxPooling2D,
-        L.GlobalMaxPooling3D,
-        L.ZeroPadding1D,
-        L.ZeroPadding2D,
-        L.ZeroPadding3D,
-        L.Cropping1D,
-        L.Cropping2D,
-        L.Cropping3D,
-        L.UpSampling1D,
-        L.UpSampling2D,
-        L.UpSampling3D,
-        L.Dropout,
-        L.SpatialDropout1D,
-        L.SpatialDropout2D,
-        L.SpatialDropout3D,
-        L.GaussianNoise,
-        L.GaussianDropout,
-        L.AlphaDropout,
-        L.ActivityRegularization,
-        L.Identity,
-    )
-}
+_CHANNELWISE = (
+    L.MaxPooling1D,
+    L.MaxPooling2D,
+    L.MaxPooling3D,
+    L.AveragePooling1D,
+    L.AveragePooling2D,
+    L.AveragePooling3D,
+    L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling2D,
+    L.GlobalAveragePooling3D,
+    L.GlobalMaxPooling1D,
+    L.GlobalMaxPooling2D,
+    L.GlobalMaxPooling3D,
+    L.ZeroPadding1D,
+    L.ZeroPadding2D,
+    L.ZeroPadding3D,
+    L.Cropping1D,
+    L.Cropping2D,
+    L.Cropping3D,
+    L.UpSampling1D,
+    L.UpSampling2D,
+    L.UpSampling3D,
+    L.Dropout,
+    L.SpatialDropout1D,
+    L.SpatialDropout2D,
+    L.SpatialDropout3D,
+    L.GaussianNoise,
+    L.GaussianDropout,
+    L.AlphaDropout,
+    L.ActivityRegularization,
+    L.Identity,
+)
 _MERGE_LAYERS = {
     L.Add: _all,
     L.Subtract: _all,
@@ -443,7 +440,7 @@ def rule_for(node) -> LayerRule:
             "one changes the others"
         )
     if type(op) in _CHANNELWISE:
-        return _CHANNELWISE[type(op)]
+        return _IDENTITY
     if type(op) is L.Activation:
         return _activation_rule(name, op.activation)
     if type(op) in (L.ReLU, L.LeakyReLU, L.ELU):

@@ -160,7 +160,6 @@ class FilterPruning(keras.layers.Wrapper):
         dtype = layer.compute_dtype
         m = ops.cast(self.effective_mask(), dtype)
         kernel = ops.cast(output_kernel(layer), dtype) * m
-        inputs = ops.cast(inputs, dtype)
         if isinstance(layer, keras.layers.Dense):
             outputs = ops.matmul(inputs, kernel)
         elif isinstance(layer, keras.layers.SeparableConv2D):

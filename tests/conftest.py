@@ -23,6 +23,9 @@ try:
 except RuntimeError:  # already initialised by an earlier import
     pass
 
+import keras_sfp  # noqa: E402
+from bench import applications  # noqa: E402  (after the devices are set)
+
 L = keras.layers
 
 
@@ -66,46 +69,38 @@ def tiny_vgg(input_shape=(12, 12, 1), classes=5):
     return keras.Model(inputs, L.Dense(classes, name="logits")(x), name="tiny_vgg")
 
 
-def _batch_norms(model):
-    """BatchNormalization layers of `model` and of the models nested in it."""
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            found.extend(_batch_norms(layer))
-        elif isinstance(layer, L.BatchNormalization):
-            found.append(layer)
-    return found
-
-
 def randomize_batch_norm(model, seed=0):
-    """Gives BatchNormalization layers random gamma and beta, then calibrates."""
-    rng = np.random.default_rng(seed)
-    for layer in _batch_norms(model):
-        n = layer.moving_mean.shape[0]
-        if layer.scale:
-            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-        if layer.center:
-            layer.beta.assign(rng.normal(0.0, 0.5, n).astype("float32"))
-    return calibrate_batch_norm(model, seed)
+    """Random BN gamma and beta, statistics from 64 inputs in [0, 1)."""
+    return applications.randomize_batch_norm(model, seed, n=64, scale=1.0)
 
 
 def calibrate_batch_norm(model, seed=0):
-    """Sets BN moving statistics to those of one batch of inputs in [0, 1].
+    """BN statistics from 64 inputs in [0, 1) (realistic logits)."""
+    return applications.calibrate(model, seed, n=64, scale=1.0)
 
-    A few training steps on random data leave the statistics far from the
-    activations (a deep ResNet then outputs logits of 1e6); calibrated
-    statistics give logits of realistic scale, as in a trained model.
+
+def prune_once(model, rate=0.5, **kwargs):
+    """`prune_filters(model, ...)` after one prune event, before any training."""
+    pruned = keras_sfp.prune_filters(model, rate=rate, **kwargs)
+    callback = keras_sfp.SoftFilterPrune()
+    callback.set_model(pruned)
+    callback.prune(0)
+    return pruned
+
+
+def assert_shrink_exact(pruned, x, floor=0.0, err_msg=""):
+    """Shrinks `pruned`; its outputs on `x` must be `strip_pruning`'s.
+
+    They must agree to 1e-5 of the largest output magnitude (or of `floor`,
+    if larger). Returns the shrunk model.
     """
-    layers = _batch_norms(model)
-    momentum = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.momentum = 0.0
-    rng = np.random.default_rng(seed)
-    xs = [rng.random((64, *t.shape[1:]), dtype=np.float32) for t in model.inputs]
-    model(xs if len(xs) > 1 else xs[0], training=True)
-    for layer, m in zip(layers, momentum):
-        layer.momentum = m
-    return model
+    small = keras_sfp.shrink(pruned)
+    got = keras.tree.flatten(small.predict(x, verbose=0))
+    want = keras.tree.flatten(keras_sfp.strip_pruning(pruned).predict(x, verbose=0))
+    for a, b in zip(got, want, strict=True):
+        atol = 1e-5 * max(np.abs(b).max(), floor)
+        np.testing.assert_allclose(a, b, atol=atol, err_msg=err_msg)
+    return small
 
 
 def random_data(model, n=32, classes=5, seed=0):

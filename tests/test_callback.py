@@ -173,18 +173,20 @@ def test_revived_counts_filters_that_came_back():
     np.testing.assert_array_equal(wrapper.mask.numpy(), 1 - mask)
 
 
-def test_asymptotic_schedule_rate_is_logged_per_epoch():
+def _fit_asymptotic(epochs, hard_epochs=0):
+    """Trains a tiny ResNet with an asymptotic rate of 0.4: `(model, history)`."""
     model = keras_sfp.prune_filters(tiny_resnet(), rate=0.4, schedule="asymptotic")
     x, y = random_data(model)
     compile_sgd(model)
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=hard_epochs)
     history = model.fit(
-        x,
-        y,
-        epochs=8,
-        batch_size=32,
-        verbose=0,
-        callbacks=[keras_sfp.SoftFilterPrune()],
+        x, y, epochs=epochs, batch_size=32, verbose=0, callbacks=[callback]
     )
+    return model, history
+
+
+def test_asymptotic_schedule_rate_is_logged_per_epoch():
+    _, history = _fit_asymptotic(epochs=8)
     schedule = keras_sfp.schedules.Asymptotic(0.4)
     np.testing.assert_allclose(
         history.history["sfp_rate"], [schedule(e, 8) for e in range(8)], rtol=1e-6
@@ -365,17 +367,7 @@ def test_resume_from_a_keras_file_with_initial_epoch_equals_uninterrupted(tmp_pa
 
 
 def test_asymptotic_schedule_reaches_target_at_last_soft_event_with_hard_epochs():
-    model = keras_sfp.prune_filters(tiny_resnet(), rate=0.4, schedule="asymptotic")
-    x, y = random_data(model)
-    compile_sgd(model)
-    history = model.fit(
-        x,
-        y,
-        epochs=6,
-        batch_size=32,
-        verbose=0,
-        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=2)],
-    )
+    model, history = _fit_asymptotic(epochs=6, hard_epochs=2)
     schedule = keras_sfp.schedules.Asymptotic(0.4)
     soft = [schedule(e, 4) for e in range(4)]  # events after epochs 0..3 re-score
     np.testing.assert_allclose(

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_sfp
-from conftest import randomize_batch_norm
+from conftest import assert_shrink_exact, prune_once, randomize_batch_norm
 from keras_sfp._keras_graph import LayerScale
 from keras_sfp.prune import wrappers
 
@@ -174,21 +174,22 @@ PATTERNS = [
 ]
 
 
+def _exact(model, rate=0.5):
+    """Prunes once, shrinks, and checks shrink against strip_pruning."""
+    pruned = prune_once(model, rate=rate)
+    x = np.random.default_rng(0).random((4, *model.inputs[0].shape[1:]), "float32")
+    return pruned, assert_shrink_exact(pruned, x)
+
+
 @pytest.mark.parametrize(
     "build,expected", PATTERNS, ids=[p[0].__name__ for p in PATTERNS]
 )
 def test_shrink_is_exact_on_application_patterns(build, expected, tmp_path):
     base = randomize_batch_norm(build())
-    pruned = keras_sfp.prune_filters(base, rate=0.5)
+    pruned, small = _exact(base)
     assert {w.layer.name for w in wrappers(pruned)} == expected
-    callback = keras_sfp.SoftFilterPrune()
-    callback.set_model(pruned)
-    callback.prune(0)
     x = np.random.default_rng(0).random((4, *base.inputs[0].shape[1:]), "float32")
-    reference = keras_sfp.strip_pruning(pruned).predict(x, verbose=0)
-    small = keras_sfp.shrink(pruned)
     out = small.predict(x, verbose=0)
-    np.testing.assert_allclose(out, reference, atol=1e-5 * np.abs(reference).max())
     np.testing.assert_allclose(base.predict(x, verbose=0).shape, out.shape)
     assert keras_sfp.count_flops(small) < keras_sfp.count_flops(base)
     for name in expected:  # every pruned layer lost half its filters
@@ -204,10 +205,7 @@ def test_shrink_is_exact_on_application_patterns(build, expected, tmp_path):
 
 @pytest.mark.parametrize("build", [_separable, _se_dense_reshape])
 def test_wrapped_separable_and_dense_layers_round_trip(build, tmp_path):
-    model = keras_sfp.prune_filters(build(), rate=0.5)
-    callback = keras_sfp.SoftFilterPrune()
-    callback.set_model(model)
-    callback.prune(0)
+    model = prune_once(build())
     model.save(tmp_path / "pruned.keras")
     reloaded = keras.saving.load_model(tmp_path / "pruned.keras")
     for a, b in zip(wrappers(model), wrappers(reloaded), strict=True):
@@ -312,10 +310,7 @@ def test_registered_custom_layers_let_channels_through():
         assert report.boundaries == []
         groups = {tuple(g.producers): g.prunable for g in report.groups}
         assert groups[("stem", "branch")] and groups[("d",)]
-        pruned = keras_sfp.prune_filters(model, rate=0.5)
-        callback = keras_sfp.SoftFilterPrune()
-        callback.set_model(pruned)
-        callback.prune(0)
+        pruned = prune_once(model)
         small = keras_sfp.shrink(pruned)
         x = np.random.default_rng(0).random((4, 8, 8, 3), "float32")
         np.testing.assert_allclose(
@@ -388,21 +383,6 @@ def test_hard_epochs_train_the_structure_that_shrink_deploys(build):
     np.testing.assert_allclose(
         small.predict(x, verbose=0), reference, atol=1e-5 * np.abs(reference).max()
     )
-
-
-def _exact(model, rate=0.5):
-    """Prunes once, shrinks, and checks shrink against strip_pruning."""
-    pruned = keras_sfp.prune_filters(model, rate=rate)
-    callback = keras_sfp.SoftFilterPrune()
-    callback.set_model(pruned)
-    callback.prune(0)
-    small = keras_sfp.shrink(pruned)
-    x = np.random.default_rng(0).random((4, *model.inputs[0].shape[1:]), "float32")
-    got = keras.tree.flatten(small.predict(x, verbose=0))
-    want = keras.tree.flatten(keras_sfp.strip_pruning(pruned).predict(x, verbose=0))
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())
-    return pruned, small
 
 
 def test_a_weightless_layer_that_names_channels_called_twice_is_a_boundary():

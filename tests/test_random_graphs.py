@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import keras_sfp
-from conftest import randomize_batch_norm
+from conftest import assert_shrink_exact, prune_once, randomize_batch_norm
 from keras_sfp.callback import num_pruned
 
 L = keras.layers
@@ -78,17 +78,9 @@ def test_shrink_is_exact_on_random_graphs(data):
     model = _build(data.draw, ops, st.integers(4, 8))
     rate = data.draw(st.sampled_from([0.25, 0.5, 0.75]))
     randomize_batch_norm(model)
-    pruned = keras_sfp.prune_filters(model, rate=rate)
-    callback = keras_sfp.SoftFilterPrune()
-    callback.set_model(pruned)
-    callback.prune(0)
+    pruned = prune_once(model, rate=rate)
     x = np.random.default_rng(0).random((4, 8, 8, 3), "float32")
-    reference = keras_sfp.strip_pruning(pruned).predict(x, verbose=0)
-    small = keras_sfp.shrink(pruned)
-    out = small.predict(x, verbose=0)
-    np.testing.assert_allclose(
-        out, reference, atol=1e-5 * max(np.abs(reference).max(), 1.0), err_msg=str(ops)
-    )
+    small = assert_shrink_exact(pruned, x, floor=1.0, err_msg=str(ops))
     # Fewer MACs whenever some prunable group is wide enough to lose a channel.
     groups = keras_sfp.ChannelGraph(model).groups()
     expect_fewer = any(g.prunable and num_pruned(g.length, rate) for g in groups)

@@ -7,6 +7,7 @@ import models
 from conftest import (
     calibrate_batch_norm,
     compile_sgd,
+    prune_once,
     random_data,
     randomize_batch_norm,
     tiny_resnet,
@@ -119,10 +120,7 @@ def test_shrink_matches_masked_model_on_vgg_with_flatten_dense():
 
 def test_cifar_resnet_with_group_coupling_at_40_percent_keeps_36_to_40_percent():
     base = models.get_model("resnet20", (32, 32, 3))
-    pruned = keras_sfp.prune_filters(base, rate=0.4)
-    callback = keras_sfp.SoftFilterPrune()
-    callback.set_model(pruned)
-    callback.prune(0)
+    pruned = prune_once(base, rate=0.4)
     small = keras_sfp.shrink(pruned)
     kept = keras_sfp.count_flops(small) / keras_sfp.count_flops(base)
     assert 0.36 <= kept <= 0.40
@@ -307,14 +305,11 @@ def _flatten_dropout_dense():
 def test_shrink_stays_exact_on_unusual_graphs(build, expect_pruned):
     base = randomize_batch_norm(build())
     try:
-        pruned = keras_sfp.prune_filters(base, rate=0.5)
+        pruned = prune_once(base, rate=0.5)
     except ValueError as error:
         assert "no prunable layer" in str(error) and not expect_pruned
         return
     assert {w.layer.name for w in wrappers(pruned)} == expect_pruned
-    callback = keras_sfp.SoftFilterPrune()
-    callback.set_model(pruned)
-    callback.prune(0)
     rng = np.random.default_rng(0)
     x = [rng.random((4, *t.shape[1:]), dtype=np.float32) for t in pruned.inputs]
     small = keras_sfp.shrink(pruned)
