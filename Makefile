@@ -7,7 +7,20 @@ DATA_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test lint data install clean
+# The backend-neutral core, tested again on JAX (and on PyTorch by
+# `make test-torch`): its test modules and its modules' doctests. The deep
+# ResNet variants of the shrink test (the same graph code as ResNet-20, and
+# minutes of XLA compilation) run on TensorFlow only. `train.py` on JAX, with
+# TensorFlow hidden and data parallelism, runs in tests/test_backends.py.
+CORE_TESTS := tests/test_wrapper.py tests/test_callback.py tests/test_prune.py \
+	tests/test_shrink.py tests/test_graph.py tests/test_flops.py \
+	tests/test_patterns.py \
+	keras_sfp/wrapper.py keras_sfp/callback.py keras_sfp/prune.py \
+	keras_sfp/shrink.py keras_sfp/graph.py keras_sfp/rules.py \
+	keras_sfp/flops.py keras_sfp/describe.py keras_sfp/latency.py
+CORE_SELECT := -k "not resnet32 and not resnet56 and not resnet110"
+
+.PHONY: demo test test-jax test-torch lint data install clean
 
 install: $(STAMP)
 
@@ -16,7 +29,7 @@ $(STAMP): setup.cfg pyproject.toml
 	  echo "python3 -m venv failed: installing python3-venv"; \
 	  apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[tf,jax,test]"
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist; without apt (or root) the
@@ -37,8 +50,24 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Everything on TensorFlow, then the core again on JAX. `--dist=loadfile`:
+# a module's expensive module-scoped fixtures (a training run, exported
+# artifacts, other backends' processes) run once, on one worker.
 test: install data lint
-	$(VENV)/bin/pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+	KERAS_BACKEND=tensorflow $(VENV)/bin/pytest -q -n 2 --dist=loadfile --durations=15 $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-jax
+
+test-jax: install data
+	KERAS_BACKEND=jax $(VENV)/bin/pytest -q -n 2 --durations=10 $(CORE_SELECT) \
+	  $(CORE_TESTS) $(PYTEST_ARGS)
+
+# PyTorch is not a test dependency: PyPI serves only its large CUDA build.
+# This installs whatever `pip install torch` gives (pre-install the CPU wheel
+# from download.pytorch.org to avoid the CUDA one), then runs the core on it.
+test-torch: install data
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch
+	KERAS_BACKEND=torch $(VENV)/bin/pytest -q -n 2 --durations=10 $(CORE_SELECT) \
+	  $(CORE_TESTS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

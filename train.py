@@ -9,10 +9,16 @@ called from Python (or a test) with a `TrainConfig`:
    IJCAI 2018) and train it with the `keras_sfp.SoftFilterPrune` callback.
 3. Evaluate the soft-masked model (the figure the paper reports) and the model
    `keras_sfp.shrink` builds from it (the one that is deployed).
-4. Compare parameters, multiply-accumulates and CPU latency of the original
+4. Compare parameters, multiply-accumulates and latency of the original
    architecture and the shrunk model, print a table and write `results.json`.
 5. Save the wrapped model (`pruned.keras`), the shrunk model (`shrunk.keras`)
-   and a SavedModel of the shrunk model (`saved_model/`).
+   and, on the TensorFlow backend, a SavedModel of the shrunk model
+   (`saved_model/`) and the deployment artifacts (`export/`).
+
+It runs on every Keras backend (`KERAS_BACKEND=jax python train.py`); without
+TensorFlow the input pipeline is NumPy (`keras_sfp.pipeline.ArrayBatches`)
+instead of `tf.data`, and the TensorFlow artifacts are skipped (export the
+saved `shrunk.keras` with `keras_sfp.deploy` where TensorFlow is).
 
 Usage:
 
@@ -21,10 +27,12 @@ Usage:
         --lr_schedule=step --augment --weight_decay=2.5e-4
     python train.py --train_limit=512 --test_limit=256 --epochs=2  # smoke run
     python train.py --export=   # skip the deployment artifacts (export/, metrics.json)
+    KERAS_BACKEND=jax python train.py --distribute=data_parallel  # all local devices
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -40,18 +48,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_sfp  # noqa: E402
 import models  # noqa: E402
+from keras_sfp import _tensorflow, latency  # noqa: E402
 from keras_sfp import data as data_lib  # noqa: E402
-from keras_sfp import deploy  # noqa: E402
+from keras_sfp import pipeline as pipeline_lib  # noqa: E402
 
 LR_SCHEDULES = ("cosine", "step", "constant")
 CRITERIA = ("l2", "l1", "fpgm")
 COUPLINGS = ("group", "layer")
 PRUNING_SCHEDULES = ("constant", "asymptotic")
-DISTRIBUTE = ("none", "mirrored")
+DISTRIBUTE = ("none", "mirrored", "data_parallel")
+# Which Keras backend each distribution needs.
+DISTRIBUTE_BACKEND = {"mirrored": "tensorflow", "data_parallel": "jax"}
+DEFAULT_EXPORT = "saved_model,tflite,tflite_int8"
 
 # The paper divides the learning rate by 5 at epochs 60, 120 and 160 of 200.
 STEP_FRACTIONS = (0.3, 0.6, 0.8)
@@ -93,8 +104,13 @@ class TrainConfig:
             Defaults to 1.
         augment: Pad-crop-flip augmentation of the training images. Defaults
             to False.
-        distribute: `"none"` or `"mirrored"` (`tf.distribute.MirroredStrategy`
-            over all local devices). Defaults to `"none"`.
+        distribute: `"none"`, `"mirrored"` (`tf.distribute.MirroredStrategy`
+            over all local devices; TensorFlow backend) or `"data_parallel"`
+            (`keras.distribution.DataParallel` over all local devices; JAX
+            backend). The global batch is `batch_size`. Defaults to `"none"`.
+        input_pipeline: `"auto"`, `"tf.data"` or `"numpy"` (see
+            `keras_sfp.data.load_dataset`): `"auto"` takes `tf.data` when
+            TensorFlow is installed. Defaults to `"auto"`.
         output_dir: Where artifacts go; `None` means `runs/<model>_<dataset>`.
             Defaults to None.
         seed: Seed of Python, NumPy, TensorFlow and the input pipeline.
@@ -109,8 +125,9 @@ class TrainConfig:
             `SoftFilterPrune`. Defaults to 1.
         export: Comma-separated deployment formats (`keras_sfp.deploy.FORMATS`)
             written to `export/` for the original and the shrunk model, with
-            their `metrics.json`; empty exports nothing. Defaults to
-            `"saved_model,tflite,tflite_int8"`.
+            their `metrics.json`; empty exports nothing. They need the
+            TensorFlow backend. `None` means `DEFAULT_EXPORT` on the
+            TensorFlow backend and nothing on the others. Defaults to None.
     """
 
     model: str = "resnet20"
@@ -129,13 +146,14 @@ class TrainConfig:
     round_to: int = 1
     augment: bool = False
     distribute: str = "none"
+    input_pipeline: str = "auto"
     output_dir: str | None = None
     seed: int = 0
     train_limit: int = 0
     test_limit: int = 0
     latency_runs: int = 50
     verbose: int = 1
-    export: str = "saved_model,tflite,tflite_int8"
+    export: str | None = None
 
     def __post_init__(self):
         choices = {
@@ -145,6 +163,7 @@ class TrainConfig:
             "coupling": COUPLINGS,
             "schedule": PRUNING_SCHEDULES,
             "distribute": DISTRIBUTE,
+            "input_pipeline": data_lib.PIPELINES,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -185,18 +204,48 @@ class TrainConfig:
                 "`weight_decay` must be >= 0. "
                 f"Received: weight_decay={self.weight_decay!r}"
             )
-        if not isinstance(self.export, str) or any(
-            f.strip() not in deploy.FORMATS for f in self.export.split(",") if f.strip()
-        ):
+        backend = keras.backend.backend()
+        needed = DISTRIBUTE_BACKEND.get(self.distribute)
+        if needed is not None and backend != needed:
             raise ValueError(
-                f"`export` must be a comma-separated subset of {deploy.FORMATS}. "
+                f"`distribute={self.distribute!r}` needs the {needed} backend "
+                f"(KERAS_BACKEND={needed}); Keras runs on {backend!r}. "
+                f"Received: distribute={self.distribute!r}"
+            )
+        if self.export is not None and not isinstance(self.export, str):
+            raise ValueError(
+                "`export` must be a comma-separated string of formats or None. "
                 f"Received: export={self.export!r}"
             )
+        if self.export:
+            if backend != "tensorflow":
+                raise ValueError(
+                    "`export` needs the TensorFlow backend (the exporters trace "
+                    f"a tf.function); Keras runs on {backend!r}. Export the "
+                    "saved shrunk.keras with `KERAS_BACKEND=tensorflow python -m "
+                    "keras_sfp.deploy`, or pass export=''. "
+                    f"Received: export={self.export!r}"
+                )
+            from keras_sfp import deploy  # needs TensorFlow, like the export
+
+            try:
+                deploy.parse_formats(self.export)
+            except ValueError as error:
+                raise ValueError(
+                    f"`export` must be a comma-separated subset of "
+                    f"{deploy.FORMATS}. Received: export={self.export!r}"
+                ) from error
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(
                 "`dataset` must be a non-empty dataset name. "
                 f"Received: dataset={self.dataset!r}"
             )
+
+    def resolved_export(self) -> str:
+        """`export`, or for None: `DEFAULT_EXPORT` on TensorFlow, else ''."""
+        if self.export is not None:
+            return self.export
+        return DEFAULT_EXPORT if keras.backend.backend() == "tensorflow" else ""
 
     def resolved_output_dir(self) -> str:
         """`output_dir`, or `runs/<model>_<dataset>` when it is None."""
@@ -231,16 +280,28 @@ def pruning_schedule(config: TrainConfig) -> str | None:
 
 
 @functools.cache
-def _mirrored_strategy() -> tf.distribute.MirroredStrategy:
+def _mirrored_strategy():
     # One per process: two MirroredStrategy objects can reuse collective
     # instance keys and abort each other's all-reduces.
+    tf = _tensorflow.import_tensorflow("distribute='mirrored'")
     return tf.distribute.MirroredStrategy()
 
 
-def _strategy(config: TrainConfig) -> tf.distribute.Strategy:
+def distribution_scope(config: TrainConfig):
+    """A context for building, compiling and training under `config.distribute`.
+
+    `"mirrored"`: the `tf.distribute.MirroredStrategy`'s scope (the model and
+    its optimizer are created in it; `fit` then runs under the strategy).
+    `"data_parallel"`: a `keras.distribution.DataParallel` over all local
+    devices (JAX), kept for the whole run so that `fit` shards each global
+    batch across them. `"none"`: nothing.
+    """
     if config.distribute == "mirrored":
-        return _mirrored_strategy()
-    return tf.distribute.get_strategy()
+        return _mirrored_strategy().scope()
+    if config.distribute == "data_parallel":
+        devices = keras.distribution.list_devices()
+        return keras.distribution.DataParallel(devices=devices).scope()
+    return contextlib.nullcontext()
 
 
 def _compile(model: keras.Model, learning_rate=None) -> keras.Model:
@@ -260,35 +321,10 @@ def measure_latency(
 ) -> dict[str, float]:
     """Median milliseconds of one inference call on `batch`, per model.
 
-    Every model is called the same way, `model(x, training=False)` inside a
-    `tf.function`, and the result is copied to NumPy so the time covers the
-    whole computation. After `warmup` untimed calls each, the models are timed
-    in alternation, so slow phases of a shared machine hit them alike.
-
-    Args:
-        named_models: `{name: model}` to time.
-        batch: The input batch.
-        runs: Timed calls per model.
-        warmup: Untimed calls per model first (tracing included). Defaults to 5.
-
-    Returns:
-        `{name: median milliseconds per call}`.
+    `keras_sfp.latency.measure_keras`: every model compiled for the current
+    backend, timed in alternation after `warmup` untimed calls each.
     """
-    x = tf.constant(batch)
-    functions = {
-        name: tf.function(lambda inputs, m=model: m(inputs, training=False))
-        for name, model in named_models.items()
-    }
-    for fn in functions.values():
-        for _ in range(warmup):
-            fn(x).numpy()
-    times = {name: [] for name in functions}
-    for _ in range(runs):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn(x).numpy()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000.0 * float(np.median(t)) for name, t in times.items()}
+    return latency.measure_keras(named_models, batch, runs, warmup)
 
 
 def _filters(model: keras.Model) -> dict[str, int]:
@@ -345,9 +381,31 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(
         f"kept MACs: {results['kept_mac_fraction']:.1%}  "
         f"kept params: {results['kept_param_fraction']:.1%}  "
-        f"(batch {results['config']['batch_size']}, CPU)"
+        f"(batch {results['config']['batch_size']}, {results['device']})"
     )
     return "\n".join(lines)
+
+
+def _callbacks(config: TrainConfig, output_dir: str) -> tuple[list, str | None]:
+    """`SoftFilterPrune`, CSV and (where possible) TensorBoard logging."""
+    # SoftFilterPrune first: the sfp_* entries it adds to the epoch logs must
+    # exist when CSVLogger and TensorBoard read them.
+    callbacks = [
+        keras_sfp.SoftFilterPrune(
+            hard_epochs=config.hard_epochs, verbose=int(config.verbose > 0)
+        ),
+        keras.callbacks.CSVLogger(os.path.join(output_dir, "history.csv")),
+    ]
+    # Keras writes TensorBoard logs with tf.summary, on any backend.
+    if not _tensorflow.available() or importlib.util.find_spec("tensorboard") is None:
+        logging.warning(
+            "TensorFlow or the tensorboard package is not installed: no "
+            "TensorBoard logs (history.csv has the same entries)."
+        )
+        return callbacks, None
+    tensorboard_dir = os.path.join(output_dir, "logs")
+    callbacks.append(keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
+    return callbacks, tensorboard_dir
 
 
 def _history(history: keras.callbacks.History) -> dict[str, list[float]]:
@@ -398,12 +456,14 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
     os.makedirs(output_dir, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
 
-    data = data_lib.load_dataset(config.dataset, data_dir=config.data_dir)
+    data = data_lib.load_dataset(
+        config.dataset, data_dir=config.data_dir, pipeline=config.input_pipeline
+    )
     train_limit = config.train_limit or None
     test_limit = config.test_limit or None
     num_train = min(data.num_train, train_limit or data.num_train)
     num_test = min(data.num_test, test_limit or data.num_test)
-    train_ds = data_lib.make_pipeline(
+    train_ds = pipeline_lib.make_pipeline(
         data.train,
         config.batch_size,
         training=True,
@@ -411,13 +471,12 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         seed=config.seed,
         limit=train_limit,
     )
-    test_ds = data_lib.make_pipeline(
+    test_ds = pipeline_lib.make_pipeline(
         data.test, config.batch_size, training=False, limit=test_limit
     )
     steps_per_epoch = math.ceil(num_train / config.batch_size)
 
-    strategy = _strategy(config)
-    with strategy.scope():
+    with distribution_scope(config):
         model = models.get_model(
             config.model, data.input_shape, data.num_classes, config.weight_decay
         )
@@ -430,43 +489,29 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
             round_to=config.round_to,
         )
         _compile(pruned, learning_rate_schedule(config, steps_per_epoch))
-
-    # SoftFilterPrune first: the sfp_* entries it adds to the epoch logs must
-    # exist when CSVLogger and TensorBoard read them.
-    callbacks = [
-        keras_sfp.SoftFilterPrune(
-            hard_epochs=config.hard_epochs, verbose=int(config.verbose > 0)
-        ),
-        keras.callbacks.CSVLogger(os.path.join(output_dir, "history.csv")),
-    ]
-    tensorboard_dir = None
-    if importlib.util.find_spec("tensorboard") is not None:
-        tensorboard_dir = os.path.join(output_dir, "logs")
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
-    else:  # tf.summary needs the package; TensorFlow no longer requires it
-        logging.warning(
-            "The tensorboard package is not installed: no TensorBoard logs."
+        callbacks, tensorboard_dir = _callbacks(config, output_dir)
+        logging.info(
+            "Training %s on %s (%d examples, %d steps/epoch) for %d epochs in %s "
+            "(Keras backend %s)",
+            config.model,
+            config.dataset,
+            num_train,
+            steps_per_epoch,
+            config.epochs,
+            output_dir,
+            keras.backend.backend(),
         )
-    logging.info(
-        "Training %s on %s (%d examples, %d steps/epoch) for %d epochs in %s",
-        config.model,
-        config.dataset,
-        num_train,
-        steps_per_epoch,
-        config.epochs,
-        output_dir,
-    )
-    start = time.perf_counter()
-    history = pruned.fit(
-        train_ds,
-        epochs=config.epochs,
-        callbacks=callbacks,
-        verbose=config.verbose,
-        shuffle=False,  # the pipeline shuffles
-    )
-    train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        history = pruned.fit(
+            train_ds,
+            epochs=config.epochs,
+            callbacks=callbacks,
+            verbose=config.verbose,
+            shuffle=False,  # the pipeline shuffles
+        )
+        train_seconds = time.perf_counter() - start
+        soft = pruned.evaluate(test_ds, verbose=0, return_dict=True)
 
-    soft = pruned.evaluate(test_ds, verbose=0, return_dict=True)
     shrunk = _compile(keras_sfp.shrink(pruned))
     shrunk_eval = shrunk.evaluate(test_ds, verbose=0, return_dict=True)
 
@@ -475,36 +520,54 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
     original = models.get_model(
         config.model, data.input_shape, data.num_classes, config.weight_decay
     )
-    latency = {"original": None, "shrunk": None}
+    timings = {"original": None, "shrunk": None}
     if config.latency_runs:
         batch = np.random.default_rng(config.seed).random(
             (config.batch_size, *data.input_shape), dtype=np.float32
         )
-        latency = measure_latency(
+        timings = measure_latency(
             {"original": original, "shrunk": shrunk}, batch, config.latency_runs
         )
 
     artifacts = {
         "pruned": os.path.join(output_dir, "pruned.keras"),
         "shrunk": os.path.join(output_dir, "shrunk.keras"),
-        "saved_model": os.path.join(output_dir, "saved_model"),
+        "saved_model": None,
         "history_csv": os.path.join(output_dir, "history.csv"),
         "tensorboard": tensorboard_dir,
         "results": os.path.join(output_dir, "results.json"),
     }
     pruned.save(artifacts["pruned"])
     shrunk.save(artifacts["shrunk"])
-    shrunk.export(artifacts["saved_model"], format="tf_saved_model", verbose=False)
+    export = config.resolved_export()
+    if keras.backend.backend() == "tensorflow":
+        artifacts["saved_model"] = os.path.join(output_dir, "saved_model")
+        shrunk.export(artifacts["saved_model"], format="tf_saved_model", verbose=False)
+    else:
+        logging.warning(
+            "Keras runs on %s: no SavedModel or TFLite artifacts (they trace a "
+            "tf.function). %s loads on every backend; export it with "
+            "`KERAS_BACKEND=tensorflow python -m keras_sfp.deploy --model=%s`.",
+            keras.backend.backend(),
+            artifacts["shrunk"],
+            artifacts["shrunk"],
+        )
 
     original_macs = keras_sfp.count_flops(original)
     shrunk_macs = keras_sfp.count_flops(shrunk)
     original_filters = _filters(original)
     shrunk_filters = _filters(shrunk)
     speedup = None
-    if latency["original"] and latency["shrunk"]:
-        speedup = latency["original"] / latency["shrunk"]
+    if timings["original"] and timings["shrunk"]:
+        speedup = timings["original"] / timings["shrunk"]
     results = {
-        "config": dataclasses.asdict(config) | {"output_dir": output_dir},
+        "device": latency.device_name(),
+        "config": dataclasses.asdict(config)
+        | {
+            "output_dir": output_dir,
+            "export": export,
+            "backend": keras.backend.backend(),
+        },
         "dataset": {
             "name": data.name,
             "input_shape": list(data.input_shape),
@@ -519,7 +582,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         "original": {
             "params": original.count_params(),
             "macs": original_macs,
-            "ms_per_batch": latency["original"],
+            "ms_per_batch": timings["original"],
             "speedup": 1.0 if speedup is not None else None,
         },
         "shrunk": {
@@ -527,7 +590,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
             "loss": float(shrunk_eval["loss"]),
             "params": shrunk.count_params(),
             "macs": shrunk_macs,
-            "ms_per_batch": latency["shrunk"],
+            "ms_per_batch": timings["shrunk"],
             "speedup": speedup,
         },
         "kept_mac_fraction": shrunk_macs / original_macs,
@@ -541,7 +604,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         "artifacts": artifacts,
     }
     results["table"] = format_table(results)
-    if config.export:
+    if export:
         artifacts["export"] = os.path.join(output_dir, "export")
         results["export"] = export_artifacts(
             config, data, pruned, shrunk, artifacts["export"]
@@ -559,7 +622,7 @@ def export_artifacts(
     shrunk: keras.Model,
     export_dir: str,
 ) -> dict[str, Any]:
-    """Writes `config.export`'s formats and their `metrics.json` to `export_dir`.
+    """Writes `config.resolved_export()`'s formats and `metrics.json` to `export_dir`.
 
     The original architecture is the trained model with its pruned filters
     zeroed (`strip_pruning`), the model one would deploy without shrinking;
@@ -571,12 +634,14 @@ def export_artifacts(
         The metrics of `keras_sfp.deploy.export_and_measure`.
     """
     test_limit = config.test_limit or None
-    representative, _ = deploy.dataset_to_arrays(data.train, 200)
+    from keras_sfp import deploy  # TensorFlow, needed for the artifacts
+
+    representative, _ = data_lib.as_arrays(data.train, 200)
     metrics = deploy.export_and_measure(
         {"original": keras_sfp.strip_pruning(pruned), "shrunk": shrunk},
         export_dir,
-        config.export,
-        deploy.dataset_to_arrays(data.test, test_limit),
+        config.resolved_export(),
+        data_lib.as_arrays(data.test, test_limit),
         representative_data=representative,
         latency_runs=config.latency_runs,
     )
@@ -614,6 +679,12 @@ def _define_flags() -> None:
     )
     flags.DEFINE_bool("augment", d.augment, "Pad-crop-flip augmentation.")
     flags.DEFINE_enum("distribute", d.distribute, DISTRIBUTE, "Distribution strategy.")
+    flags.DEFINE_enum(
+        "input_pipeline",
+        d.input_pipeline,
+        data_lib.PIPELINES,
+        "Input pipeline (auto: tf.data when TensorFlow is installed).",
+    )
     flags.DEFINE_string(
         "output_dir", d.output_dir, "Output directory (default runs/<model>_<dataset>)."
     )
@@ -629,7 +700,10 @@ def _define_flags() -> None:
     )
     flags.DEFINE_integer("verbose", d.verbose, "Keras fit verbosity.", lower_bound=0)
     flags.DEFINE_string(
-        "export", d.export, f"Comma-separated deployment formats of {deploy.FORMATS}."
+        "export",
+        d.export,
+        "Comma-separated formats of keras_sfp.deploy.FORMATS (default: "
+        f"{DEFAULT_EXPORT} on the TensorFlow backend, none on the others).",
     )
 
 

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras_sfp  # noqa: E402
 from keras_sfp import _keras_graph  # noqa: E402
+from keras_sfp.wrapper import unwrap  # noqa: E402
 
 A = keras.applications
 # family -> (constructor, smallest convenient input size, extra arguments)
@@ -85,9 +86,13 @@ def build(family: str, size: int | None = None, **kwargs) -> keras.Model:
 
 
 def _batch_norms(model) -> list:
-    """BatchNormalization layers of `model` and of the models nested in it."""
+    """BatchNormalization layers of `model` and of the models nested in it.
+
+    Layers inside keras-sfp's wrappers (`ChannelMask`) count too.
+    """
     found = []
     for layer in model.layers:
+        layer = unwrap(layer)
         if isinstance(layer, keras.Model):
             found.extend(_batch_norms(layer))
         elif isinstance(layer, keras.layers.BatchNormalization):

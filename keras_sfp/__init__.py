@@ -6,23 +6,33 @@ Usage:
     pruned.compile(...)
     pruned.fit(x, y, epochs=..., callbacks=[keras_sfp.SoftFilterPrune()])
     small = keras_sfp.shrink(pruned)
+
+The core runs on every Keras 3 backend (TensorFlow, JAX, PyTorch).
+`export_saved_model` and `export_tflite` need TensorFlow: they are imported
+when first used, so `import keras_sfp` works without it.
 """
 
 from keras_sfp import criteria, rules, schedules
 from keras_sfp.callback import SoftFilterPrune
 from keras_sfp.describe import describe
-from keras_sfp.export import export_saved_model, export_tflite
 from keras_sfp.flops import count_flops
 from keras_sfp.graph import ChannelGraph
 from keras_sfp.prune import prune_filters, strip_pruning
 from keras_sfp.rules import register_layer, unregister_layer
 from keras_sfp.shrink import shrink
-from keras_sfp.wrapper import FilterPruning
+from keras_sfp.wrapper import ChannelMask, FilterPruning
 
 __version__ = "0.1.0"
 
+# Public names whose module imports TensorFlow (PEP 562 lazy attributes).
+_TENSORFLOW_EXPORTS = {
+    "export_saved_model": "keras_sfp.export",
+    "export_tflite": "keras_sfp.export",
+}
+
 __all__ = [
     "ChannelGraph",
+    "ChannelMask",
     "FilterPruning",
     "SoftFilterPrune",
     "count_flops",
@@ -38,3 +48,17 @@ __all__ = [
     "strip_pruning",
     "unregister_layer",
 ]
+
+
+def __getattr__(name: str):
+    if name in _TENSORFLOW_EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_TENSORFLOW_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'keras_sfp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

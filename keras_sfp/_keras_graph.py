@@ -172,6 +172,38 @@ def fill_in(graph_node: GraphNode, tensor_map: dict):
     return graph_node.node.arguments.fill_in(tensor_map)
 
 
+_ZEROS = keras.initializers.Zeros()
+
+
+def skip_initialization(layer):
+    """Makes `layer` (and the layers it wraps) build with zero weights.
+
+    For a layer whose weights are set right after it is built: a random
+    initialization would be thrown away, and on JAX each weight shape costs
+    an XLA compilation of the random generator (seconds for a ResNet).
+
+    Returns:
+        A function that puts the layer's own initializers back, so that its
+        config, and any later re-initialization, are unchanged.
+    """
+    saved = []
+    while layer is not None:
+        for name, value in list(vars(layer).items()):
+            if name.endswith("_initializer") and isinstance(
+                value, keras.initializers.Initializer
+            ):
+                saved.append((layer, name, value))
+        layer = getattr(layer, "layer", None)  # keras.layers.Wrapper
+    for owner, name, _ in saved:
+        setattr(owner, name, _ZEROS)
+
+    def restore() -> None:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+    return restore
+
+
 class WeightsOnBuild:
     """Calls a new layer, then sets its weights once it has been built."""
 
@@ -179,11 +211,13 @@ class WeightsOnBuild:
         self.layer = layer
         self.weights = weights
         self.loaded = False
+        self._restore = skip_initialization(layer)
 
     def __call__(self, *args, **kwargs):
         outputs = self.layer(*args, **kwargs)
         if not self.loaded:
             self.layer.set_weights(self.weights)
+            self._restore()
             self.loaded = True
         return outputs
 

@@ -49,6 +49,13 @@ class SoftFilterPrune(keras.callbacks.Callback):
     forward pass (pruned channels output exactly zero, BatchNormalization
     included), so the network adapts to the structure `shrink` deploys.
 
+    The callback only acts between epochs (no batch-level hooks), so Keras
+    keeps dispatching training steps asynchronously, and the soft epochs run
+    the wrapped layers at exactly their own cost. It works on every Keras
+    backend (TensorFlow, JAX, PyTorch) and with `keras.distribution` or a
+    `tf.distribute` strategy: masks are computed on the host from the
+    weights, so every replica receives the same ones.
+
     Each event adds to the epoch `logs` (History, CSVLogger and TensorBoard see
     them when this callback comes before them in the list):
     `sfp_rate`, `sfp_pruned` (filters pruned) and `sfp_revived` (filters
@@ -90,7 +97,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
         self.hard_epochs = hard_epochs
         self.verbose = verbose
         self._plan = None
-        self._dead_bn = None
+        self._hard = None
         self._last_epoch = None
 
     # -- set-up --------------------------------------------------------------
@@ -174,8 +181,8 @@ class SoftFilterPrune(keras.callbacks.Callback):
         for unit in self._plan["units"]:
             wrapper, start, length = unit[0]
             stop = start + length
-            previous = keras.ops.convert_to_numpy(wrapper.mask)[start:stop]
-            first_event = float(keras.ops.convert_to_numpy(wrapper.last_event)) < -1
+            previous = wrapper.mask[start:stop]
+            first_event = wrapper.last_event < -1
             if rescore:
                 scores = sum(self._score(m, config.criterion) for m in unit)
                 n = num_pruned(len(scores), rate, config.round_to)
@@ -189,33 +196,22 @@ class SoftFilterPrune(keras.callbacks.Callback):
             pruned += len(unit) * int(np.sum(mask == 0))
             for member, begin, size in unit:
                 if id(member) not in masks:
-                    current = keras.ops.convert_to_numpy(member.mask).astype("float32")
+                    current = member.mask.astype("float32")  # a writable copy
                     start_from = current if not rescore else np.ones_like(current)
                     masks[id(member)] = (member, start_from)
                 masks[id(member)][1][begin : begin + size] = mask
+        changed = False
         for member, mask in masks.values():
-            member.mask.assign(mask)
-            member.last_event.assign(float(epoch))
+            changed = changed or not np.array_equal(member.mask, mask)
+            member.mask = mask
+            member.last_event = float(epoch)
             member.kernel.assign(keras.ops.convert_to_numpy(member.kernel) * mask)
             if member.bias is not None:
                 member.bias.assign(keras.ops.convert_to_numpy(member.bias) * mask)
+        if changed and self._plan["wrappers"][0].hard:
+            # The hard forward pass was traced with the old masks.
+            prune_lib.set_hard(self.model, True, self._plan["graph"])
         return {"sfp_rate": rate, "sfp_pruned": pruned, "sfp_revived": revived}
-
-    def _set_hard(self, hard: bool) -> None:
-        for member in self._plan["wrappers"]:
-            member.hard.assign(1.0 if hard else 0.0)
-        self._dead_bn = None
-        if hard:
-            dead = prune_lib.dead_offset_channels(self.model, self._plan["graph"])
-            self._dead_bn = [
-                (offsets(self.model.get_layer(name)), channels)
-                for name, (offsets, channels) in dead.items()
-            ]
-            self._zero_bn()
-
-    def _zero_bn(self) -> None:
-        for variables, channels in self._dead_bn or ():
-            prune_lib.zero_offsets(variables, channels)
 
     def _is_hard_epoch(self, epoch: int) -> bool:
         epochs = (self.params or {}).get("epochs")
@@ -223,28 +219,23 @@ class SoftFilterPrune(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._prepare()
-        self._dead_bn = None
+        self._hard = None
         self._last_epoch = None
         wrapped = self._plan["wrappers"]
-        never_pruned = float(keras.ops.convert_to_numpy(wrapped[0].last_event)) < -1
-        if never_pruned:
+        if wrapped[0].last_event < -1:  # never pruned
             self.prune(0)
             for w in wrapped:
-                w.last_event.assign(-1.0)
+                w.last_event = -1.0
 
     def on_epoch_begin(self, epoch, logs=None):
+        # The state is part of the traced forward pass. `set_hard` rebuilds
+        # the compiled functions, so it is called only when the model's
+        # functions may have been traced with another state.
         hard = self._is_hard_epoch(epoch)
-        currently = float(keras.ops.convert_to_numpy(self._plan["wrappers"][0].hard))
-        if hard and (currently == 0 or self._dead_bn is None):
-            self._set_hard(True)
-        elif not hard and currently == 1:
-            self._set_hard(False)
-
-    def on_train_batch_end(self, batch, logs=None):
-        # Gradients move beta of channels held at zero; put it back so the
-        # next step sees the deployed structure again.
-        if self._dead_bn:
-            self._zero_bn()
+        if hard != self._hard:
+            if not prune_lib.has_state(self.model, hard):
+                prune_lib.set_hard(self.model, hard, self._plan["graph"])
+            self._hard = hard
 
     def on_epoch_end(self, epoch, logs=None):
         # The event after the last soft epoch fixes the masks that the hard
@@ -264,8 +255,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
         # mid-epoch): prune once more so the model ends consistent with masks.
         # Frozen (hard) masks, or a fit that ended no epoch, are re-applied
         # as they are rather than re-scored.
-        hard = float(keras.ops.convert_to_numpy(self._plan["wrappers"][0].hard)) == 1
-        # (Offsets were re-zeroed after the last batch already.)
+        hard = self._plan["wrappers"][0].hard
         if self._last_epoch is None:
             self.prune(0, rescore=False)
         else:

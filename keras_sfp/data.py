@@ -1,16 +1,17 @@
 """Image-classification data: Fashion-MNIST from IDX files, anything else via TFDS.
 
-`load_dataset` gives one interface for every source: unbatched `tf.data`
-datasets of `(image, label)` with `float32` images in `[0, 1]` of shape
+`load_dataset` gives one interface for every source: both splits of
+`(image, label)` pairs with `float32` images in `[0, 1]` of shape
 `(height, width, channels)` and `int32` labels, plus the input shape, the
-number of classes and the split sizes. `make_pipeline` batches them for
-training or evaluation, with the augmentation of the SFP paper (He et al.,
-IJCAI 2018, following He et al., CVPR 2016): zero-pad 4 pixels, take a random
-crop of the original size, and flip horizontally at random.
+number of classes and the split sizes. A split is either an unbatched
+`tf.data.Dataset` or, without TensorFlow (or with `pipeline="numpy"`), an
+`ArraySplit` of NumPy arrays; `keras_sfp.pipeline.make_pipeline` batches
+either kind for training or evaluation on any Keras backend.
 
 Fashion-MNIST is read from the IDX files of the Debian package
 `dataset-fashion-mnist` so that it needs no network; if they are missing it
-falls back to `keras.datasets.fashion_mnist.load_data()`.
+falls back to `keras.datasets.fashion_mnist.load_data()`. Other datasets come
+from TensorFlow Datasets and need TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import dataclasses
 import gzip
 import logging
 import os
-from collections.abc import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from keras_sfp import _tensorflow
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
-PAD_PIXELS = 4
-"""Zero padding on each side before the random crop (He et al., 2016)."""
+PIPELINES = ("auto", "tf.data", "numpy")
+"""`load_dataset`'s `pipeline` options."""
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -163,14 +164,40 @@ def load_fashion_mnist(
 
 
 @dataclasses.dataclass(frozen=True)
+class ArraySplit:
+    """One split as NumPy arrays, for input pipelines without TensorFlow.
+
+    Attributes:
+        images: `(n, height, width, channels)` images, `uint8` (scaled to
+            `[0, 1]` when batched) or floating point in `[0, 1]`.
+        labels: `(n,)` integer labels.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or len(self.images) != len(self.labels):
+            raise ValueError(
+                "`images` must have shape (n, height, width, channels) and "
+                "`labels` shape (n,). Received: images of shape "
+                f"{self.images.shape} and labels of shape {self.labels.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
 class ImageDataset:
     """An image-classification dataset with both splits and their metadata.
 
     Attributes:
         name: Dataset name as passed to `load_dataset`.
-        train: Unbatched training split of `(image, label)`: `float32` images
-            in `[0, 1]` of shape `input_shape` and scalar `int32` labels.
-        test: Unbatched test split, same structure as `train`.
+        train: Training split: an unbatched `tf.data.Dataset` of
+            `(image, label)` (`float32` images in `[0, 1]` of shape
+            `input_shape`, scalar `int32` labels) or an `ArraySplit`.
+        test: Test split, of the same kind as `train`.
         input_shape: Image shape `(height, width, channels)`.
         num_classes: Number of label values.
         num_train: Number of examples in `train`.
@@ -178,8 +205,8 @@ class ImageDataset:
     """
 
     name: str
-    train: tf.data.Dataset
-    test: tf.data.Dataset
+    train: object
+    test: object
     input_shape: tuple[int, int, int]
     num_classes: int
     num_train: int
@@ -195,12 +222,13 @@ def _check_limit(limit: int | None) -> None:
         )
 
 
-def _to_float_image(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _to_float_image(image, label):
     # convert_image_dtype scales integer images by their dtype's maximum.
+    tf = _tensorflow.import_tensorflow("A tf.data input pipeline")
     return tf.image.convert_image_dtype(image, tf.float32), tf.cast(label, tf.int32)
 
 
-def _split_size(ds: tf.data.Dataset, declared: int | None) -> int:
+def _split_size(ds, declared: int | None) -> int:
     if declared:
         return declared
     cardinality = int(ds.cardinality())
@@ -211,15 +239,19 @@ def _split_size(ds: tf.data.Dataset, declared: int | None) -> int:
 
 
 def _load_fashion_mnist_dataset(
-    data_dir: str | os.PathLike | None, limit: int | None
+    data_dir: str | os.PathLike | None, limit: int | None, pipeline: str
 ) -> ImageDataset:
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist(data_dir)
     if limit is not None:
         x_train, y_train = x_train[:limit], y_train[:limit]
         x_test, y_test = x_test[:limit], y_test[:limit]
 
-    def to_dataset(x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
-        return tf.data.Dataset.from_tensor_slices((x[..., np.newaxis], y)).map(
+    def to_dataset(x: np.ndarray, y: np.ndarray):
+        x = x[..., np.newaxis]
+        if pipeline == "numpy":
+            return ArraySplit(x, y.astype(np.int32))
+        tf = _tensorflow.import_tensorflow("A tf.data input pipeline")
+        return tf.data.Dataset.from_tensor_slices((x, y)).map(
             _to_float_image, num_parallel_calls=tf.data.AUTOTUNE
         )
 
@@ -241,7 +273,9 @@ def _load_tfds_dataset(
     train_split: str,
     test_split: str,
     download: bool,
+    pipeline: str,
 ) -> ImageDataset:
+    tf = _tensorflow.import_tensorflow(f"TFDS dataset {name!r}")
     import tensorflow_datasets as tfds  # Heavy import; only this path needs it.
 
     (train, test), info = tfds.load(
@@ -275,10 +309,14 @@ def _load_tfds_dataset(
         if declared is not None and limit is not None:
             declared = min(declared, limit)
         sizes.append(_split_size(ds, declared))
+    train = train.map(_to_float_image, num_parallel_calls=tf.data.AUTOTUNE)
+    test = test.map(_to_float_image, num_parallel_calls=tf.data.AUTOTUNE)
+    if pipeline == "numpy":
+        train, test = (ArraySplit(*as_arrays(split)) for split in (train, test))
     return ImageDataset(
         name=name,
-        train=train.map(_to_float_image, num_parallel_calls=tf.data.AUTOTUNE),
-        test=test.map(_to_float_image, num_parallel_calls=tf.data.AUTOTUNE),
+        train=train,
+        test=test,
         input_shape=input_shape,
         num_classes=int(info.features["label"].num_classes),
         num_train=sizes[0],
@@ -293,6 +331,7 @@ def load_dataset(
     train_split: str = "train",
     test_split: str = "test",
     download: bool = True,
+    pipeline: str = "auto",
 ) -> ImageDataset:
     """Loads an image-classification dataset by name.
 
@@ -317,14 +356,21 @@ def load_dataset(
             `"fashion_mnist"`). Defaults to `"test"`.
         download: Whether TFDS may download and prepare the data (ignored for
             `"fashion_mnist"`). Defaults to `True`.
+        pipeline: `"tf.data"` (unbatched `tf.data.Dataset` splits), `"numpy"`
+            (`ArraySplit`s; TFDS datasets are read into memory) or `"auto"`
+            (`"tf.data"` when TensorFlow is installed, else `"numpy"`).
+            Defaults to `"auto"`.
 
     Returns:
-        An `ImageDataset` with unbatched `train` and `test` datasets of
-        `(float32 image in [0, 1], int32 label)`.
+        An `ImageDataset` whose `train` and `test` hold
+        `(float32 image in [0, 1], int32 label)` pairs.
 
     Raises:
         ValueError: If `name` is empty or names a TFDS dataset without fixed-shape
-            `image` and `label` features, or `limit` is not a positive integer.
+            `image` and `label` features, `limit` is not a positive integer,
+            or `pipeline` is not one of `PIPELINES`.
+        ImportError: If the dataset or `pipeline="tf.data"` needs TensorFlow
+            and it is not installed.
 
     Example:
 
@@ -338,130 +384,53 @@ def load_dataset(
             f"Received: name={name!r}"
         )
     _check_limit(limit)
-    if name == "fashion_mnist":
-        return _load_fashion_mnist_dataset(data_dir, limit)
-    return _load_tfds_dataset(name, data_dir, limit, train_split, test_split, download)
-
-
-def random_crop_and_flip(
-    image: tf.Tensor, seed: tf.Tensor, padding: int = PAD_PIXELS
-) -> tf.Tensor:
-    """Zero-pads, randomly crops back to size, and randomly flips one image.
-
-    The augmentation of He et al. (2016) used by the SFP paper on CIFAR. It
-    uses stateless random ops, so the same `seed` always gives the same result.
-
-    Args:
-        image: A `(height, width, channels)` image tensor.
-        seed: Shape `[2]` integer tensor, the stateless random seed.
-        padding: Zero pixels added on each side before cropping. Defaults to
-            `PAD_PIXELS` (4).
-
-    Returns:
-        A tensor with the shape and dtype of `image`: the image shifted by up
-        to `padding` pixels in each direction (vacated pixels are zero) and
-        mirrored left-right with probability 1/2.
-
-    Raises:
-        ValueError: If `padding` is negative.
-
-    Example:
-
-    >>> image = tf.ones((32, 32, 3))
-    >>> random_crop_and_flip(image, seed=tf.constant([1, 2])).shape
-    TensorShape([32, 32, 3])
-    """
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+    if pipeline not in PIPELINES:
         raise ValueError(
-            f"`padding` must be an integer >= 0. Received: padding={padding!r}"
+            f"`pipeline` must be one of {PIPELINES}. Received: pipeline={pipeline!r}"
         )
-    crop_seed, flip_seed = tf.unstack(
-        tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+    if pipeline == "auto":
+        pipeline = "tf.data" if _tensorflow.available() else "numpy"
+    if name == "fashion_mnist":
+        return _load_fashion_mnist_dataset(data_dir, limit, pipeline)
+    return _load_tfds_dataset(
+        name, data_dir, limit, train_split, test_split, download, pipeline
     )
-    size = tf.shape(image)
-    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-    image_out = tf.image.stateless_random_crop(padded, size, seed=crop_seed)
-    image_out = tf.image.stateless_random_flip_left_right(image_out, seed=flip_seed)
-    return tf.ensure_shape(image_out, image.shape)
 
 
-def make_pipeline(
-    ds: tf.data.Dataset,
-    batch_size: int,
-    training: bool,
-    augment: bool = True,
-    seed: int | None = None,
-    limit: int | None = None,
-    shuffle_buffer: int = 10_000,
-) -> tf.data.Dataset:
-    """Batches an `(image, label)` dataset for training or evaluation.
-
-    For training: shuffle (reshuffled every epoch), then, if `augment`, apply
-    `random_crop_and_flip` to every image. For evaluation the order and the
-    images are left as they are. Both then batch and prefetch.
+def as_arrays(split, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`(float32 images in [0, 1], int32 labels)` NumPy arrays of a split.
 
     Args:
-        ds: Unbatched dataset of `(image, label)` with images of rank 3, such as
-            `ImageDataset.train`.
-        batch_size: Examples per batch; the last batch may be smaller.
-        training: Whether to shuffle and (with `augment`) augment.
-        augment: Whether to apply the pad-crop-flip augmentation when
-            `training`. Defaults to `True`.
-        seed: Seed of the shuffle and the augmentation; with a fixed seed the
-            sequence of batches (epoch after epoch) is reproducible. `None`
-            means nondeterministic. Defaults to `None`.
-        limit: If set, use only the first `limit` examples (before shuffling),
-            for smoke runs. Defaults to `None`.
-        shuffle_buffer: Size of the shuffle buffer. Defaults to `10_000`.
+        split: An `ArraySplit` or an unbatched `tf.data.Dataset` of
+            `(image, label)`, as `load_dataset` gives.
+        limit: Keep the first `limit` examples; `None` keeps all. Defaults to
+            None.
 
     Returns:
-        A batched, prefetched `tf.data.Dataset` of `(images, labels)`.
-
-    Raises:
-        ValueError: If `batch_size`, `limit` or `shuffle_buffer` is not a
-            positive integer.
-        TypeError: If `ds` is not a `tf.data.Dataset` of `(image, label)`
-            pairs with rank-3 images.
+        The images and labels.
 
     Example:
 
-    >>> data = load_dataset("fashion_mnist", limit=64)
-    >>> batches = make_pipeline(data.train, batch_size=32, training=True, seed=0)
-    >>> images, labels = next(iter(batches))
-    >>> images.shape, labels.shape
-    (TensorShape([32, 28, 28, 1]), TensorShape([32]))
+    >>> images, labels = as_arrays(load_dataset(limit=10).test)
+    >>> images.shape, images.dtype, labels.dtype
+    ((10, 28, 28, 1), dtype('float32'), dtype('int32'))
     """
-    for arg, value in (("batch_size", batch_size), ("shuffle_buffer", shuffle_buffer)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"`{arg}` must be an integer >= 1. Received: {arg}={value!r}"
-            )
-    _check_limit(limit)
-    spec = ds.element_spec if isinstance(ds, tf.data.Dataset) else None
-    if not (
-        isinstance(spec, Sequence)
-        and len(spec) == 2
-        and isinstance(spec[0], tf.TensorSpec)
-        and spec[0].shape.rank == 3
-    ):
-        raise TypeError(
-            "`ds` must be an unbatched tf.data.Dataset of (image, label) with "
-            f"images of shape (height, width, channels). Received: ds={ds!r}"
-        )
+    if isinstance(split, ArraySplit):
+        images, labels = split.images[:limit], split.labels[:limit]
+        return to_float_images(images), labels.astype(np.int32)
+    if limit:
+        split = split.take(limit)
+    images, labels = [], []
+    for x, y in split.batch(1024).as_numpy_iterator():
+        images.append(x)
+        labels.append(y)
+    return np.concatenate(images), np.concatenate(labels).astype(np.int32)
 
-    if limit is not None:
-        ds = ds.take(limit)
-    if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if augment:
-            seeds = tf.data.Dataset.random(
-                seed=seed, rerandomize_each_iteration=True
-            ).batch(2)
-            ds = tf.data.Dataset.zip((ds, seeds)).map(
-                lambda example, pair_seed: (
-                    random_crop_and_flip(example[0], pair_seed),
-                    example[1],
-                ),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+def to_float_images(images: np.ndarray) -> np.ndarray:
+    """`float32` images in `[0, 1]` (integer images scaled by their maximum)."""
+    if np.issubdtype(images.dtype, np.integer):
+        # As tf.image.convert_image_dtype: a product with the reciprocal.
+        scale = np.float32(1.0 / np.iinfo(images.dtype).max)
+        return images.astype(np.float32) * scale
+    return images.astype(np.float32, copy=False)

@@ -19,18 +19,21 @@ Command line, for existing `.keras` files (models still holding
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_sfp import export as export_lib
+from keras_sfp import latency as latency_lib
+from keras_sfp._tensorflow import import_tensorflow
+
+tf = import_tensorflow("keras_sfp.deploy")
 
 FORMATS = ("saved_model", "tflite", "tflite_float16", "tflite_dynamic", "tflite_int8")
 """Artifact formats `export_and_measure` writes."""
@@ -70,28 +73,6 @@ def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
             f"Received: formats={formats!r} (unknown: {unknown})"
         )
     return names
-
-
-def dataset_to_arrays(
-    dataset: tf.data.Dataset, limit: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """`(images, labels)` NumPy arrays of an unbatched `(image, label)` dataset.
-
-    Args:
-        dataset: Unbatched `(image, label)` pairs, as `keras_sfp.data` gives.
-        limit: Keep the first `limit` pairs; `None` keeps all. Defaults to
-            None.
-
-    Returns:
-        The stacked images and labels.
-    """
-    if limit:
-        dataset = dataset.take(limit)
-    images, labels = [], []
-    for x, y in dataset.batch(1024).as_numpy_iterator():
-        images.append(x)
-        labels.append(y)
-    return np.concatenate(images), np.concatenate(labels)
 
 
 def _tflite_interpreter(path: str, num_threads: int):
@@ -171,11 +152,6 @@ def saved_model_runner(path: str) -> Callable:
     return run
 
 
-def _keras_runner(model: keras.Model) -> Callable:
-    function = tf.function(lambda images: model(images, training=False))
-    return lambda images: function(tf.constant(images)).numpy()
-
-
 def _save_without_optimizer(model: keras.Model, path: str) -> None:
     # A compiled model saves its optimizer state too, which is no part of
     # what is deployed; a copy from the config is not compiled.
@@ -202,23 +178,6 @@ def _accuracy(run: Callable, x: np.ndarray, y: np.ndarray) -> float:
         logits = run(x[start : start + _EVAL_BATCH])
         correct += int(np.sum(np.argmax(logits, -1) == y[start : start + _EVAL_BATCH]))
     return correct / len(x)
-
-
-def _latencies(
-    runners: Mapping[Any, Callable], batch: np.ndarray, runs: int, warmup: int = 3
-) -> dict[Any, float]:
-    # Alternating the runners spreads slow phases of a shared machine evenly,
-    # as `train.measure_latency` does for Keras models.
-    for run in runners.values():
-        for _ in range(warmup):
-            run(batch)
-    times = {key: [] for key in runners}
-    for _ in range(runs):
-        for key, run in runners.items():
-            start = time.perf_counter()
-            run(batch)
-            times[key].append(time.perf_counter() - start)
-    return {key: 1000.0 * float(np.median(t)) for key, t in times.items()}
 
 
 def format_metrics_table(metrics: Mapping[str, Any]) -> str:
@@ -372,7 +331,7 @@ def export_and_measure(
         os.makedirs(directory, exist_ok=True)
         paths = {"keras": os.path.join(directory, "model.keras")}
         _save_without_optimizer(model, paths["keras"])
-        runners[name, "keras"] = _keras_runner(model)
+        runners[name, "keras"] = latency_lib.compiled_predict(model)
         for fmt in formats:
             if fmt == "saved_model":
                 paths[fmt] = export_lib.export_saved_model(
@@ -406,7 +365,12 @@ def export_and_measure(
     if latency_runs:
         for b in batch_sizes:
             batch = np.resize(x_test, (b, *x_test.shape[1:])).astype(np.float32)
-            for (name, fmt), ms in _latencies(runners, batch, latency_runs).items():
+            timed = latency_lib.time_alternately(
+                {key: functools.partial(run, batch) for key, run in runners.items()},
+                latency_runs,
+                warmup=3,
+            )
+            for (name, fmt), ms in timed.items():
                 artifact = metrics["models"][name]["artifacts"][fmt]
                 artifact["latency_ms"] = (artifact["latency_ms"] or {}) | {str(b): ms}
     metrics["table"] = format_metrics_table(metrics)
@@ -492,12 +456,12 @@ def export_model_files(
                 f"but {dataset!r} has images of shape {data.input_shape}. "
                 f"Received: model_paths[{name!r}]={os.fspath(model_paths[name])!r}"
             )
-    representative, _ = dataset_to_arrays(data.train, calibration_examples)
+    representative, _ = data_lib.as_arrays(data.train, calibration_examples)
     metrics = export_and_measure(
         models,
         output_dir,
         formats,
-        dataset_to_arrays(data.test, test_limit or None),
+        data_lib.as_arrays(data.test, test_limit or None),
         representative_data=representative,
         latency_runs=latency_runs,
     )

@@ -31,7 +31,10 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from keras_sfp._tensorflow import import_tensorflow, require_tensorflow_backend
+
+tf = import_tensorflow("SavedModel and TFLite export (keras_sfp.export)")
 
 SERVING_SIGNATURE = "serving_default"
 """The signature TF Serving uses when a request names none."""
@@ -60,6 +63,7 @@ def _serving_spec(
     model: Any, input_name: str, input_shape: Sequence[int | None] | None = None
 ) -> tf.TensorSpec:
     """The signature's input spec: the model's input, batch dimension free."""
+    require_tensorflow_backend("SavedModel and TFLite export")
     if not isinstance(model, keras.Model):
         raise TypeError(
             f"`model` must be a keras.Model. Received: model={model!r} of type "

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 from keras_sfp import _keras_graph
-from keras_sfp.wrapper import FilterPruning
+from keras_sfp.wrapper import unwrap
 
 L = keras.layers
 
@@ -22,8 +22,7 @@ def _conv_macs(layer, node) -> int:
 
 
 def _macs(layer, node) -> int:
-    if isinstance(layer, FilterPruning):
-        layer = layer.layer
+    layer = unwrap(layer)
     if isinstance(layer, L.SeparableConv2D):
         kh, kw = layer.kernel_size
         cin = node.inputs[0].shape[-1]

@@ -36,7 +36,7 @@ import numpy as np
 
 from keras_sfp import _keras_graph, rules
 from keras_sfp.rules import activation_preserves_zero, producer_layer
-from keras_sfp.wrapper import num_outputs
+from keras_sfp.wrapper import num_outputs, unwrap
 
 
 @dataclasses.dataclass
@@ -338,7 +338,9 @@ class ChannelGraph:
     def _channelwise_zero(self, node, zero_in, zeroed_offsets):
         rule = self.rules[id(node)]
         if rule.zero is not None:
-            return np.asarray(rule.zero(node.layer, zero_in, zeroed_offsets), bool)
+            return np.asarray(
+                rule.zero(unwrap(node.layer), zero_in, zeroed_offsets), bool
+            )
         probe = self._probe(node)
         if len(probe) != len(zero_in):  # a flattened tensor: positions x channels
             probe = probe.reshape(-1, len(zero_in)).all(axis=0)
@@ -354,7 +356,7 @@ class ChannelGraph:
             values.append(np.broadcast_to(value, (channels,)))
         rule = self.rules[id(node)]
         if rule.zero is not None:
-            return np.asarray(rule.zero(node.layer, values), bool)
+            return np.asarray(rule.zero(unwrap(node.layer), values), bool)
         # A registered merge: zero where all inputs are, if it maps 0 to 0.
         return np.logical_and.reduce(values) & self._probe(node)
 

@@ -9,9 +9,11 @@ from keras_sfp import _keras_graph
 from keras_sfp.graph import ChannelGraph
 from keras_sfp.wrapper import (
     PRUNABLE_TYPES,
+    ChannelMask,
     FilterPruning,
     check_prune_args,
     output_kernel,
+    unwrap,
 )
 
 WRAPPER_PREFIX = "sfp_"
@@ -34,9 +36,9 @@ def _check_skip(model, skip) -> tuple:
     return tuple(skip)
 
 
-def prunable_layers(model, skip=None) -> list:
+def prunable_layers(model, skip=None, graph: ChannelGraph | None = None) -> list:
     """The layers whose filters (or units) `prune_filters` would prune."""
-    graph = ChannelGraph(model, skip=skip)
+    graph = graph or ChannelGraph(model, skip=skip)
     return [
         producer
         for group in graph.groups()
@@ -44,6 +46,26 @@ def prunable_layers(model, skip=None) -> list:
         for producer in group.producers
         if type(producer) in PRUNABLE_TYPES
     ]
+
+
+def _maskable_offset_layers(graph: ChannelGraph) -> list:
+    """Layers with offsets (BatchNormalization, ...) fed by prunable channels.
+
+    `prune_filters` wraps them in `ChannelMask`, so that hard epochs can hold
+    the channels of pruned filters at zero after them.
+    """
+    roots = {
+        graph.find(channel_set.id)
+        for group in graph.groups()
+        if group.prunable
+        for channel_set in group.sets
+    }
+    layers = []
+    for node in graph.offset_nodes():
+        info = graph.tensors.get(id(node.inputs[0]))
+        if info and any(graph.find(set_id) in roots for set_id, _ in info.segments):
+            layers.append(node.layer)
+    return layers
 
 
 def prune_filters(
@@ -115,7 +137,8 @@ def prune_filters(
     _keras_graph.check_graph_model(model)
     skip = _check_skip(model, skip)
     model = _keras_graph.inline(model)
-    targets = {id(layer) for layer in prunable_layers(model, skip)}
+    graph = ChannelGraph(model, skip=skip)
+    targets = {id(layer) for layer in prunable_layers(model, graph=graph)}
     if not targets:
         raise ValueError(
             "`model` has no prunable layer: every convolution's channels "
@@ -124,6 +147,8 @@ def prune_filters(
             f"Received: model {model.name!r} with layers "
             f"{[type(layer).__name__ for layer in model.layers]}"
         )
+
+    masked = {id(layer) for layer in _maskable_offset_layers(graph)}
 
     def clone(layer):
         config = layer.get_config()
@@ -138,10 +163,16 @@ def prune_filters(
                 round_to=round_to,
                 name=WRAPPER_PREFIX + layer.name,
             )
+        elif id(layer) in masked:
+            new = ChannelMask(new, name=WRAPPER_PREFIX + layer.name)
+        restores.append(_keras_graph.skip_initialization(new))
         return new
 
+    restores = []
     pruned = keras.models.clone_model(model, clone_function=clone)
     _copy_weights(model, pruned)
+    for restore in restores:
+        restore()
     return pruned
 
 
@@ -155,8 +186,7 @@ def _copy_weights(source, target, transform=None) -> None:
     for src, layer in pairs:
         if isinstance(layer, keras.layers.InputLayer):
             continue
-        inner = layer.layer if isinstance(layer, FilterPruning) else layer
-        plain = src.layer if isinstance(src, FilterPruning) else src
+        inner, plain = unwrap(layer), unwrap(src)
         if inner.name != plain.name:  # a Keras change in clone_model's order
             raise RuntimeError(
                 f"clone_model reordered layers: {plain.name!r} vs {inner.name!r}"
@@ -166,14 +196,12 @@ def _copy_weights(source, target, transform=None) -> None:
 
 
 def _plain_weights(layer) -> list:
-    if isinstance(layer, FilterPruning):
-        return layer.layer.get_weights()
-    return layer.get_weights()
+    return unwrap(layer).get_weights()
 
 
 def masked_weights(wrapper: FilterPruning) -> list:
     """The wrapped layer's weights with pruned filters set to zero."""
-    mask = keras.ops.convert_to_numpy(wrapper.mask)
+    mask = wrapper.mask
     layer = wrapper.layer
     masked = {id(output_kernel(layer))}
     if layer.use_bias:
@@ -191,6 +219,76 @@ def wrappers(model) -> list[FilterPruning]:
     return [layer for layer in model.layers if isinstance(layer, FilterPruning)]
 
 
+def _stateful_wrappers(model) -> list:
+    """The `FilterPruning` and `ChannelMask` layers of `model`."""
+    return [
+        layer
+        for layer in model.layers
+        if isinstance(layer, (FilterPruning, ChannelMask))
+    ]
+
+
+def _producer_zero(layer) -> np.ndarray:
+    """Output channels of a producer that are zero: masked or all-zero."""
+    if isinstance(layer, FilterPruning):
+        return layer.mask == 0
+    return filters_are_zero(layer)
+
+
+def set_hard(model, hard: bool, graph: ChannelGraph | None = None) -> None:
+    """Switches a model prepared by `prune_filters` to the hard or soft state.
+
+    Hard: each `FilterPruning` multiplies its kernel and bias by its mask, and
+    each `ChannelMask` zeroes the channels that the masks make zero in the
+    deployed model (those of BatchNormalization layers fed only by pruned
+    filters), so the network computes what `strip_pruning` computes. Soft:
+    every wrapper calls its layer and nothing else. Both are enforced inside
+    the forward pass; nothing is assigned between training steps.
+
+    The state is a Python value read when a function is traced, so the
+    model's compiled train, test and predict functions are rebuilt (inside
+    `fit` too: the next step traces the new forward pass once).
+
+    Args:
+        model: A model prepared by `prune_filters`.
+        hard: The state.
+        graph: `ChannelGraph(model)`, if already built. Defaults to None.
+    """
+    if hard:
+        graph = graph or ChannelGraph(model)
+        zeros = graph.tensor_zeros(_producer_zero, zeroed_offsets=True)
+        for node in graph.nodes:
+            if isinstance(node.layer, ChannelMask):
+                zero = zeros.get(id(node.outputs[0]))
+                keep = np.ones(node.layer.keep.shape, "float32")
+                if zero is not None:
+                    keep[zero] = 0.0
+                node.layer.keep = keep
+    for layer in _stateful_wrappers(model):
+        layer.set_hard(hard)
+    # Compiled functions keep the forward pass they were traced with.
+    if getattr(model, "train_function", None) is not None:
+        model.make_train_function(force=True)
+    model.test_function = None
+    model.predict_function = None
+    model._keras_sfp_hard = bool(hard)
+
+
+def has_state(model, hard: bool) -> bool:
+    """True if `model`'s wrappers, and its compiled functions, are all `hard`.
+
+    The functions are known to match only after `set_hard` rebuilt them; a
+    model loaded or restored from a file has none traced yet.
+    """
+    same = all(layer.hard == hard for layer in _stateful_wrappers(model))
+    traced = getattr(model, "_keras_sfp_hard", None)
+    untraced = all(
+        getattr(model, f"{kind}_function", None) is None
+        for kind in ("train", "test", "predict")
+    )
+    return same and (traced == hard or untraced)
+
+
 def dead_offset_channels(model, graph: ChannelGraph | None = None) -> dict:
     """Channels of offset layers (BatchNormalization, depthwise bias) fed zeros.
 
@@ -198,21 +296,17 @@ def dead_offset_channels(model, graph: ChannelGraph | None = None) -> dict:
         `{layer name: (offsets, bool array)}` for every channelwise layer of
         `model` with offsets that receives at least one channel that the
         masks (or all-zero filters) make zero; `offsets(layer)` lists the
-        layer's offset variables.
+        layer's offset variables. Names are those of the unwrapped layers.
     """
     graph = graph or ChannelGraph(model)
 
-    def producer_zero(layer):
-        if isinstance(layer, FilterPruning):
-            return keras.ops.convert_to_numpy(layer.mask) == 0
-        return filters_are_zero(layer)
-
-    zeros = graph.tensor_zeros(producer_zero, zeroed_offsets=True)
+    zeros = graph.tensor_zeros(_producer_zero, zeroed_offsets=True)
     result = {}
     for node in graph.offset_nodes():
         entering = zeros.get(id(node.inputs[0]))
         if entering is not None and entering.any():
-            result[node.layer.name] = (graph.rules[id(node)].offsets, entering)
+            name = unwrap(node.layer).name
+            result[name] = (graph.rules[id(node)].offsets, entering)
     return result
 
 
@@ -235,9 +329,8 @@ def zero_offsets(variables, channels: np.ndarray) -> None:
     for a depthwise convolution, its bias.
     """
     keep = (~channels).astype("float32")
-    # Called after every batch of the hard epochs: stay on the device.
     for variable in variables:
-        variable.assign(keras.ops.multiply(variable, keep))
+        variable.assign(keras.ops.convert_to_numpy(variable) * keep)
 
 
 def strip_pruning(model: keras.Model) -> keras.Model:
@@ -275,18 +368,23 @@ def strip_pruning(model: keras.Model) -> keras.Model:
     dead = dead_offset_channels(model)
 
     def clone(layer):
-        if isinstance(layer, FilterPruning):
-            layer = layer.layer
-        return _keras_graph.layer_from_config(layer)
+        new = _keras_graph.layer_from_config(unwrap(layer))
+        restores.append(_keras_graph.skip_initialization(new))
+        return new
 
+    restores = []
     stripped = keras.models.clone_model(model, clone_function=clone)
     _copy_weights(
         model,
         stripped,
         transform=lambda src: (
-            masked_weights(src) if isinstance(src, FilterPruning) else src.get_weights()
+            masked_weights(src)
+            if isinstance(src, FilterPruning)
+            else _plain_weights(src)
         ),
     )
+    for restore in restores:
+        restore()
     for name, (offsets, channels) in dead.items():
         zero_offsets(offsets(stripped.get_layer(name)), channels)
     return stripped

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from keras_sfp import _keras_graph
-from keras_sfp.wrapper import FilterPruning
+from keras_sfp.wrapper import unwrap
 
 L = keras.layers
 KINDS = ("producer", "channelwise", "merge", "boundary")
@@ -386,14 +386,14 @@ def _last_axis(axis, rank: int) -> bool:
 
 def producer_layer(layer):
     """The layer whose filters a producer node prunes (unwraps FilterPruning)."""
-    return layer.layer if isinstance(layer, FilterPruning) else layer
+    return unwrap(layer)
 
 
 def rule_for(node) -> LayerRule:
     """The rule for one graph node (kind, zero propagation, slicing)."""
     if node.is_alias:
         return _IDENTITY
-    op, name = node.operation, node.name
+    op, name = unwrap(node.operation), node.name
     cls = type(op).__name__
     if not _keras_graph.is_layer(op):
         return _op_rule(node)

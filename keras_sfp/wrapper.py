@@ -1,10 +1,11 @@
-"""The layer wrapper that carries a convolution's filter mask."""
+"""The layer wrappers: a convolution's filter mask, the channel masks of hard epochs."""
 
 from __future__ import annotations
 
 import numbers
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_sfp import criteria as criteria_lib
@@ -47,21 +48,83 @@ def check_prune_args(
     schedules_lib.get(schedule, rate)
 
 
+def _channel_values(name: str, value, channels: int) -> np.ndarray:
+    """`value` as a float32 vector of `channels` zeros and ones, or raise."""
+    array = np.asarray(value, dtype=np.float32)
+    if array.shape != (channels,) or not np.all((array == 0) | (array == 1)):
+        raise ValueError(
+            f"`{name}` must be {channels} values, each 0 or 1. Received: "
+            f"{name} of shape {array.shape}: {array.tolist()!r}"
+        )
+    array.flags.writeable = False
+    return array
+
+
+class _HostState:
+    """Saved state of the wrappers, held on the host as NumPy values.
+
+    Not Keras variables, on purpose: every variable is an input and an output
+    of each compiled training step (on JAX, one more array to pass and donate
+    per step), and the soft forward pass never reads this state. The hard
+    forward pass reads it as constants when it is traced, which is why the
+    hard state is switched with `keras_sfp.prune.set_hard`, which rebuilds
+    the compiled functions. `.keras` files, `save_weights` and
+    `BackupAndRestore` save and restore it with the layer's own variables.
+    """
+
+    _SAVED: tuple = ()  # attribute names, stored under their names
+
+    @property
+    def hard(self) -> bool:
+        """Whether the forward pass enforces the state (read-only: `set_hard`)."""
+        return self._hard
+
+    def set_hard(self, hard: bool) -> None:
+        """Switches between the soft and the hard forward pass.
+
+        The state is a Python value, so a compiled function (`fit`'s train
+        step) keeps the forward pass it was traced with:
+        `keras_sfp.prune.set_hard` switches a whole model and rebuilds its
+        compiled functions, and `SoftFilterPrune` calls it.
+        """
+        self._hard = bool(hard)
+
+    def save_own_variables(self, store):
+        for name in self._SAVED:
+            store[name] = np.asarray(getattr(self, name), dtype=np.float32)
+
+    def load_own_variables(self, store):
+        for name in self._SAVED:
+            value = np.asarray(store[name], dtype=np.float32)
+            if name == "hard":
+                self._hard = bool(value == 1)
+            elif value.ndim == 0:
+                setattr(self, name, float(value))
+            else:
+                setattr(self, name, value)
+
+
 @keras.saving.register_keras_serializable(package="keras_sfp")
-class FilterPruning(keras.layers.Wrapper):
+class FilterPruning(_HostState, keras.layers.Wrapper):
     """Wraps a `Conv2D`, `SeparableConv2D` or `Dense` with a per-filter mask.
 
-    In the default *soft* state the wrapper computes exactly what the wrapped
-    convolution computes: Soft Filter Pruning (He et al., IJCAI 2018) zeroes
-    the pruned filters' weights at prune events but lets them train in between,
-    so they can recover. `SoftFilterPrune` writes the mask and zeroes weights;
-    the wrapper only carries the state (mask, hard flag, prune-event counter) so
-    that it is saved with the model and restored by `BackupAndRestore`.
+    In the default *soft* state the wrapper calls the wrapped layer and does
+    nothing else (no extra work in the forward pass): Soft Filter Pruning (He
+    et al., IJCAI 2018) zeroes the pruned filters' weights at prune events but
+    lets them train in between, so they can recover. `SoftFilterPrune` writes
+    the mask and zeroes weights; the wrapper carries the state (mask, hard
+    flag, prune-event counter) so that it is saved with the model and
+    restored by `BackupAndRestore`.
 
-    In the *hard* state (`hard == 1`, used for the last epochs if the callback
-    is asked to) the mask multiplies the kernel and bias in the forward pass, so
-    pruned filters output zero and receive no gradient: the network adapts to
-    the structure it will be deployed with.
+    In the *hard* state (used for the last epochs if the callback is asked
+    to) the mask multiplies the kernel and bias in the forward pass, so pruned
+    filters output zero and receive no gradient, and the `ChannelMask`
+    wrappers that `prune_filters` puts around BatchNormalization (and other
+    layers with offsets) zero the channels those filters feed: the network
+    trains with the structure it will be deployed with. The state is a
+    Python value fixed when a function is traced; switch it with
+    `keras_sfp.prune.set_hard(model, ...)`, which also rebuilds the model's
+    compiled functions.
 
     Args:
         layer: A built or unbuilt `keras.layers.Conv2D` (not grouped),
@@ -85,8 +148,8 @@ class FilterPruning(keras.layers.Wrapper):
     >>> w = FilterPruning(keras.layers.Conv2D(4, 3), rate=0.5)
     >>> tuple(w(np.zeros((1, 5, 5, 2))).shape)
     (1, 3, 3, 4)
-    >>> w.mask.numpy().tolist()
-    [1.0, 1.0, 1.0, 1.0]
+    >>> w.mask.tolist(), w.hard
+    ([1.0, 1.0, 1.0, 1.0], False)
     """
 
     def __init__(
@@ -112,35 +175,29 @@ class FilterPruning(keras.layers.Wrapper):
         self.schedule = schedule
         self.coupling = coupling
         self.round_to = int(round_to)
+        self._hard = False
+        self._mask = _channel_values(
+            "mask", np.ones(num_outputs(layer)), num_outputs(layer)
+        )
+        # Epoch of the last prune event: -2 before any event, -1 after the
+        # event before training; lets resumed runs skip the initial event.
+        self.last_event = -2.0
+
+    _SAVED = ("mask", "hard", "last_event")
 
     def build(self, input_shape=None):
         if not self.layer.built:
             self.layer.build(input_shape)
-        filters = num_outputs(self.layer)
-        self.mask = self.add_weight(
-            name="mask",
-            shape=(filters,),
-            initializer="ones",
-            trainable=False,
-            aggregation="only_first_replica",
-        )
-        self.hard = self.add_weight(
-            name="hard",
-            shape=(),
-            initializer="zeros",
-            trainable=False,
-            aggregation="only_first_replica",
-        )
-        # Epoch of the last prune event: -2 before any event, -1 after the
-        # event before training; lets resumed runs skip the initial event.
-        self.last_event = self.add_weight(
-            name="last_event",
-            shape=(),
-            initializer=keras.initializers.Constant(-2.0),
-            trainable=False,
-            aggregation="only_first_replica",
-        )
         self.built = True
+
+    @property
+    def mask(self) -> np.ndarray:
+        """1 for kept filters, 0 for pruned ones (a read-only float32 array)."""
+        return self._mask
+
+    @mask.setter
+    def mask(self, value) -> None:
+        self._mask = _channel_values("mask", value, len(self._mask))
 
     @property
     def kernel(self):
@@ -151,14 +208,13 @@ class FilterPruning(keras.layers.Wrapper):
     def bias(self):
         return self.layer.bias if self.layer.use_bias else None
 
-    def effective_mask(self):
-        """`mask` in the hard state, all ones in the soft state."""
-        return 1.0 - self.hard * (1.0 - self.mask)
-
     def call(self, inputs):
         layer = self.layer
+        if not self._hard:
+            # Soft: exactly the wrapped layer, at exactly its cost.
+            return layer(inputs)
         dtype = layer.compute_dtype
-        m = ops.cast(self.effective_mask(), dtype)
+        m = ops.convert_to_tensor(self._mask, dtype)  # a constant of the trace
         kernel = ops.cast(output_kernel(layer), dtype) * m
         if isinstance(layer, keras.layers.Dense):
             outputs = ops.matmul(inputs, kernel)
@@ -218,3 +274,83 @@ class FilterPruning(keras.layers.Wrapper):
                     value, custom_objects=custom_objects
                 )
         return cls(layer, **config)
+
+
+@keras.saving.register_keras_serializable(package="keras_sfp")
+class ChannelMask(_HostState, keras.layers.Wrapper):
+    """Zeroes, in the hard state, the channels that only pruned filters feed.
+
+    A pruned filter outputs zero, but a BatchNormalization after it turns that
+    zero into `beta - gamma * mean / sqrt(var + eps)` (in training mode,
+    `beta`), and a depthwise convolution adds its bias. The deployed model
+    (`strip_pruning`, `shrink`) has no such channel. `prune_filters` wraps
+    every such layer whose channels can be pruned, so that during
+    `SoftFilterPrune`'s hard epochs the network computes exactly what it will
+    be deployed as. In the soft state it calls the wrapped layer and does
+    nothing else.
+
+    Args:
+        layer: A channelwise layer with offsets (`BatchNormalization`,
+            `DepthwiseConv2D`, a depthwise-form grouped `Conv2D`).
+        **kwargs: Passed to `keras.layers.Wrapper`.
+
+    Example:
+    >>> w = ChannelMask(keras.layers.BatchNormalization(center=True))
+    >>> _ = w(np.zeros((1, 3)))
+    >>> w.keep.tolist(), w.hard
+    ([1.0, 1.0, 1.0], False)
+    """
+
+    def __init__(self, layer: keras.layers.Layer, **kwargs):
+        if not isinstance(layer, keras.layers.Layer):
+            raise ValueError(
+                "`layer` must be a keras.layers.Layer. "
+                f"Received: layer={layer!r} of type {type(layer).__name__}"
+            )
+        super().__init__(layer, **kwargs)
+        self._hard = False
+        self._keep = None
+
+    _SAVED = ("keep", "hard")
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        channels = self.layer.compute_output_shape(input_shape)[-1]
+        self._keep = _channel_values("keep", np.ones(channels), channels)
+        self.built = True
+
+    @property
+    def keep(self) -> np.ndarray | None:
+        """1 for channels kept in the hard state, 0 for zeroed ones."""
+        return self._keep
+
+    @keep.setter
+    def keep(self, value) -> None:
+        self._keep = _channel_values("keep", value, len(self._keep))
+
+    def call(self, inputs, training=None, **kwargs):
+        # (No `mask` argument of its own, so Keras records none in the graph
+        # and `strip_pruning` can call the bare layer with the same arguments.)
+        outputs = self.layer(inputs, training=training, **kwargs)
+        if not self._hard:
+            return outputs
+        return outputs * ops.convert_to_tensor(self._keep, outputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)  # (keras.layers.Wrapper pops from it)
+        layer = keras.saving.deserialize_keras_object(
+            config.pop("layer"), custom_objects=custom_objects
+        )
+        return cls(layer, **config)
+
+
+def unwrap(layer):
+    """The layer inside a `FilterPruning` or `ChannelMask`, else `layer`."""
+    if isinstance(layer, (FilterPruning, ChannelMask)):
+        return layer.layer
+    return layer

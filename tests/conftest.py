@@ -1,27 +1,59 @@
-"""Shared fixtures: two logical CPU devices and tiny models."""
+"""Shared fixtures: two CPU devices, tiny models, backend helpers.
+
+The suite runs on the Keras backend of `KERAS_BACKEND` (the Makefile runs the
+backend-neutral modules on JAX too).
+"""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Two host devices for the data-parallel tests on JAX (read when JAX starts
+# its CPU backend, after this import).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    ).strip()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-# MirroredStrategy tests need two devices; logical devices must be configured
-# before TensorFlow initialises its runtime, so this runs at import time.
-_cpus = tf.config.list_physical_devices("CPU")
-try:
-    tf.config.set_logical_device_configuration(
-        _cpus[0],
-        [
-            tf.config.LogicalDeviceConfiguration(),
-            tf.config.LogicalDeviceConfiguration(),
-        ],
+BACKEND = keras.backend.backend()
+
+if BACKEND == "jax":
+    import tempfile
+
+    import jax
+
+    # Tests build many small models: share XLA compilations between the
+    # test processes (pytest-xdist workers) and runs.
+    jax.config.update(
+        "jax_compilation_cache_dir",
+        os.path.join(tempfile.gettempdir(), "keras_sfp_jax_cache"),
     )
-except RuntimeError:  # already initialised by an earlier import
-    pass
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # Exact float32 on GPUs too (JAX's default there is TF32 for matmuls and
+    # convolutions, 10-bit mantissas): the tests compare outputs closely.
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    # MirroredStrategy tests need two devices; logical devices must be
+    # configured before TensorFlow initialises its runtime, so this runs at
+    # import time. (JAX gets two from XLA_FLAGS, above.)
+    _cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            _cpus[0],
+            [
+                tf.config.LogicalDeviceConfiguration(),
+                tf.config.LogicalDeviceConfiguration(),
+            ],
+        )
+    except RuntimeError:  # already initialised by an earlier import
+        pass
 
 import keras_sfp  # noqa: E402
 from bench import applications  # noqa: E402  (after the devices are set)
@@ -109,6 +141,14 @@ def random_data(model, n=32, classes=5, seed=0):
     return rng.random(shape, dtype=np.float32), rng.integers(0, classes, n)
 
 
+def deterministic() -> None:
+    """Makes training bit-reproducible on this backend (TensorFlow's ops)."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
 def compile_sgd(model, lr=0.05):
     model.compile(
         keras.optimizers.SGD(lr, momentum=0.9),
@@ -120,3 +160,7 @@ def compile_sgd(model, lr=0.05):
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(0)
+
+
+# Run by tests in a process of its own, never imported here.
+collect_ignore = ["_backend_worker.py"]

@@ -1,12 +1,20 @@
+import contextlib
+import functools
 import math
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_sfp
-from conftest import compile_sgd, random_data, randomize_batch_norm, tiny_resnet
+from conftest import (
+    BACKEND,
+    compile_sgd,
+    deterministic,
+    random_data,
+    randomize_batch_norm,
+    tiny_resnet,
+)
 from keras_sfp import criteria
 from keras_sfp.callback import num_pruned
 from keras_sfp.graph import ChannelGraph
@@ -16,7 +24,7 @@ L = keras.layers
 
 
 def _masks(model):
-    return {w.layer.name: w.mask.numpy().copy() for w in wrappers(model)}
+    return {w.layer.name: w.mask.copy() for w in wrappers(model)}
 
 
 def _expected_event(model, rate, criterion, kernels):
@@ -133,7 +141,7 @@ def test_pruned_filters_train_again_after_the_event():
         callbacks=[keras_sfp.SoftFilterPrune()],
     )
     wrapper = model.get_layer("sfp_s0b0_c1")
-    pruned = wrapper.mask.numpy() == 0
+    pruned = wrapper.mask == 0
     assert pruned.sum() == 4
     assert np.all(wrapper.layer.kernel.numpy()[..., pruned] == 0)
     model.train_on_batch(x[:16], y[:16])
@@ -163,14 +171,14 @@ def test_revived_counts_filters_that_came_back():
     callback.set_model(model)
     callback.prune(0)
     wrapper = model.get_layer("sfp_s0b0_c1")
-    mask = wrapper.mask.numpy()
+    mask = wrapper.mask
     kernel = wrapper.layer.kernel.numpy()
     # Make the pruned filters the largest: all four come back next event.
     kernel[..., mask == 0] = 10.0
     wrapper.layer.kernel.assign(kernel)
     entries = callback.prune(1)
     assert entries["sfp_revived"] == 4  # s0b0_c1 is alone in its group
-    np.testing.assert_array_equal(wrapper.mask.numpy(), 1 - mask)
+    np.testing.assert_array_equal(wrapper.mask, 1 - mask)
 
 
 def _fit_asymptotic(epochs, hard_epochs=0):
@@ -208,7 +216,7 @@ def test_hard_epochs_train_with_the_deployed_structure():
     np.testing.assert_allclose(
         small.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4
     )
-    assert all(w.hard.numpy() == 1 for w in wrappers(model))
+    assert all(w.hard for w in wrappers(model))
 
 
 def test_model_not_prepared_by_prune_filters_is_rejected():
@@ -236,37 +244,55 @@ def _no_bn_cnn():
     return keras.Model(inputs, L.Dense(5)(x))
 
 
-@pytest.fixture(scope="module")
-def mirrored_strategy():
+@functools.cache
+def _mirrored_strategy():
     # One strategy per process: several MirroredStrategy objects in a process
     # can reuse collective instance keys and abort each other's all-reduces.
+    import tensorflow as tf
+
     devices = tf.config.list_logical_devices("CPU")
     assert len(devices) >= 2, "conftest configures two logical CPUs"
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
 
 
+def _two_device_scope():
+    """Data parallelism over two CPU devices, the backend's own way."""
+    if BACKEND == "tensorflow":
+        strategy = _mirrored_strategy()
+        assert strategy.num_replicas_in_sync == 2
+        return strategy.scope()
+    if BACKEND == "jax":
+        devices = keras.distribution.list_devices("cpu")
+        assert len(devices) >= 2, (
+            "run with XLA_FLAGS=--xla_force_host_platform_device_count=2"
+        )
+        return keras.distribution.DataParallel(devices=devices[:2]).scope()
+    pytest.skip(f"no Keras data parallelism on the {BACKEND} backend")
+
+
 @pytest.mark.parametrize("build,lr", [(tiny_resnet, 0.0), (_no_bn_cnn, 0.05)])
-def test_mirrored_strategy_matches_single_device(build, lr, mirrored_strategy):
-    assert mirrored_strategy.num_replicas_in_sync == 2
+def test_data_parallel_training_matches_single_device(build, lr):
+    """MirroredStrategy on TensorFlow, keras.distribution.DataParallel on JAX."""
+    parallel = _two_device_scope()
     base = randomize_batch_norm(build())
     x, y = random_data(base, n=32)
 
-    def train(strategy):
-        with strategy.scope():
+    def train(scope):
+        with scope:
             model = compile_sgd(keras_sfp.prune_filters(base, rate=0.5), lr=lr)
-        model.fit(
-            x,
-            y,
-            epochs=2,
-            batch_size=16,
-            shuffle=False,
-            verbose=0,
-            callbacks=[keras_sfp.SoftFilterPrune()],
-        )
+            model.fit(
+                x,
+                y,
+                epochs=2,
+                batch_size=16,
+                shuffle=False,
+                verbose=0,
+                callbacks=[keras_sfp.SoftFilterPrune()],
+            )
         return model
 
-    single = train(tf.distribute.get_strategy())
-    mirrored = train(mirrored_strategy)
+    single = train(contextlib.nullcontext())
+    mirrored = train(parallel)
     for name, mask in _masks(single).items():
         np.testing.assert_array_equal(_masks(mirrored)[name], mask, err_msg=name)
     for a, b in zip(wrappers(single), wrappers(mirrored)):
@@ -289,7 +315,7 @@ class _Interrupt(keras.callbacks.Callback):
 
 
 def test_resume_with_backup_and_restore_equals_uninterrupted_run(tmp_path):
-    tf.config.experimental.enable_op_determinism()
+    deterministic()
     base = randomize_batch_norm(tiny_resnet())
     x, y = random_data(base, n=32)
 
@@ -329,7 +355,7 @@ def test_round_to_from_prune_filters_makes_kept_counts_multiples():
 
 
 def test_resume_from_a_keras_file_with_initial_epoch_equals_uninterrupted(tmp_path):
-    tf.config.experimental.enable_op_determinism()
+    deterministic()
     base = randomize_batch_norm(tiny_resnet())
     x, y = random_data(base, n=32)
     checkpoint = str(tmp_path / "last.keras")
@@ -404,3 +430,99 @@ def test_frozen_masks_survive_train_end_without_batch_norm():
     )
     for name, mask in _masks(model).items():
         np.testing.assert_array_equal(mask, masks.masks[name], err_msg=name)
+
+
+BATCH_HOOKS = (
+    "on_batch_begin",
+    "on_batch_end",
+    "on_train_batch_begin",
+    "on_train_batch_end",
+    "on_test_batch_begin",
+    "on_test_batch_end",
+    "on_predict_batch_begin",
+    "on_predict_batch_end",
+)
+
+
+def test_callback_has_no_batch_hooks_so_steps_dispatch_asynchronously():
+    # Overriding any batch hook makes Keras wait for every step's result
+    # (CallbackList._configure_async_dispatch), and per-step host work would
+    # be training overhead: events happen between epochs only.
+    for hook in BATCH_HOOKS:
+        assert getattr(keras_sfp.SoftFilterPrune, hook) is getattr(
+            keras.callbacks.Callback, hook
+        ), f"SoftFilterPrune overrides {hook}"
+    model = compile_sgd(keras_sfp.prune_filters(tiny_resnet()))
+    callbacks = keras.callbacks.CallbackList(
+        [keras_sfp.SoftFilterPrune(hard_epochs=1)], model=model
+    )
+    assert callbacks._async_train == keras.src.backend.IS_THREAD_SAFE
+
+
+def _loss(model, x, y, training):
+    logits = model(x, training=training)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return float(keras.ops.convert_to_numpy(loss(y, logits)))
+
+
+def test_hard_epoch_trains_the_deployed_network_inside_the_compiled_step():
+    """The switch to hard happens mid-fit: the train step is traced anew."""
+    base = randomize_batch_norm(tiny_resnet())
+    for layer in base.layers:  # large offsets: pruned channels would matter
+        if isinstance(layer, L.BatchNormalization):
+            layer.beta.assign(np.ones(layer.beta.shape, "float32"))
+    x, y = random_data(base, n=32)
+    model = compile_sgd(keras_sfp.prune_filters(base, rate=0.5), lr=0.0)
+    history = model.fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=32,  # one step per epoch, on all of x
+        shuffle=False,
+        verbose=0,
+        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=1)],
+    )
+    soft_loss, hard_loss = history.history["loss"]
+    # With lr=0 the weights do not move: each epoch's loss is the loss of
+    # its forward pass (training mode) on x. BatchNormalization after pruned
+    # filters emits beta in the soft epoch, exactly zero in the hard one,
+    # as in the deployed model.
+    deployed = keras_sfp.strip_pruning(model)
+    assert hard_loss == pytest.approx(_loss(deployed, x, y, True), rel=1e-5)
+    assert hard_loss == pytest.approx(_loss(model, x, y, True), rel=1e-5)
+    small = keras_sfp.shrink(model)
+    assert hard_loss == pytest.approx(_loss(small, x, y, True), rel=1e-5)
+    keras_sfp.prune.set_hard(model, False)
+    assert soft_loss == pytest.approx(_loss(model, x, y, True), rel=1e-5)
+    assert abs(soft_loss - hard_loss) > 0.01
+
+
+def test_hard_epochs_give_batch_norm_of_pruned_channels_no_gradient():
+    base = randomize_batch_norm(tiny_resnet())
+    model = compile_sgd(keras_sfp.prune_filters(base, rate=0.5), lr=0.1)
+    x, y = random_data(model)
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=1)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[callback])
+    mask = model.get_layer("sfp_s0b0_c1").mask
+    bn = model.get_layer("sfp_s0b0_bn1")
+    assert isinstance(bn, keras_sfp.ChannelMask) and bn.hard
+    np.testing.assert_array_equal(bn.keep, mask)
+    before = bn.layer.beta.numpy().copy()
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[callback])
+    after = bn.layer.beta.numpy()
+    np.testing.assert_array_equal(after[mask == 0], before[mask == 0])
+    assert np.all(after[mask == 1] != before[mask == 1])
+
+
+def test_repeated_fits_in_one_state_keep_the_compiled_train_step():
+    model = compile_sgd(keras_sfp.prune_filters(tiny_resnet(), rate=0.5))
+    x, y = random_data(model)
+    callback = keras_sfp.SoftFilterPrune()
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[callback])
+    compiled = model.train_function
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
+    assert model.train_function is compiled  # no new trace: still soft
+    hard = keras_sfp.SoftFilterPrune(hard_epochs=1)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[hard])
+    assert model.train_function is not compiled
+    assert all(w.hard for w in wrappers(model))

@@ -1,4 +1,4 @@
-"""Tests for keras_sfp/data.py: IDX parsing, loading, and the input pipeline."""
+"""Tests for keras_sfp/data.py: IDX parsing and loading every source."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from keras_sfp import data
+from keras_sfp import data, pipeline
 
 HAVE_DEBIAN_FILES = all(
     os.path.isfile(os.path.join(data.FASHION_MNIST_DIR, name))
@@ -165,7 +165,9 @@ def test_load_dataset_via_tfds_gives_shapes_classes_and_unit_range(
         assert dataset.input_shape == shape
         assert dataset.num_classes == classes
         assert (dataset.num_train, dataset.num_test) == (12, 12)
-        batches = data.make_pipeline(dataset.train, batch_size=5, training=True, seed=0)
+        batches = pipeline.make_pipeline(
+            dataset.train, batch_size=5, training=True, seed=0
+        )
         images, labels = next(iter(batches))
     assert images.shape == (5, *shape) and images.dtype == tf.float32
     assert labels.shape == (5,) and labels.dtype == tf.int32
@@ -195,125 +197,35 @@ def test_load_dataset_rejects_bad_limit(limit):
         data.load_dataset(limit=limit)
 
 
-# --- Augmentation and pipeline -------------------------------------------------
-
-
-def test_random_crop_and_flip_is_a_zero_filled_shift_and_optional_mirror():
-    image = np.random.default_rng(2).uniform(0.1, 1.0, (10, 12, 3)).astype("float32")
-    padded = np.pad(image, [(4, 4), (4, 4), (0, 0)])
-    candidates = {}
-    for dy in range(9):
-        for dx in range(9):
-            crop = padded[dy : dy + 10, dx : dx + 12]
-            candidates[(dy, dx, False)] = crop
-            candidates[(dy, dx, True)] = crop[:, ::-1]
-    seen = set()
-    for seed in range(40):
-        out = data.random_crop_and_flip(tf.constant(image), tf.constant([seed, 7]))
-        assert out.shape == image.shape and out.dtype == tf.float32
-        matches = [k for k, v in candidates.items() if np.array_equal(v, out.numpy())]
-        assert len(matches) == 1
-        seen.add(matches[0])
-    # 40 draws from 162 outcomes: both flips and many offsets occur.
-    assert {flip for _, _, flip in seen} == {False, True}
-    assert len(seen) > 20
-
-
-def test_random_crop_and_flip_is_deterministic_per_seed():
-    image = tf.random.stateless_uniform((32, 32, 3), seed=[0, 1])
-    a = data.random_crop_and_flip(image, tf.constant([3, 4]))
-    b = data.random_crop_and_flip(image, tf.constant([3, 4]))
-    np.testing.assert_array_equal(a.numpy(), b.numpy())
-    outputs = [data.random_crop_and_flip(image, tf.constant([s, 4])) for s in range(5)]
-    assert len({o.numpy().tobytes() for o in outputs}) > 1
-
-
-def test_random_crop_and_flip_without_padding_only_flips():
-    image = tf.random.stateless_uniform((6, 6, 1), seed=[0, 1])
-    for seed in range(6):
-        out = data.random_crop_and_flip(
-            image, tf.constant([seed, 0]), padding=0
-        ).numpy()
-        assert np.array_equal(out, image.numpy()) or np.array_equal(
-            out, image.numpy()[:, ::-1]
-        )
-    with pytest.raises(ValueError, match="Received: padding=-1"):
-        data.random_crop_and_flip(image, tf.constant([0, 0]), padding=-1)
-
-
-def test_training_pipeline_with_same_seed_repeats_batches_across_epochs():
-    ds = _indexed_dataset(40)
-    first = data.make_pipeline(ds, batch_size=16, training=True, seed=11)
-    second = data.make_pipeline(ds, batch_size=16, training=True, seed=11)
-    epoch1_a, epoch2_a = _collect(first), _collect(first)
-    epoch1_b, epoch2_b = _collect(second), _collect(second)
-    for a, b in ((epoch1_a, epoch1_b), (epoch2_a, epoch2_b)):
-        np.testing.assert_array_equal(a[0], b[0])
-        np.testing.assert_array_equal(a[1], b[1])
-    # Each epoch is a permutation of the data, reshuffled between epochs.
-    assert sorted(epoch1_a[1]) == list(range(40))
-    assert list(epoch1_a[1]) != list(range(40))
-    assert list(epoch1_a[1]) != list(epoch2_a[1])
-    other = _collect(data.make_pipeline(ds, batch_size=16, training=True, seed=12))
-    assert not np.array_equal(other[0], epoch1_a[0])
-
-
-def test_training_pipeline_augments_every_example_with_crop_and_flip():
-    ds = _indexed_dataset(32)
-    originals, _ = _collect(ds.batch(32))
-    images, labels = _collect(data.make_pipeline(ds, 8, training=True, seed=0))
-    assert images.shape == (32, 8, 8, 3)
-    changed = [not np.array_equal(images[i], originals[labels[i]]) for i in range(32)]
-    # Identity is 1 of 162 outcomes; nearly all examples must change.
-    assert sum(changed) >= 28
-    # A shifted image keeps a zero border strip somewhere, values stay in [0, 1].
-    assert images.min() == 0.0 and images.max() <= 1.0
-
-
-def test_training_pipeline_without_augment_keeps_images_exactly():
-    ds = _indexed_dataset(32)
-    originals, _ = _collect(ds.batch(32))
-    images, labels = _collect(
-        data.make_pipeline(ds, 8, training=True, augment=False, seed=0)
+@needs_debian_files
+def test_numpy_splits_hold_what_the_tf_data_splits_hold():
+    tf_data = data.load_dataset(limit=40, pipeline="tf.data")
+    arrays = data.load_dataset(limit=40, pipeline="numpy")
+    assert isinstance(arrays.train, data.ArraySplit)
+    assert (arrays.num_train, arrays.num_test, arrays.input_shape) == (
+        40,
+        40,
+        (28, 28, 1),
     )
-    assert list(labels) != list(range(32))
-    np.testing.assert_array_equal(images, originals[labels])
+    for a, b in ((tf_data.train, arrays.train), (tf_data.test, arrays.test)):
+        x_tf, y_tf = data.as_arrays(a)
+        x_np, y_np = data.as_arrays(b)
+        np.testing.assert_array_equal(x_np, x_tf)
+        np.testing.assert_array_equal(y_np, y_tf)
+        assert x_np.dtype == np.float32 and y_np.dtype == np.int32
+    np.testing.assert_array_equal(data.as_arrays(arrays.test, limit=5)[1], y_np[:5])
 
 
-def test_eval_pipeline_is_neither_shuffled_nor_augmented():
-    ds = _indexed_dataset(20)
-    originals, _ = _collect(ds.batch(20))
-    batches = data.make_pipeline(ds, 8, training=False, augment=True, seed=0)
-    assert [int(y.shape[0]) for _, y in batches] == [8, 8, 4]
-    images, labels = _collect(batches)
-    np.testing.assert_array_equal(labels, np.arange(20))
-    np.testing.assert_array_equal(images, originals)
+def test_tfds_dataset_as_numpy_splits(tmp_path):
+    with tfds.testing.mock_data(num_examples=6):
+        dataset = data.load_dataset("cifar10", data_dir=tmp_path, pipeline="numpy")
+    assert isinstance(dataset.train, data.ArraySplit)
+    assert dataset.train.images.shape == (6, 32, 32, 3)
+    images, labels = data.as_arrays(dataset.train)
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() > 0.9
+    assert labels.dtype == np.int32 and np.all((labels >= 0) & (labels < 10))
 
 
-def test_pipeline_limit_takes_the_first_examples():
-    ds = _indexed_dataset(20)
-    _, labels = _collect(data.make_pipeline(ds, 4, training=False, limit=6))
-    np.testing.assert_array_equal(labels, np.arange(6))
-    _, labels = _collect(data.make_pipeline(ds, 4, training=True, limit=6, seed=1))
-    assert sorted(labels) == list(range(6))
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"batch_size": 0}, "Received: batch_size=0"),
-        ({"batch_size": 8, "limit": 0}, "Received: limit=0"),
-        ({"batch_size": 8, "shuffle_buffer": -1}, "Received: shuffle_buffer=-1"),
-    ],
-)
-def test_make_pipeline_rejects_bad_sizes(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        data.make_pipeline(_indexed_dataset(4), training=True, **kwargs)
-
-
-def test_make_pipeline_rejects_batched_or_unpaired_datasets():
-    with pytest.raises(TypeError, match="`ds` must be an unbatched"):
-        data.make_pipeline(_indexed_dataset(4).batch(2), 2, training=False)
-    images_only = tf.data.Dataset.from_tensor_slices(np.zeros((4, 8, 8, 3)))
-    with pytest.raises(TypeError, match="`ds` must be an unbatched"):
-        data.make_pipeline(images_only, 2, training=False)
+def test_load_dataset_rejects_an_unknown_pipeline():
+    with pytest.raises(ValueError, match="Received: pipeline='torch'"):
+        data.load_dataset(limit=4, pipeline="torch")

@@ -209,7 +209,7 @@ def test_wrapped_separable_and_dense_layers_round_trip(build, tmp_path):
     model.save(tmp_path / "pruned.keras")
     reloaded = keras.saving.load_model(tmp_path / "pruned.keras")
     for a, b in zip(wrappers(model), wrappers(reloaded), strict=True):
-        np.testing.assert_array_equal(a.mask.numpy(), b.mask.numpy())
+        np.testing.assert_array_equal(a.mask, b.mask)
     x = np.random.default_rng(0).random((4, *model.inputs[0].shape[1:]), "float32")
     np.testing.assert_array_equal(
         reloaded.predict(x, verbose=0), model.predict(x, verbose=0)

@@ -236,7 +236,7 @@ def test_shrink_of_sequential_returns_functional_model():
     small = keras_sfp.shrink(pruned)
     assert not isinstance(small, keras.Sequential)
     assert _max_diff(small, keras_sfp.strip_pruning(pruned), x) <= 1e-5
-    assert [w.mask.numpy().sum() for w in wrappers(pruned)] == [2.0, 2.0]
+    assert [w.mask.sum() for w in wrappers(pruned)] == [2.0, 2.0]
 
 
 def _shared_conv():
@@ -318,3 +318,21 @@ def test_shrink_stays_exact_on_unusual_graphs(build, expect_pruned):
         small.predict(x, verbose=0), stripped.predict(x, verbose=0), atol=1e-5
     )
     assert keras_sfp.count_flops(small) < keras_sfp.count_flops(base)
+
+
+def test_rebuilt_layers_keep_their_initializers():
+    """Rebuilding skips random initialization but keeps the configs."""
+    base = tiny_resnet()
+    pruned = prune_once(base, rate=0.5)
+
+    def initializers(layer):
+        config = layer.get_config()
+        return {k: v for k, v in config.items() if k.endswith("_initializer")}
+
+    conv, bn = base.get_layer("s0b0_c1"), base.get_layer("s0b0_bn1")
+    assert initializers(pruned.get_layer("sfp_s0b0_c1").layer) == initializers(conv)
+    assert initializers(pruned.get_layer("sfp_s0b0_bn1").layer) == initializers(bn)
+    for model in (keras_sfp.strip_pruning(pruned), keras_sfp.shrink(pruned)):
+        assert initializers(model.get_layer("s0b0_c1")) == initializers(conv)
+        assert initializers(model.get_layer("s0b0_bn1")) == initializers(bn)
+    assert initializers(conv)["kernel_initializer"]["class_name"] != "Zeros"

@@ -15,11 +15,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from absl import app
 
 import keras_sfp
 import models
+from conftest import BACKEND
 
 # train.py is a top-level module of the repository, importable without an
 # (up-to-date) editable install too.
@@ -139,7 +139,8 @@ def test_csv_log_has_sfp_entries_for_every_epoch(run):
 def test_tensorboard_logs_exactly_when_its_package_is_installed(run):
     _, results, _ = run
     logs = results["artifacts"]["tensorboard"]
-    if importlib.util.find_spec("tensorboard") is None:
+    needs = ("tensorboard", "tensorflow")  # Keras writes with tf.summary
+    if any(importlib.util.find_spec(name) is None for name in needs):
         assert logs is None
     else:
         assert glob.glob(os.path.join(logs, "train", "events.out.tfevents.*"))
@@ -167,6 +168,12 @@ def test_keras_artifacts_reload_and_compute_the_same(run, test_images):
 
 def test_saved_model_serves_the_shrunk_model(run, test_images):
     _, results, _ = run
+    if BACKEND != "tensorflow":  # Keras exports through tf.function only there
+        assert results["artifacts"]["saved_model"] is None
+        assert results["config"]["export"] == ""
+        return
+    import tensorflow as tf
+
     shrunk = keras.saving.load_model(results["artifacts"]["shrunk"])
     expected = keras.ops.convert_to_numpy(shrunk(test_images, training=False))
     loaded = tf.saved_model.load(results["artifacts"]["saved_model"])
@@ -256,16 +263,24 @@ def test_step_schedule_divides_by_five_at_30_60_80_percent():
     )
 
 
-def test_command_line_mirrored_vgg_run_trains_shrinks_and_exports(tmp_path):
+DATA_PARALLEL = {"tensorflow": "mirrored", "jax": "data_parallel"}
+
+
+@pytest.mark.skipif(
+    BACKEND not in DATA_PARALLEL, reason=f"no data parallelism on {BACKEND}"
+)
+def test_command_line_data_parallel_vgg_run_trains_and_shrinks(tmp_path):
     # A fresh process: MirroredStrategy objects of other tests in this one
     # would share collective instance keys with it. Model, wrappers and
     # optimizer are created in the strategy's scope; the shrunk model is built
-    # from the mirrored variables outside it.
+    # from the distributed variables outside it. Two devices either way: two
+    # logical CPUs (TensorFlow) or XLA host devices (JAX, from XLA_FLAGS).
+    distribute = DATA_PARALLEL[BACKEND]
     command = [
         sys.executable,
         os.path.join(_ROOT, "train.py"),
         "--model=vgg_small",
-        "--distribute=mirrored",
+        f"--distribute={distribute}",
         "--epochs=2",
         "--hard_epochs=1",
         "--batch_size=32",
@@ -276,7 +291,12 @@ def test_command_line_mirrored_vgg_run_trains_shrinks_and_exports(tmp_path):
         "--export=",
         f"--output_dir={tmp_path}",
     ]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        KERAS_BACKEND=BACKEND,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
     done = subprocess.run(
         command, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300
     )
@@ -284,7 +304,7 @@ def test_command_line_mirrored_vgg_run_trains_shrinks_and_exports(tmp_path):
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
     assert results["table"] in done.stdout
-    assert results["config"]["distribute"] == "mirrored"
+    assert results["config"]["distribute"] == distribute
     assert results["shrunk"]["macs"] < results["original"]["macs"]
     assert results["filters"]["conv5"] == [128, 128 - math.floor(128 * 0.3)]
     assert results["shrunk"]["accuracy"] == pytest.approx(
@@ -301,6 +321,20 @@ def test_command_line_mirrored_vgg_run_trains_shrinks_and_exports(tmp_path):
     )
 
 
+needs_tensorflow_backend = pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="the exporters trace a tf.function"
+)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="exports on TensorFlow")
+def test_export_on_another_backend_says_how_to_export():
+    with pytest.raises(ValueError, match="`export` needs the TensorFlow backend"):
+        train.TrainConfig(export="saved_model")
+    assert train.TrainConfig().resolved_export() == ""
+    assert train.TrainConfig(export="").resolved_export() == ""
+
+
+@needs_tensorflow_backend
 def test_export_flag_writes_artifacts_and_metrics_beside_results(tmp_path):
     config = train.TrainConfig(
         epochs=1,
@@ -335,7 +369,24 @@ def test_export_flag_writes_artifacts_and_metrics_beside_results(tmp_path):
     )
 
 
-@pytest.mark.parametrize("export", ["onnx", "saved_model,tflite_int4", None])
+@needs_tensorflow_backend
+@pytest.mark.parametrize("export", ["onnx", "saved_model,tflite_int4", 3])
 def test_invalid_export_formats_say_what_was_received(export):
     with pytest.raises(ValueError, match="`export` must be a comma-separated"):
         train.TrainConfig(export=export)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"distribute": "mirrored"},
+        {"distribute": "data_parallel"},
+    ],
+)
+def test_distribution_needs_its_backend(kwargs):
+    needed = train.DISTRIBUTE_BACKEND[kwargs["distribute"]]
+    if BACKEND == needed:
+        assert train.TrainConfig(**kwargs).distribute == kwargs["distribute"]
+    else:
+        with pytest.raises(ValueError, match=f"needs the {needed} backend"):
+            train.TrainConfig(**kwargs)

@@ -1,0 +1,273 @@
+"""Input pipelines: batching, shuffling and augmentation for any Keras backend.
+
+`make_pipeline` batches a split of `keras_sfp.data.load_dataset` for training
+or evaluation. An unbatched `tf.data.Dataset` gives a `tf.data` pipeline; an
+`ArraySplit` gives `ArrayBatches`, a `keras.utils.PyDataset` that needs
+nothing but NumPy (the path `train.py` takes on JAX or PyTorch without
+TensorFlow). Both shuffle anew every epoch from a seed and apply the
+augmentation of the SFP paper (He et al., IJCAI 2018, following He et al.,
+CVPR 2016): zero-pad 4 pixels, take a random crop of the original size, and
+flip horizontally at random.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+
+from keras_sfp import _tensorflow
+from keras_sfp.data import ArraySplit, to_float_images
+
+PAD_PIXELS = 4
+"""Zero padding on each side before the random crop (He et al., 2016)."""
+
+
+def _check_padding(padding) -> None:
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(
+            f"`padding` must be an integer >= 0. Received: padding={padding!r}"
+        )
+
+
+def _check_positive(arg: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{arg}` must be an integer >= 1. Received: {arg}={value!r}")
+
+
+def random_crop_and_flip(image, seed, padding: int = PAD_PIXELS):
+    """Zero-pads, randomly crops back to size, and randomly flips one image.
+
+    The augmentation of He et al. (2016) used by the SFP paper on CIFAR. It
+    uses stateless random ops, so the same `seed` always gives the same result.
+
+    Args:
+        image: A `(height, width, channels)` image tensor.
+        seed: Shape `[2]` integer tensor, the stateless random seed.
+        padding: Zero pixels added on each side before cropping. Defaults to
+            `PAD_PIXELS` (4).
+
+    Returns:
+        A tensor with the shape and dtype of `image`: the image shifted by up
+        to `padding` pixels in each direction (vacated pixels are zero) and
+        mirrored left-right with probability 1/2.
+
+    Raises:
+        ValueError: If `padding` is negative.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> image = tf.ones((32, 32, 3))
+    >>> random_crop_and_flip(image, seed=tf.constant([1, 2])).shape
+    TensorShape([32, 32, 3])
+    """
+    _check_padding(padding)
+    tf = _tensorflow.import_tensorflow("random_crop_and_flip")
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+    )
+    size = tf.shape(image)
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    image_out = tf.image.stateless_random_crop(padded, size, seed=crop_seed)
+    image_out = tf.image.stateless_random_flip_left_right(image_out, seed=flip_seed)
+    return tf.ensure_shape(image_out, image.shape)
+
+
+def crop_and_flip_batch(
+    images: np.ndarray, rng: np.random.Generator, padding: int = PAD_PIXELS
+) -> np.ndarray:
+    """`random_crop_and_flip` for a NumPy batch: one shift and flip per image.
+
+    Args:
+        images: `(n, height, width, channels)` images.
+        rng: The random generator that draws the shifts and flips.
+        padding: Zero pixels added on each side before cropping. Defaults to
+            `PAD_PIXELS` (4).
+
+    Returns:
+        An array of the shape and dtype of `images`: each image shifted by up
+        to `padding` pixels in each direction (vacated pixels are zero) and
+        mirrored left-right with probability 1/2.
+
+    Raises:
+        ValueError: If `padding` is negative.
+
+    Example:
+
+    >>> out = crop_and_flip_batch(np.ones((2, 8, 8, 1)), np.random.default_rng(0))
+    >>> out.shape, float(out.max()), float(out.min())
+    ((2, 8, 8, 1), 1.0, 0.0)
+    """
+    _check_padding(padding)
+    n, height, width, _ = images.shape
+    pad = [(0, 0), (padding, padding), (padding, padding), (0, 0)]
+    padded = np.pad(images, pad)
+    dy = rng.integers(0, 2 * padding + 1, n)
+    dx = rng.integers(0, 2 * padding + 1, n)
+    rows = dy[:, None] + np.arange(height)  # (n, height)
+    cols = dx[:, None] + np.arange(width)  # (n, width)
+    out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    flip = rng.random(n) < 0.5
+    out[flip] = out[flip, :, ::-1]
+    return out
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """Batches of an `ArraySplit`, shuffled and augmented with NumPy alone.
+
+    The order of epoch `e` is a permutation drawn from `(seed, e)`, and the
+    augmentation of batch `i` from `(seed, e, i)`, so a seeded run is
+    reproducible whatever order Keras asks for the batches in. Images are
+    scaled to `float32` in `[0, 1]` batch by batch.
+
+    Args:
+        split: The examples.
+        batch_size: Examples per batch; the last batch may be smaller.
+        shuffle: Whether to draw a new order every epoch.
+        augment: Whether to apply `crop_and_flip_batch`.
+        seed: The seed; `None` draws one. Defaults to None.
+        **kwargs: Passed to `keras.utils.PyDataset` (`workers`, ...).
+    """
+
+    def __init__(
+        self,
+        split: ArraySplit,
+        batch_size: int,
+        shuffle: bool,
+        augment: bool,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.split = split
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.seed = (
+            int(np.random.SeedSequence().entropy % 2**32) if seed is None else seed
+        )
+        self.epoch = 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.split))
+        return np.random.default_rng((self.seed, self.epoch)).permutation(
+            len(self.split)
+        )
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.split) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        images = to_float_images(self.split.images[rows])
+        if self.augment:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            images = crop_and_flip_batch(images, rng)
+        return images, self.split.labels[rows].astype(np.int32)
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self._order = self._epoch_order()
+
+
+def make_pipeline(
+    ds,
+    batch_size: int,
+    training: bool,
+    augment: bool = True,
+    seed: int | None = None,
+    limit: int | None = None,
+    shuffle_buffer: int = 10_000,
+):
+    """Batches an `(image, label)` split for training or evaluation.
+
+    For training: shuffle (reshuffled every epoch), then, if `augment`, apply
+    the pad-crop-flip augmentation to every image. For evaluation the order
+    and the images are left as they are.
+
+    Args:
+        ds: An `ArraySplit`, or an unbatched `tf.data.Dataset` of
+            `(image, label)` with images of rank 3, such as
+            `ImageDataset.train`.
+        batch_size: Examples per batch; the last batch may be smaller.
+        training: Whether to shuffle and (with `augment`) augment.
+        augment: Whether to apply the pad-crop-flip augmentation when
+            `training`. Defaults to `True`.
+        seed: Seed of the shuffle and the augmentation; with a fixed seed the
+            sequence of batches (epoch after epoch) is reproducible. `None`
+            means nondeterministic. Defaults to `None`.
+        limit: If set, use only the first `limit` examples (before shuffling),
+            for smoke runs. Defaults to `None`.
+        shuffle_buffer: Size of the `tf.data` shuffle buffer (an `ArraySplit`
+            is shuffled whole). Defaults to `10_000`.
+
+    Returns:
+        For an `ArraySplit`, an `ArrayBatches` (`keras.utils.PyDataset`);
+        for a `tf.data.Dataset`, a batched, prefetched `tf.data.Dataset`. Both
+        yield `(float32 images, int32 labels)` and go straight to `fit`.
+
+    Raises:
+        ValueError: If `batch_size`, `limit` or `shuffle_buffer` is not a
+            positive integer.
+        TypeError: If `ds` is neither an `ArraySplit` nor a `tf.data.Dataset`
+            of `(image, label)` pairs with rank-3 images.
+
+    Example:
+
+    >>> from keras_sfp.data import load_dataset
+    >>> data = load_dataset("fashion_mnist", limit=64, pipeline="numpy")
+    >>> batches = make_pipeline(data.train, batch_size=32, training=True, seed=0)
+    >>> images, labels = batches[0]
+    >>> images.shape, labels.shape
+    ((32, 28, 28, 1), (32,))
+    """
+    _check_positive("batch_size", batch_size)
+    _check_positive("shuffle_buffer", shuffle_buffer)
+    if limit is not None:
+        _check_positive("limit", limit)
+    if isinstance(ds, ArraySplit):
+        if limit is not None:
+            ds = ArraySplit(ds.images[:limit], ds.labels[:limit])
+        return ArrayBatches(
+            ds, batch_size, shuffle=training, augment=training and augment, seed=seed
+        )
+    if not _tensorflow.available():
+        raise TypeError(
+            "`ds` must be an ArraySplit (TensorFlow is not installed, so "
+            f"tf.data pipelines are not available). Received: ds={ds!r}"
+        )
+    tf = _tensorflow.import_tensorflow("A tf.data input pipeline")
+    spec = ds.element_spec if isinstance(ds, tf.data.Dataset) else None
+    if not (
+        isinstance(spec, Sequence)
+        and len(spec) == 2
+        and isinstance(spec[0], tf.TensorSpec)
+        and spec[0].shape.rank == 3
+    ):
+        raise TypeError(
+            "`ds` must be an ArraySplit or an unbatched tf.data.Dataset of "
+            "(image, label) with images of shape (height, width, channels). "
+            f"Received: ds={ds!r}"
+        )
+
+    if limit is not None:
+        ds = ds.take(limit)
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if augment:
+            seeds = tf.data.Dataset.random(
+                seed=seed, rerandomize_each_iteration=True
+            ).batch(2)
+            ds = tf.data.Dataset.zip((ds, seeds)).map(
+                lambda example, pair_seed: (
+                    random_crop_and_flip(example[0], pair_seed),
+                    example[1],
+                ),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
