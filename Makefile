@@ -14,10 +14,11 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # TensorFlow hidden and data parallelism, runs in tests/test_backends.py.
 CORE_TESTS := tests/test_wrapper.py tests/test_callback.py tests/test_prune.py \
 	tests/test_shrink.py tests/test_graph.py tests/test_flops.py \
-	tests/test_patterns.py \
+	tests/test_patterns.py tests/test_softness.py tests/test_criteria.py \
 	keras_sfp/wrapper.py keras_sfp/callback.py keras_sfp/prune.py \
 	keras_sfp/shrink.py keras_sfp/graph.py keras_sfp/rules.py \
-	keras_sfp/flops.py keras_sfp/describe.py keras_sfp/latency.py
+	keras_sfp/flops.py keras_sfp/describe.py keras_sfp/latency.py \
+	keras_sfp/criteria.py keras_sfp/schedules.py
 CORE_SELECT := -k "not resnet32 and not resnet56 and not resnet110"
 
 .PHONY: demo test test-jax test-torch lint data install clean

@@ -183,7 +183,7 @@ def _check(family, model, rate, steps, batch, start) -> Result:
         batch_size=batch,
         epochs=1,
         verbose=0,
-        callbacks=[keras_sfp.SoftFilterPrune()],
+        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)],
     )
     calibrate(pruned, 3)
     stripped = keras_sfp.strip_pruning(pruned)

@@ -6,8 +6,9 @@ at import), trains side by side in one process, in alternating rounds:
 - `plain`: the model as built;
 - `wrapped`: `prune_filters(model)` trained without the callback (the cost
   of the wrappers alone, in the soft state);
-- `sfp_soft`: `prune_filters(model)` trained with `SoftFilterPrune()` (soft
-  epochs: a prune event at every epoch end, nothing in between);
+- `sfp_soft`: `prune_filters(model)` trained with
+  `SoftFilterPrune(hard_epochs=0, prune_at_start=True)` (soft epochs: a prune
+  event at every epoch end, nothing in between);
 - `sfp_hard`: the same with `SoftFilterPrune(hard_epochs=...)` covering every
   epoch (masks enforced in the forward pass).
 
@@ -96,7 +97,7 @@ def measure(model_name, batch_size, steps, epochs, rounds) -> dict:
         "wrapped": (compiled(keras_sfp.prune_filters(build())), None),
         "sfp_soft": (
             compiled(keras_sfp.prune_filters(build())),
-            keras_sfp.SoftFilterPrune(),
+            keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True),
         ),
         "sfp_hard": (
             compiled(keras_sfp.prune_filters(build())),

@@ -38,7 +38,7 @@ def _timed(fn):
 def run_once(model) -> dict:
     _, analysis = _timed(lambda: keras_sfp.ChannelGraph(model))
     pruned, prune_filters = _timed(lambda: keras_sfp.prune_filters(model, rate=0.3))
-    callback = keras_sfp.SoftFilterPrune()
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0)
     callback.set_model(pruned)
     _, event = _timed(lambda: callback.prune(0))
     small, shrink = _timed(lambda: keras_sfp.shrink(pruned))

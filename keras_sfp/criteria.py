@@ -10,6 +10,13 @@ scores are pruned.
 - `"fpgm"`: the sum of Euclidean distances from a filter to the other filters of
   the layer (He et al., "Filter Pruning via Geometric Median", CVPR 2019): the
   filters nearest the geometric median are the most replaceable.
+- `"l2_bn"`: the L2 norm of the filter folded with the BatchNormalization that
+  follows it, `||w|| * |gamma| / sqrt(moving_variance + epsilon)`: the scale
+  of the channel the network actually uses at inference. BatchNormalization
+  normalises a convolution's scale away, so the bare norm says little about a
+  channel's contribution (Ye et al., ICLR 2018), and a pruned filter that
+  revives from zero has a tiny norm whatever it contributes. Layers not
+  followed by BatchNormalization are scored by `"l2"`.
 
 Any callable `kernel -> scores` (a NumPy array in, a 1-D array of length `out`
 out) can be used instead of a name.
@@ -84,18 +91,42 @@ def geometric_median_distance(kernel: np.ndarray) -> np.ndarray:
     return np.sum(np.sqrt(np.maximum(d2, 0.0)), axis=1)
 
 
+def batch_norm_scale(gamma, moving_variance, epsilon: float) -> np.ndarray:
+    """Per-channel factor `|gamma| / sqrt(moving_variance + epsilon)`.
+
+    The factor by which BatchNormalization multiplies a channel at inference;
+    `None` for `gamma` (a layer built with `scale=False`) counts as 1.
+
+    Example:
+    >>> batch_norm_scale(np.array([2.0, -1.0]), np.array([3.0, 0.0]), 1.0).tolist()
+    [1.0, 1.0]
+    """
+    variance = np.asarray(moving_variance, dtype=np.float64)
+    gamma = np.ones_like(variance) if gamma is None else np.asarray(gamma, np.float64)
+    return np.abs(gamma) / np.sqrt(variance + float(epsilon))
+
+
 _CRITERIA: dict[str, Criterion] = {
     "l2": l2_norm,
     "l1": l1_norm,
     "fpgm": geometric_median_distance,
+    "l2_bn": l2_norm,  # the BatchNormalization factor is applied by `score`
 }
+BN_AWARE = frozenset({"l2_bn"})
+"""Criteria whose scores are multiplied by the following BatchNormalization's
+scale (`batch_norm_scale`) where there is one."""
+
+
+def is_bn_aware(criterion) -> bool:
+    """True for the criteria named in `BN_AWARE` (callables never are)."""
+    return isinstance(criterion, str) and criterion in BN_AWARE
 
 
 def get(criterion: str | Criterion) -> Criterion:
     """Returns the criterion function for a name or a callable.
 
     Args:
-        criterion: One of `"l2"`, `"l1"`, `"fpgm"`, or a callable
+        criterion: One of `"l2"`, `"l1"`, `"fpgm"`, `"l2_bn"`, or a callable
             `kernel -> scores`.
 
     Returns:
@@ -115,8 +146,26 @@ def get(criterion: str | Criterion) -> Criterion:
     )
 
 
-def score(criterion: str | Criterion, kernel: np.ndarray) -> np.ndarray:
-    """Scores every filter of `kernel` and checks the result's shape."""
+def score(
+    criterion: str | Criterion, kernel: np.ndarray, bn_scale: np.ndarray | None = None
+) -> np.ndarray:
+    """Scores every filter of `kernel` and checks the result's shape.
+
+    Args:
+        criterion: A name or callable accepted by `get`.
+        kernel: Array whose last axis indexes filters.
+        bn_scale: For the criteria in `BN_AWARE`, the `batch_norm_scale` of
+            the BatchNormalization after the filters (one factor per filter),
+            or None where there is none. Ignored by the other criteria.
+
+    Returns:
+        Array of shape `(kernel.shape[-1],)`.
+
+    Example:
+    >>> k = np.ones((1, 1, 1, 2))
+    >>> score("l2_bn", k, np.array([0.5, 2.0])).tolist(), score("l2", k).tolist()
+    ([0.5, 2.0], [1.0, 1.0])
+    """
     scores = np.asarray(get(criterion)(np.asarray(kernel)), dtype=np.float64)
     if scores.shape != (kernel.shape[-1],):
         raise ValueError(
@@ -124,4 +173,12 @@ def score(criterion: str | Criterion, kernel: np.ndarray) -> np.ndarray:
             f"({kernel.shape[-1]},). Received: shape {scores.shape} from "
             f"criterion={criterion!r}"
         )
+    if bn_scale is not None and is_bn_aware(criterion):
+        bn_scale = np.asarray(bn_scale, dtype=np.float64)
+        if bn_scale.shape != scores.shape:
+            raise ValueError(
+                f"`bn_scale` must have one factor per filter, shape "
+                f"{scores.shape}. Received: shape {bn_scale.shape}"
+            )
+        scores = scores * bn_scale
     return scores

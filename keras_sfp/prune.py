@@ -102,7 +102,9 @@ def prune_filters(
         model: A built Sequential or functional `keras.Model`. Not modified.
         rate: Fraction of each group's channels to prune, in [0, 1). Defaults
             to 0.3.
-        criterion: `"l2"` (the paper), `"l1"`, `"fpgm"` or a callable mapping a
+        criterion: `"l2"` (the paper), `"l1"`, `"fpgm"`, `"l2_bn"` (the L2
+            norm folded with the following BatchNormalization's scale; see
+            `keras_sfp.criteria`) or a callable mapping a
             kernel `(kh, kw, in, out)` to `out` scores (register it with
             `keras.saving.register_keras_serializable` so that `.keras` files
             reload). Defaults to `"l2"`.

@@ -116,8 +116,8 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
     flag, prune-event counter) so that it is saved with the model and
     restored by `BackupAndRestore`.
 
-    In the *hard* state (used for the last epochs if the callback is asked
-    to) the mask multiplies the kernel and bias in the forward pass, so pruned
+    In the *hard* state (`SoftFilterPrune`'s last `hard_epochs` epochs, one by
+    default) the mask multiplies the kernel and bias in the forward pass, so pruned
     filters output zero and receive no gradient, and the `ChannelMask`
     wrappers that `prune_filters` puts around BatchNormalization (and other
     layers with offsets) zero the channels those filters feed: the network
@@ -131,7 +131,7 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
             `SeparableConv2D` (its pointwise filters are masked) or `Dense`
             (its units are masked).
         rate: Fraction of filters to prune, in [0, 1). Defaults to 0.3.
-        criterion: `"l2"`, `"l1"`, `"fpgm"` or a callable (register it with
+        criterion: `"l2"`, `"l1"`, `"fpgm"`, `"l2_bn"` or a callable (register it with
             `keras.saving.register_keras_serializable` so that `.keras` files
             reload). Defaults to `"l2"`.
         schedule: `None` (constant `rate`), or a schedule `epoch -> rate`.

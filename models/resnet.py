@@ -75,6 +75,7 @@ def cifar_resnet(
     input_shape: Sequence[int] = (32, 32, 3),
     num_classes: int = 10,
     weight_decay: float = 0.0,
+    width: float = 1.0,
 ) -> keras.Model:
     """Builds a CIFAR-style ResNet v1 of depth `6n + 2`.
 
@@ -94,6 +95,9 @@ def cifar_resnet(
             convolution and dense kernel; the penalty is
             `weight_decay * sum(w**2)`, so SGD weight decay `lambda` corresponds
             to `lambda / 2`. `0` adds no regularizer. Defaults to `0.0`.
+        width: Multiplier of every stage's filters (`STAGE_FILTERS`), rounded
+            to the nearest integer: a uniformly narrower (or wider) network.
+            Defaults to `1.0`.
 
     Returns:
         A functional `keras.Model` named `resnet{depth}` whose output is the
@@ -101,13 +105,16 @@ def cifar_resnet(
 
     Raises:
         ValueError: If `depth` is not `6n + 2` for an integer `n >= 1`, or
-            `input_shape`, `num_classes` or `weight_decay` is invalid.
+            `input_shape`, `num_classes`, `weight_decay` or `width` is
+            invalid.
 
     Example:
 
     >>> model = cifar_resnet(20)
     >>> model.output.shape
     (None, 10)
+    >>> cifar_resnet(20, width=0.7).get_layer("logits").input.shape
+    (None, 45)
     """
     if (
         isinstance(depth, bool)
@@ -119,15 +126,26 @@ def cifar_resnet(
             "`depth` must be 6n+2 for an integer n >= 1 (e.g. 20, 32, 56, 110). "
             f"Received: depth={depth!r}"
         )
+    if (
+        isinstance(width, bool)
+        or not isinstance(width, (int, float))
+        or not 0 < width < float("inf")
+        or any(round(f * width) < 1 for f in STAGE_FILTERS)
+    ):
+        raise ValueError(
+            "`width` must be a number > 0 that leaves every stage at least one "
+            f"filter. Received: width={width!r}"
+        )
+    stage_filters = [int(round(f * width)) for f in STAGE_FILTERS]
     shape = check_input_shape(input_shape)
     check_num_classes(num_classes)
     regularizer = l2_regularizer(weight_decay)
     blocks_per_stage = (depth - 2) // 6
 
     inputs = keras.Input(shape=shape, name="image")
-    x = _conv_bn(inputs, STAGE_FILTERS[0], 3, 1, "stem_conv", "stem_bn", regularizer)
+    x = _conv_bn(inputs, stage_filters[0], 3, 1, "stem_conv", "stem_bn", regularizer)
     x = keras.layers.Activation("relu", name="stem_relu")(x)
-    for stage, filters in enumerate(STAGE_FILTERS, start=1):
+    for stage, filters in enumerate(stage_filters, start=1):
         for block in range(blocks_per_stage):
             strides = 2 if stage > 1 and block == 0 else 1
             x = _basic_block(

@@ -39,7 +39,7 @@ def train(directory: str) -> None:
         epochs=2,
         batch_size=8,
         verbose=0,
-        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=1)],
+        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=1, prune_at_start=True)],
     )
     model.save(os.path.join(directory, "pruned.keras"))
     check(directory, name="train")

@@ -66,7 +66,10 @@ def test_epoch_end_zeroes_floor_rate_filters_per_group_by_criterion(criterion):
         epochs=2,
         batch_size=16,
         verbose=0,
-        callbacks=[recorder, keras_sfp.SoftFilterPrune()],
+        callbacks=[
+            recorder,
+            keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True),
+        ],
     )
     # The masks are those of the last epoch-end event, computed from the
     # kernels as training left them (pruned filters included).
@@ -93,7 +96,7 @@ def test_group_members_share_indices_on_a_resnet():
         epochs=2,
         batch_size=16,
         verbose=0,
-        callbacks=[keras_sfp.SoftFilterPrune()],
+        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)],
     )
     masks = _masks(model)
     for members in (["stem", "s0b0_c2"], ["s1b0_proj", "s1b0_c2"]):
@@ -112,7 +115,7 @@ def test_layer_coupling_chooses_each_layer_independently():
         epochs=1,
         batch_size=16,
         verbose=0,
-        callbacks=[keras_sfp.SoftFilterPrune()],
+        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)],
     )
     masks = _masks(model)
     for name in ("stem", "s0b0_c2"):
@@ -138,7 +141,7 @@ def test_pruned_filters_train_again_after_the_event():
         epochs=1,
         batch_size=16,
         verbose=0,
-        callbacks=[keras_sfp.SoftFilterPrune()],
+        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)],
     )
     wrapper = model.get_layer("sfp_s0b0_c1")
     pruned = wrapper.mask == 0
@@ -153,7 +156,7 @@ def test_logs_reach_history_and_one_instance_serves_several_fits():
     model = keras_sfp.prune_filters(tiny_resnet(), rate=0.5)
     x, y = random_data(model)
     compile_sgd(model, lr=0.1)
-    callback = keras_sfp.SoftFilterPrune()
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
     total = sum(m.shape[0] // 2 for m in _masks(model).values())
     for _ in range(2):
         history = model.fit(
@@ -167,7 +170,7 @@ def test_logs_reach_history_and_one_instance_serves_several_fits():
 
 def test_revived_counts_filters_that_came_back():
     model = keras_sfp.prune_filters(tiny_resnet(), rate=0.5)
-    callback = keras_sfp.SoftFilterPrune()
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
     callback.set_model(model)
     callback.prune(0)
     wrapper = model.get_layer("sfp_s0b0_c1")
@@ -186,7 +189,7 @@ def _fit_asymptotic(epochs, hard_epochs=0):
     model = keras_sfp.prune_filters(tiny_resnet(), rate=0.4, schedule="asymptotic")
     x, y = random_data(model)
     compile_sgd(model)
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=hard_epochs)
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=hard_epochs, prune_at_start=True)
     history = model.fit(
         x, y, epochs=epochs, batch_size=32, verbose=0, callbacks=[callback]
     )
@@ -206,7 +209,7 @@ def test_hard_epochs_train_with_the_deployed_structure():
     model = keras_sfp.prune_filters(randomize_batch_norm(tiny_resnet()), rate=0.5)
     x, y = random_data(model)
     compile_sgd(model, lr=0.05)
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=2)
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=2, prune_at_start=True)
     history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
     masks_after_soft = history.history["sfp_pruned"]
     assert history.history["sfp_revived"][1:] == [0, 0]  # frozen in hard epochs
@@ -223,7 +226,13 @@ def test_model_not_prepared_by_prune_filters_is_rejected():
     model = compile_sgd(tiny_resnet())
     x, y = random_data(model)
     with pytest.raises(ValueError, match="prepared by keras_sfp.prune_filters"):
-        model.fit(x, y, epochs=1, verbose=0, callbacks=[keras_sfp.SoftFilterPrune()])
+        model.fit(
+            x,
+            y,
+            epochs=1,
+            verbose=0,
+            callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)],
+        )
     with pytest.raises(ValueError, match="hard_epochs=-1"):
         keras_sfp.SoftFilterPrune(hard_epochs=-1)
 
@@ -287,7 +296,9 @@ def test_data_parallel_training_matches_single_device(build, lr):
                 batch_size=16,
                 shuffle=False,
                 verbose=0,
-                callbacks=[keras_sfp.SoftFilterPrune()],
+                callbacks=[
+                    keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
+                ],
             )
         return model
 
@@ -324,7 +335,7 @@ def test_resume_with_backup_and_restore_equals_uninterrupted_run(tmp_path):
             keras_sfp.prune_filters(base, rate=0.4, schedule="asymptotic")
         )
         callbacks = [
-            keras_sfp.SoftFilterPrune(hard_epochs=1),
+            keras_sfp.SoftFilterPrune(hard_epochs=1, prune_at_start=True),
             keras.callbacks.BackupAndRestore(str(backup_dir)),
         ]
         if interrupt:
@@ -346,7 +357,7 @@ def test_resume_with_backup_and_restore_equals_uninterrupted_run(tmp_path):
 
 def test_round_to_from_prune_filters_makes_kept_counts_multiples():
     model = keras_sfp.prune_filters(tiny_resnet(widths=(8, 16)), rate=0.4, round_to=4)
-    callback = keras_sfp.SoftFilterPrune()
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
     callback.set_model(model)
     callback.prune(0)
     kept = {name: int(mask.sum()) for name, mask in _masks(model).items()}
@@ -362,7 +373,7 @@ def test_resume_from_a_keras_file_with_initial_epoch_equals_uninterrupted(tmp_pa
 
     def fit(model, initial_epoch=0, interrupt=False):
         callbacks = [
-            keras_sfp.SoftFilterPrune(hard_epochs=1),
+            keras_sfp.SoftFilterPrune(hard_epochs=1, prune_at_start=True),
             keras.callbacks.ModelCheckpoint(checkpoint),
         ] + ([_Interrupt()] if interrupt else [])
         model.fit(
@@ -426,7 +437,11 @@ def test_frozen_masks_survive_train_end_without_batch_norm():
         epochs=2,
         batch_size=16,
         verbose=0,
-        callbacks=[recorder, keras_sfp.SoftFilterPrune(hard_epochs=1), masks],
+        callbacks=[
+            recorder,
+            keras_sfp.SoftFilterPrune(hard_epochs=1, prune_at_start=True),
+            masks,
+        ],
     )
     for name, mask in _masks(model).items():
         np.testing.assert_array_equal(mask, masks.masks[name], err_msg=name)
@@ -454,7 +469,7 @@ def test_callback_has_no_batch_hooks_so_steps_dispatch_asynchronously():
         ), f"SoftFilterPrune overrides {hook}"
     model = compile_sgd(keras_sfp.prune_filters(tiny_resnet()))
     callbacks = keras.callbacks.CallbackList(
-        [keras_sfp.SoftFilterPrune(hard_epochs=1)], model=model
+        [keras_sfp.SoftFilterPrune(hard_epochs=1, prune_at_start=True)], model=model
     )
     assert callbacks._async_train == keras.src.backend.IS_THREAD_SAFE
 
@@ -480,7 +495,7 @@ def test_hard_epoch_trains_the_deployed_network_inside_the_compiled_step():
         batch_size=32,  # one step per epoch, on all of x
         shuffle=False,
         verbose=0,
-        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=1)],
+        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=1, prune_at_start=True)],
     )
     soft_loss, hard_loss = history.history["loss"]
     # With lr=0 the weights do not move: each epoch's loss is the loss of
@@ -501,7 +516,7 @@ def test_hard_epochs_give_batch_norm_of_pruned_channels_no_gradient():
     base = randomize_batch_norm(tiny_resnet())
     model = compile_sgd(keras_sfp.prune_filters(base, rate=0.5), lr=0.1)
     x, y = random_data(model)
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=1)
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=1, prune_at_start=True)
     model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[callback])
     mask = model.get_layer("sfp_s0b0_c1").mask
     bn = model.get_layer("sfp_s0b0_bn1")
@@ -517,12 +532,12 @@ def test_hard_epochs_give_batch_norm_of_pruned_channels_no_gradient():
 def test_repeated_fits_in_one_state_keep_the_compiled_train_step():
     model = compile_sgd(keras_sfp.prune_filters(tiny_resnet(), rate=0.5))
     x, y = random_data(model)
-    callback = keras_sfp.SoftFilterPrune()
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
     model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[callback])
     compiled = model.train_function
     model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
     assert model.train_function is compiled  # no new trace: still soft
-    hard = keras_sfp.SoftFilterPrune(hard_epochs=1)
+    hard = keras_sfp.SoftFilterPrune(hard_epochs=1, prune_at_start=True)
     model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[hard])
     assert model.train_function is not compiled
     assert all(w.hard for w in wrappers(model))

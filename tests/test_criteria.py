@@ -39,3 +39,29 @@ def test_unknown_criterion_raises_naming_it(bad):
 def test_criterion_returning_wrong_shape_raises(kernel):
     with pytest.raises(ValueError, match="one score per filter"):
         criteria.score(lambda k: np.ones(3), kernel)
+
+
+def test_batch_norm_scale_is_abs_gamma_over_root_variance_plus_eps():
+    scale = criteria.batch_norm_scale(
+        np.array([2.0, -3.0, 0.5]), np.array([3.0, 8.0, 0.0]), 1.0
+    )
+    np.testing.assert_allclose(scale, [1.0, 1.0, 0.5], rtol=1e-12)
+    # scale=False BatchNormalization: gamma is 1.
+    np.testing.assert_allclose(
+        criteria.batch_norm_scale(None, np.array([3.0]), 1.0), [0.5]
+    )
+
+
+def test_only_bn_aware_criteria_use_the_bn_scale():
+    kernel = np.ones((1, 1, 2, 3))
+    factor = np.array([1.0, 0.5, 2.0])
+    base = criteria.score("l2", kernel)
+    np.testing.assert_allclose(criteria.score("l2_bn", kernel, factor), base * factor)
+    np.testing.assert_allclose(criteria.score("l2", kernel, factor), base)
+    np.testing.assert_allclose(criteria.score("l2_bn", kernel), base)
+    assert not criteria.is_bn_aware(lambda k: k)
+
+
+def test_bn_scale_of_the_wrong_shape_is_rejected():
+    with pytest.raises(ValueError, match=r"`bn_scale`.*Received: shape \(2,\)"):
+        criteria.score("l2_bn", np.ones((1, 1, 2, 3)), np.ones(2))

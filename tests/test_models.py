@@ -188,6 +188,21 @@ def test_invalid_arguments_raise_value_error_naming_them(name, kwargs, argument)
     assert f"Received: {argument}=" in str(info.value)
 
 
+@pytest.mark.parametrize("width", [0.0, 0.02, float("inf"), float("nan"), True])
+def test_resnet_width_must_leave_every_stage_a_filter(width):
+    with pytest.raises(ValueError, match=f"Received: width={width!r}"):
+        cifar_resnet(20, width=width)
+
+
+def test_resnet_width_scales_every_stage():
+    model = cifar_resnet(20, width=0.5)
+    assert [model.get_layer(f"stage{s}_block0_conv1").filters for s in (1, 2, 3)] == [
+        8,
+        16,
+        32,
+    ]
+
+
 def test_vgg_small_rejects_images_smaller_than_three_pools():
     with pytest.raises(ValueError, match=r"Received: input_shape=\(4, 4, 1\)"):
         vgg_small((4, 4, 1))

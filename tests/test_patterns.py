@@ -376,7 +376,7 @@ def test_hard_epochs_train_the_structure_that_shrink_deploys(build):
     x = np.random.default_rng(0).random((16, *pruned.inputs[0].shape[1:]), "float32")
     y = np.random.default_rng(1).integers(0, 3, 16)
     pruned.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=1)
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=1, prune_at_start=True)
     pruned.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[callback])
     small = keras_sfp.shrink(pruned)
     reference = pruned.predict(x, verbose=0)

@@ -25,7 +25,9 @@ def _train(model, epochs=1, n=64, hard_epochs=0, lr=0.05):
         epochs=epochs,
         batch_size=32,
         verbose=0,
-        callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=hard_epochs)],
+        callbacks=[
+            keras_sfp.SoftFilterPrune(hard_epochs=hard_epochs, prune_at_start=True)
+        ],
     )
     calibrate_batch_norm(model)
     return x

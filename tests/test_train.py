@@ -192,7 +192,9 @@ def test_main_builds_config_from_flags(monkeypatch):
         "--epochs=3",
         "--hard_epochs=2",
         "--schedule=asymptotic",
-        "--criterion=fpgm",
+        "--criterion=l2_bn",
+        "--prune_at_start=false",
+        "--reset_momentum",
         "--coupling=layer",
         "--lr_schedule=step",
         "--augment",
@@ -212,7 +214,9 @@ def test_main_builds_config_from_flags(monkeypatch):
         epochs=3,
         hard_epochs=2,
         schedule="asymptotic",
-        criterion="fpgm",
+        criterion="l2_bn",
+        prune_at_start="false",
+        reset_momentum=True,
         coupling="layer",
         lr_schedule="step",
         augment=True,
@@ -240,6 +244,11 @@ def test_flag_defaults_are_the_config_defaults():
         ({"rate": 1.0}, r"`rate` must be in \[0, 1\)"),
         ({"batch_size": 0}, "batch_size=0"),
         ({"distribute": "tpu"}, "distribute='tpu'"),
+        ({"prune_at_start": "sometimes"}, "prune_at_start='sometimes'"),
+        ({"hard_epochs": -1}, "hard_epochs=-1"),
+        ({"reset_momentum": "yes"}, "reset_momentum='yes'"),
+        ({"init_from": "missing.keras"}, "init_from='missing.keras'"),
+        ({"learning_rate": -1.0}, "learning_rate=-1.0"),
     ],
 )
 def test_invalid_config_says_what_was_received(kwargs, message):
@@ -390,3 +399,99 @@ def test_distribution_needs_its_backend(kwargs):
     else:
         with pytest.raises(ValueError, match=f"needs the {needed} backend"):
             train.TrainConfig(**kwargs)
+
+
+def test_learning_rate_defaults_to_a_fine_tuning_rate_with_init_from(run):
+    config, results, _ = run
+    assert train.TrainConfig().resolved_learning_rate() == train.LEARNING_RATE
+    init = train.TrainConfig(init_from=results["artifacts"]["shrunk"])
+    assert init.resolved_learning_rate() == train.FINE_TUNE_LEARNING_RATE == 0.01
+    explicit = train.TrainConfig(
+        init_from=config.output_dir + "/shrunk.keras", learning_rate=0.05
+    )
+    assert explicit.resolved_learning_rate() == 0.05
+
+
+def test_hard_epochs_default_to_one_or_all_epochs_with_init_from(run):
+    _, results, _ = run
+    path = results["artifacts"]["shrunk"]
+    assert train.TrainConfig(epochs=5).resolved_hard_epochs() == 1
+    assert train.TrainConfig(epochs=5, init_from=path).resolved_hard_epochs() == 5
+    explicit = train.TrainConfig(epochs=5, init_from=path, hard_epochs=2)
+    assert explicit.resolved_hard_epochs() == 2
+
+
+class _Data:
+    name, input_shape, num_classes = "fashion_mnist", (28, 28, 1), 10
+
+
+def test_init_from_prunes_a_trained_model_or_continues_a_wrapped_one(run):
+    _, results, _ = run
+    artifacts = results["artifacts"]
+    # A plain trained model (here the shrunk one): its weights, pruned afresh.
+    config = train.TrainConfig(init_from=artifacts["shrunk"], rate=0.5)
+    original, pruned = train.initial_models(config, _Data)
+    loaded = keras.saving.load_model(artifacts["shrunk"], compile=False)
+    assert {w.rate for w in keras_sfp.prune.wrappers(pruned)} == {0.5}
+    # The wrapped model starts from the file's weights.
+    stripped = keras_sfp.strip_pruning(pruned)
+    assert stripped.count_params() == loaded.count_params()
+    for ours, theirs in zip(stripped.weights, loaded.weights):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs)
+        )
+    # A pruned.keras: the same wrapped model (masks kept), and its full-width
+    # architecture as the original.
+    config = train.TrainConfig(init_from=artifacts["pruned"], rate=0.5)
+    original, pruned = train.initial_models(config, _Data)
+    saved = keras.saving.load_model(artifacts["pruned"], compile=False)
+    assert {w.rate for w in keras_sfp.prune.wrappers(pruned)} == {0.3}
+    for ours, theirs in zip(
+        keras_sfp.prune.wrappers(pruned), keras_sfp.prune.wrappers(saved)
+    ):
+        np.testing.assert_array_equal(ours.mask, theirs.mask)
+    assert original.count_params() == models.get_model("resnet20").count_params()
+
+
+def test_init_from_a_model_that_does_not_fit_the_data_is_rejected(tmp_path):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    path = str(tmp_path / "small.keras")
+    keras.Model(inputs, keras.layers.Dense(10)(x)).save(path)
+    config = train.TrainConfig(init_from=path)
+    with pytest.raises(ValueError, match="init_from=.*small.keras.*inputs"):
+        train.initial_models(config, _Data)
+
+
+def test_init_from_a_model_that_outputs_probabilities_is_rejected(tmp_path):
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    path = str(tmp_path / "softmax.keras")
+    outputs = keras.layers.Dense(10, activation="softmax")(x)
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(ValueError, match="outputs logits.*softmax.keras"):
+        train.initial_models(train.TrainConfig(init_from=path), _Data)
+
+
+def test_fine_tuning_from_a_trained_model_runs_end_to_end(run, tmp_path):
+    _, results, _ = run
+    config = train.TrainConfig(
+        init_from=results["artifacts"]["shrunk"],
+        epochs=1,
+        batch_size=BATCH,
+        train_limit=TRAIN_LIMIT,
+        test_limit=TEST_LIMIT,
+        latency_runs=0,
+        verbose=0,
+        export="",
+        output_dir=str(tmp_path),
+    )
+    tuned = train.train_and_evaluate(config)
+    assert tuned["config"]["learning_rate"] == train.FINE_TUNE_LEARNING_RATE
+    # The original is the trained (shrunk) model; pruning it again at 0.3
+    # leaves fewer MACs still, and the deployed model is the trained one.
+    assert tuned["original"]["macs"] == results["shrunk"]["macs"]
+    assert tuned["shrunk"]["macs"] < tuned["original"]["macs"]
+    assert tuned["shrunk"]["accuracy"] == tuned["soft_masked"]["accuracy"]

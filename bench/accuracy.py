@@ -1,0 +1,491 @@
+"""SFP against the obvious alternatives, at equal realised MACs and epoch budgets.
+
+Every configuration is one `train.train_and_evaluate` run (ResNet-20 on
+Fashion-MNIST), repeated over seeds, and reported as the mean and standard
+deviation of the deployed (shrunk) model's test accuracy, with the
+soft-masked accuracy, the MACs kept and the filters revived over the run.
+
+From scratch (`scratch/...`), all with the same number of epochs:
+- `unpruned`: the full network.
+- `scratch_arch`: the architecture `sfp_v1` deploys (every group-coupled
+  configuration deploys the same shapes at one rate), re-initialised and
+  trained from scratch (equal MACs by construction).
+- `uniform`: a uniformly narrower ResNet-20 (`width`), the width whose MACs
+  are nearest to `sfp_v1`'s.
+- `sfp_paper`: the reference code (per-layer choice, prune before training,
+  no hard epoch, L2).
+- `sfp_v1`: keras-sfp's previous defaults (group coupling, prune before
+  training, `hard_epochs=1`, L2).
+- `sfp_delay`: `sfp_v1` with `prune_at_start="auto"` (from scratch, the first
+  event is after the first epoch, so pruned filters can come back).
+- `sfp_l2bn`: `sfp_delay` with the BatchNormalization-aware criterion
+  `"l2_bn"`.
+- `sfp_l2bn_reset`: `sfp_l2bn` with `reset_momentum=True`.
+- `asfp`: `sfp_l2bn` with the asymptotic schedule.
+- `fpgm`: `sfp_l2bn` with the FPGM criterion.
+
+From a trained network (`trained/...`): each seed's `scratch/unpruned` model,
+fine-tuned for `finetune_epochs` at `train.FINE_TUNE_LEARNING_RATE`:
+- `unpruned`: fine-tuned without pruning (the reference to stay close to).
+- `hard_once`: prune once by L2 and fine-tune with frozen masks (Li et al.,
+  ICLR 2017): `hard_epochs` = all epochs.
+- `sfp_paper`, `sfp_v1`, `sfp_l2bn`, `fpgm` as above.
+
+Every seed starts all its configurations from the same initial weights (and
+the trained ones from the same trained network), so the comparison is paired.
+The short settings use a BatchNormalization momentum of 0.9 instead of
+Keras's 0.99: with 0.99 the moving statistics of a 128-step run lag the
+weights so far that a ResNet-20 with 87 % training accuracy scored 34 % on the
+test set, whatever the pruning.
+
+    python bench/accuracy.py                    # reduced: ~45 min on 2 CPU cores
+    KERAS_BACKEND=jax python bench/accuracy.py --setting=full   # a GPU
+
+Results go to `bench/results/accuracy_<setting>.{md,json,png}`; finished runs
+are kept in `runs/accuracy/<setting>/runs.jsonl`, so an interrupted benchmark
+resumes where it stopped.
+
+Not included: `tensorflow-model-optimization`'s `prune_low_magnitude` (it
+needs a `tf_keras` copy of the network; see the README's comparison).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_sfp  # noqa: E402
+import models  # noqa: E402
+import train  # noqa: E402
+
+SETTINGS = {
+    # 2 CPU cores: 4,000 training images, short schedules.
+    "reduced": dict(
+        train_limit=4000,
+        test_limit=2000,
+        epochs=4,
+        finetune_epochs=2,
+        rates=(0.3,),
+        sweep_rates=(0.5, 0.7),
+        sweep=("sfp_v1", "scratch_arch"),
+        bn_momentum=0.9,
+    ),
+    # Minutes: checks that the benchmark runs end to end.
+    "smoke": dict(
+        train_limit=256,
+        test_limit=128,
+        epochs=2,
+        finetune_epochs=2,
+        rates=(0.3,),
+        sweep_rates=(0.5,),
+        sweep=("sfp_v1", "scratch_arch", "uniform"),
+        bn_momentum=0.9,
+    ),
+    # A GPU: the full data, every configuration at every rate.
+    "full": dict(
+        train_limit=0,
+        test_limit=0,
+        epochs=30,
+        finetune_epochs=10,
+        rates=(0.3, 0.5, 0.7),
+        sweep_rates=(),
+        sweep=(),
+        bn_momentum=0.99,
+    ),
+}
+
+# name -> TrainConfig overrides (applied on top of the setting's).
+_PAPER = dict(coupling="layer", hard_epochs=0, prune_at_start="true", criterion="l2")
+_V1 = dict(hard_epochs=1, prune_at_start="true", criterion="l2")
+_BN = dict(hard_epochs=1, prune_at_start="auto", criterion="l2_bn")
+UNPRUNED = dict(rate=0.0, hard_epochs=0)
+SCRATCH = {
+    "unpruned": UNPRUNED,
+    "scratch_arch": UNPRUNED,
+    "uniform": UNPRUNED,
+    "sfp_paper": _PAPER,
+    "sfp_v1": _V1,
+    "sfp_delay": dict(_V1, prune_at_start="auto"),
+    "sfp_l2bn": _BN,
+    "sfp_l2bn_reset": dict(_BN, reset_momentum=True),
+    "asfp": dict(_BN, schedule="asymptotic"),
+    "fpgm": dict(_BN, criterion="fpgm"),
+}
+TRAINED = {
+    "unpruned": UNPRUNED,
+    "hard_once": dict(prune_at_start="true", criterion="l2", hard_epochs=None),
+    "sfp_paper": _PAPER,
+    "sfp_v1": _V1,
+    "sfp_l2bn": _BN,
+    "fpgm": dict(_BN, criterion="fpgm"),
+}
+# The configuration whose deployed architecture `scratch_arch` retrains and
+# whose MACs `uniform` matches (every group-coupled configuration at one rate
+# deploys the same MACs).
+REFERENCE = "sfp_v1"
+
+_SETTING = flags.DEFINE_enum("setting", "reduced", list(SETTINGS), "Setting.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these `start/name` configurations.")
+_ROOT = flags.DEFINE_string("root", "runs/accuracy", "Where runs are written.")
+_RESULTS = flags.DEFINE_string("results", "bench/results", "Where tables go.")
+
+
+def _width_for(kept_fraction: float, input_shape, num_classes) -> float:
+    """The ResNet-20 width whose MACs fraction is nearest `kept_fraction`.
+
+    MACs grow with the width, so a bisection over widths (a dozen builds)
+    brackets the target; the nearer end of the bracket wins.
+    """
+    full = keras_sfp.count_flops(models.cifar_resnet(20, input_shape, num_classes))
+
+    def fraction(width: float) -> float:
+        model = models.cifar_resnet(20, input_shape, num_classes, width=width)
+        return keras_sfp.count_flops(model) / full
+
+    low, high = 1.0 / min(models.resnet.STAGE_FILTERS), 1.0
+    for _ in range(12):
+        middle = 0.5 * (low + high)
+        if fraction(middle) < kept_fraction:
+            low = middle
+        else:
+            high = middle
+    return min((low, high), key=lambda w: abs(fraction(w) - kept_fraction))
+
+
+def _fresh_copy(model: keras.Model, seed: int, path: str, bn_momentum=None) -> str:
+    """Saves a freshly initialised copy of `model` to `path`."""
+    keras.utils.set_random_seed(seed)
+    copy = keras.models.clone_model(model)
+    for layer in copy.layers:
+        if bn_momentum is not None and isinstance(
+            layer, keras.layers.BatchNormalization
+        ):
+            layer.momentum = bn_momentum
+    copy.save(path)
+    return path
+
+
+def _summary(results: dict, full_macs: int) -> dict:
+    history = results["history"]
+    revived = history.get("sfp_revived", [])
+    return {
+        "deployed": results["shrunk"]["accuracy"],
+        "soft_masked": results["soft_masked"]["accuracy"],
+        # Of the full ResNet-20 (`scratch_arch` and `uniform` start narrower).
+        "kept_macs": results["shrunk"]["macs"] / full_macs,
+        "macs": results["shrunk"]["macs"],
+        "revived": [int(r) for r in revived],
+        "train_loss": history.get("loss", [None])[-1],
+        "seconds": results["train_seconds"],
+    }
+
+
+class Runner:
+    def __init__(self, setting: str, root: str):
+        self.setting = setting
+        self.params = SETTINGS[setting]
+        self.root = os.path.join(root, setting)
+        os.makedirs(self.root, exist_ok=True)
+        self.log = os.path.join(self.root, "runs.jsonl")
+        self.done = {}
+        if os.path.exists(self.log):
+            with open(self.log) as f:
+                for line in f:
+                    row = json.loads(line)
+                    self.done[row["key"]] = row
+        self.data = None
+
+    def key(self, start, name, rate, seed) -> str:
+        return f"{start}/{name}/r{rate}/s{seed}"
+
+    def run(self, start, name, rate, seed, overrides, init_from=None) -> dict:
+        key = self.key(start, name, rate, seed)
+        if key in self.done:
+            return self.done[key]
+        p = self.params
+        epochs = p["finetune_epochs"] if start == "trained" else p["epochs"]
+        overrides = dict(overrides)
+        if overrides.get("hard_epochs", 0) is None:
+            overrides["hard_epochs"] = epochs
+        if overrides.get("rate", rate) != 0.0:
+            overrides["rate"] = rate
+        learning_rate = (
+            train.FINE_TUNE_LEARNING_RATE if start == "trained" else train.LEARNING_RATE
+        )
+        config = train.TrainConfig(
+            epochs=epochs,
+            train_limit=p["train_limit"],
+            test_limit=p["test_limit"],
+            learning_rate=learning_rate,
+            seed=seed,
+            init_from=init_from,
+            latency_runs=0,
+            export="",
+            verbose=0,
+            output_dir=os.path.join(self.root, key.replace("/", "_")),
+            **overrides,
+        )
+        began = time.perf_counter()
+        results = train.train_and_evaluate(config)
+        row = {
+            "key": key,
+            "start": start,
+            "name": name,
+            "rate": rate,
+            "seed": seed,
+            "options": {k: v for k, v in overrides.items()},
+            "output_dir": config.resolved_output_dir(),
+            "wall_seconds": time.perf_counter() - began,
+            **_summary(results, self.full_macs()),
+        }
+        with open(self.log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done[key] = row
+        print(json.dumps({k: row[k] for k in ("key", "deployed", "kept_macs")}))
+        return row
+
+    def initial(self, seed: int) -> str:
+        """The seed's initial ResNet-20, shared by its from-scratch runs."""
+        path = os.path.join(self.root, f"init_s{seed}.keras")
+        if not os.path.exists(path):
+            data = self.dataset()
+            model = models.cifar_resnet(
+                20,
+                data.input_shape,
+                data.num_classes,
+                weight_decay=train.TrainConfig().weight_decay,
+            )
+            _fresh_copy(model, seed, path, self.params["bn_momentum"])
+        return path
+
+    def full_macs(self) -> int:
+        data = self.dataset()
+        model = models.cifar_resnet(20, data.input_shape, data.num_classes)
+        return keras_sfp.count_flops(model)
+
+    def dataset(self):
+        if self.data is None:
+            from keras_sfp import data as data_lib
+
+            self.data = data_lib.load_dataset("fashion_mnist", pipeline="numpy")
+        return self.data
+
+
+def _wanted(start, name) -> bool:
+    return not _ONLY.value or f"{start}/{name}" in _ONLY.value
+
+
+def _init_for(runner: Runner, start: str, name: str, rate: float, seed: int) -> str:
+    """The `.keras` file a run starts from (running what it depends on)."""
+    p, data = runner.params, runner.dataset()
+    if start == "trained":
+        trained = os.path.join(runner.root, f"trained_s{seed}.keras")
+        if not os.path.exists(trained):
+            unpruned = runner.run(
+                "scratch", "unpruned", 0.0, seed, UNPRUNED, runner.initial(seed)
+            )
+            wrapped = keras.saving.load_model(
+                os.path.join(unpruned["output_dir"], "pruned.keras"), compile=False
+            )
+            keras_sfp.strip_pruning(wrapped).save(trained)
+        return trained
+    if name not in ("scratch_arch", "uniform"):
+        return runner.initial(seed)
+    path = os.path.join(runner.root, f"init_{name}_r{rate}_s{seed}.keras")
+    if os.path.exists(path):
+        return path
+    ours = runner.run(
+        "scratch", REFERENCE, rate, seed, SCRATCH[REFERENCE], runner.initial(seed)
+    )
+    if name == "scratch_arch":
+        model = keras.saving.load_model(
+            os.path.join(ours["output_dir"], "shrunk.keras"), compile=False
+        )
+    else:
+        width = _width_for(ours["kept_macs"], data.input_shape, data.num_classes)
+        model = models.cifar_resnet(
+            20,
+            data.input_shape,
+            data.num_classes,
+            weight_decay=train.TrainConfig().weight_decay,
+            width=width,
+        )
+    return _fresh_copy(model, seed, path, p["bn_momentum"])
+
+
+def jobs(params) -> tuple[list, list]:
+    """Two phases of `(start, name, rate)`: the comparisons that choose the
+    defaults, then the other baselines and the sweep."""
+    first = [
+        ("scratch", "unpruned", 0.0),
+        ("scratch", REFERENCE, None),
+        ("scratch", "scratch_arch", None),
+        ("scratch", "sfp_paper", None),
+        ("scratch", "sfp_l2bn", None),
+        ("trained", "unpruned", 0.0),
+        ("trained", "hard_once", None),
+        ("trained", "sfp_v1", None),
+        ("trained", "sfp_l2bn", None),
+    ]
+    order = []
+    for rate in params["rates"]:
+        order += [(s, n, rate if r is None else r) for s, n, r in first]
+        order += [("scratch", n, 0.0 if n == "unpruned" else rate) for n in SCRATCH]
+        order += [("trained", n, rate) for n in TRAINED if n != "unpruned"]
+    for rate in params["sweep_rates"]:
+        order += [("scratch", n, rate) for n in params["sweep"]]
+    rest = []
+    for job in order:
+        if job not in rest and job not in order[: len(first)]:
+            rest.append(job)
+    return order[: len(first)], rest
+
+
+def run_all(runner: Runner, seeds) -> None:
+    # Every seed of the first phase before any of the second.
+    for phase in jobs(runner.params):
+        for seed in seeds:
+            for start, name, rate in phase:
+                if not _wanted(start, name):
+                    continue
+                overrides = (SCRATCH if start == "scratch" else TRAINED)[name]
+                init_from = _init_for(runner, start, name, rate, seed)
+                runner.run(start, name, rate, seed, overrides, init_from)
+
+
+def aggregate(rows) -> list[dict]:
+    groups = {}
+    for row in rows:
+        rate = 0.0 if row["name"] == "unpruned" else row["rate"]
+        groups.setdefault((row["start"], row["name"], rate), []).append(row)
+    table = []
+    for (start, name, rate), members in groups.items():
+        deployed = np.array([m["deployed"] for m in members]) * 100
+        soft = np.array([m["soft_masked"] for m in members]) * 100
+        # Filters brought back, summed over the run's logged events.
+        revived = [float(np.sum(m["revived"])) for m in members]
+        table.append(
+            {
+                "start": start,
+                "name": name,
+                "rate": rate,
+                "seeds": len(members),
+                "deployed_mean": float(deployed.mean()),
+                "deployed_std": float(deployed.std(ddof=1))
+                if len(members) > 1
+                else 0.0,
+                "soft_mean": float(soft.mean()),
+                "gap": float((soft - deployed).mean()),
+                "kept_macs": float(np.mean([m["kept_macs"] for m in members])),
+                "revived": float(np.mean(revived)),
+                "seconds": float(np.mean([m["seconds"] for m in members])),
+            }
+        )
+    order = {"scratch": list(SCRATCH), "trained": list(TRAINED)}
+    table.sort(
+        key=lambda r: (
+            r["start"] != "scratch",
+            r["rate"],
+            order[r["start"]].index(r["name"]),
+        )
+    )
+    return table
+
+
+def markdown(table, setting, params, device) -> str:
+    lines = [
+        f"# Accuracy at equal MACs ({setting} setting, {device})",
+        "",
+        f"ResNet-20, Fashion-MNIST, {params['train_limit'] or 'all'} training and "
+        f"{params['test_limit'] or 'all'} test images; from scratch "
+        f"{params['epochs']} epochs at lr {train.LEARNING_RATE}, from a trained "
+        f"network {params['finetune_epochs']} epochs at lr "
+        f"{train.FINE_TUNE_LEARNING_RATE} (cosine). Accuracy in %, mean +- "
+        "standard deviation over seeds. `revived`: filters pruned at one event and "
+        "kept at the next, summed over the run (the churn of the pruned set).",
+        "",
+        "| start | configuration | rate | seeds | deployed acc | soft-masked acc "
+        "| soft - deployed | MACs kept | revived | train s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['start']} | {r['name']} | {r['rate']:.1f} | {r['seeds']} | "
+            f"{r['deployed_mean']:.2f} +- {r['deployed_std']:.2f} | "
+            f"{r['soft_mean']:.2f} | {r['gap']:+.2f} | {100 * r['kept_macs']:.1f}% | "
+            f"{r['revived']:.1f} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(table, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    starts = ("scratch", "trained")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, start in zip(axes, starts):
+        names = sorted({r["name"] for r in table if r["start"] == start})
+        for name in names:
+            rows = sorted(
+                (r for r in table if r["start"] == start and r["name"] == name),
+                key=lambda r: r["kept_macs"],
+            )
+            x = [100 * r["kept_macs"] for r in rows]
+            y = [r["deployed_mean"] for r in rows]
+            e = [r["deployed_std"] for r in rows]
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=name)
+        ax.set_title(
+            f"from {start}" if start == "scratch" else "from a trained network"
+        )
+        ax.set_xlabel("MACs kept (%)")
+        ax.set_ylabel("deployed test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    setting = _SETTING.value
+    runner = Runner(setting, _ROOT.value)
+    run_all(runner, [int(s) for s in _SEEDS.value])
+    from keras_sfp import latency
+
+    table = aggregate(runner.done.values())
+    device = f"Keras {keras.backend.backend()} on {latency.device_name()}"
+    os.makedirs(_RESULTS.value, exist_ok=True)
+    base = os.path.join(_RESULTS.value, f"accuracy_{setting}")
+    with open(base + ".md", "w") as f:
+        f.write(markdown(table, setting, runner.params, device))
+    with open(base + ".json", "w") as f:
+        json.dump(
+            {
+                "device": device,
+                "setting": runner.params,
+                "table": table,
+                "runs": list(runner.done.values()),
+            },
+            f,
+            indent=1,
+        )
+    plot(table, base + ".png")
+    print(markdown(table, setting, runner.params, device))
+
+
+if __name__ == "__main__":
+    app.run(main)
