@@ -38,7 +38,7 @@ Keras's 0.99: with 0.99 the moving statistics of a 128-step run lag the
 weights so far that a ResNet-20 with 87 % training accuracy scored 34 % on the
 test set, whatever the pruning.
 
-    python bench/accuracy.py                    # reduced: ~45 min on 2 CPU cores
+    python bench/accuracy.py                    # reduced: ~2 hours on 2 CPU cores
     KERAS_BACKEND=jax python bench/accuracy.py --setting=full   # a GPU
 
 Results go to `bench/results/accuracy_<setting>.{md,json,png}`; finished runs
