@@ -478,10 +478,8 @@ def _history(history: keras.callbacks.History) -> dict[str, list[float]]:
 def _ends_in_softmax(model: keras.Model) -> bool:
     last = model.outputs[0]._keras_history.operation
     activation = getattr(last, "activation", None)
-    return (
-        activation is keras.activations.softmax
-        or (getattr(activation, "__name__", None) == "softmax")
-        or isinstance(last, keras.layers.Softmax)
+    return isinstance(last, keras.layers.Softmax) or (
+        getattr(activation, "__name__", None) == "softmax"
     )
 
 

@@ -51,6 +51,7 @@ needs a `tf_keras` copy of the network; see the README's comparison).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -166,11 +167,10 @@ def _fresh_copy(model: keras.Model, seed: int, path: str, bn_momentum=None) -> s
     """Saves a freshly initialised copy of `model` to `path`."""
     keras.utils.set_random_seed(seed)
     copy = keras.models.clone_model(model)
-    for layer in copy.layers:
-        if bn_momentum is not None and isinstance(
-            layer, keras.layers.BatchNormalization
-        ):
-            layer.momentum = bn_momentum
+    if bn_momentum is not None:
+        for layer in copy.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
     copy.save(path)
     return path
 
@@ -268,10 +268,15 @@ class Runner:
             _fresh_copy(model, seed, path, self.params["bn_momentum"])
         return path
 
-    def full_macs(self) -> int:
+    @functools.cached_property
+    def _full_macs(self) -> int:
         data = self.dataset()
         model = models.cifar_resnet(20, data.input_shape, data.num_classes)
         return keras_sfp.count_flops(model)
+
+    def full_macs(self) -> int:
+        """MACs of the full ResNet-20 (built once)."""
+        return self._full_macs
 
     def dataset(self):
         if self.data is None:

@@ -331,10 +331,11 @@ class SoftFilterPrune(keras.callbacks.Callback):
             return True  # the hard epoch needs masks to enforce
         if self.prune_at_start != "auto":
             return self.prune_at_start
+        layers = [unwrap(layer) for layer in self.model.layers]
         batch_norms = [
-            unwrap(layer)
-            for layer in self.model.layers
-            if isinstance(unwrap(layer), keras.layers.BatchNormalization)
+            layer
+            for layer in layers
+            if isinstance(layer, keras.layers.BatchNormalization)
         ]
         return not batch_norms or any(
             np.any(keras.ops.convert_to_numpy(bn.moving_mean) != 0)
