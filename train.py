@@ -97,8 +97,11 @@ class TrainConfig:
         weight_decay: Coefficient of the L2 kernel regularizer of the model
             (Keras semantics: half of PyTorch's SGD `weight_decay`). Defaults
             to 2.5e-4 (the paper's 5e-4).
-        rate: Fraction of the filters of each channel group to prune.
-            Defaults to 0.3.
+        rate: Fraction of the filters of each channel group to prune; None
+            means 0.3 (or the rate that reaches `target_macs`). Defaults to
+            None.
+        target_macs: Fraction of the model's MACs to keep instead of a
+            `rate` (`prune_filters(target_macs=...)`). Defaults to None.
         criterion: `"l2"`, `"l1"`, `"fpgm"` or `"l2_bn"` (see
             `keras_sfp.criteria`). Defaults to `"l2"`.
         coupling: `"group"` or `"layer"`. Defaults to `"group"`.
@@ -123,8 +126,8 @@ class TrainConfig:
             its masks). Its input and output must fit the dataset; its
             architecture and regularizers replace `model` and
             `weight_decay`. None trains from scratch. Defaults to None.
-        round_to: Kept channel counts are rounded up to a multiple of this.
-            Defaults to 1.
+        round_to: Kept channel counts are multiples of this, balanced
+            across groups (see `prune_filters`). Defaults to 8.
         augment: Pad-crop-flip augmentation of the training images. Defaults
             to False.
         distribute: `"none"`, `"mirrored"` (`tf.distribute.MirroredStrategy`
@@ -161,7 +164,8 @@ class TrainConfig:
     learning_rate: float | None = None
     lr_schedule: str = "cosine"
     weight_decay: float = 2.5e-4
-    rate: float = 0.3
+    rate: float | None = None
+    target_macs: float | None = None
     criterion: str = "l2"
     coupling: str = "group"
     schedule: str = "constant"
@@ -169,7 +173,7 @@ class TrainConfig:
     prune_at_start: str = "true"
     reset_momentum: bool = False
     init_from: str | None = None
-    round_to: int = 1
+    round_to: int = 8
     augment: bool = False
     distribute: str = "none"
     input_pipeline: str = "auto"
@@ -227,8 +231,22 @@ class TrainConfig:
                 "`hard_epochs` must be at most `epochs`. Received: "
                 f"hard_epochs={self.hard_epochs!r} with epochs={self.epochs!r}"
             )
-        if not 0.0 <= self.rate < 1.0:
+        if self.rate is not None and not 0.0 <= self.rate < 1.0:
             raise ValueError(f"`rate` must be in [0, 1). Received: rate={self.rate!r}")
+        if self.target_macs is not None and (
+            isinstance(self.target_macs, bool)
+            or not isinstance(self.target_macs, (int, float))
+            or not 0.0 < self.target_macs <= 1.0
+        ):
+            raise ValueError(
+                "`target_macs` must be in (0, 1]. "
+                f"Received: target_macs={self.target_macs!r}"
+            )
+        if self.rate is not None and self.target_macs is not None:
+            raise ValueError(
+                "Pass `rate` or `target_macs`, not both. Received: "
+                f"rate={self.rate!r}, target_macs={self.target_macs!r}"
+            )
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(
                 "`learning_rate` must be > 0. "
@@ -411,6 +429,7 @@ def format_table(results: dict[str, Any]) -> str:
         "params",
         "MACs",
         "ms/batch",
+        "MACs ratio",
         "speedup",
     )
     rows = [header]
@@ -426,6 +445,7 @@ def format_table(results: dict[str, Any]) -> str:
                 _fmt(entry["params"], ","),
                 _fmt(entry["macs"], ","),
                 _fmt(entry["ms_per_batch"], ".2f"),
+                f"{original['macs'] / entry['macs']:.2f}x",
                 "-" if entry["speedup"] is None else f"{entry['speedup']:.2f}x",
             )
         )
@@ -443,7 +463,32 @@ def format_table(results: dict[str, Any]) -> str:
         f"kept params: {results['kept_param_fraction']:.1%}  "
         f"(batch {results['config']['batch_size']}, {results['device']})"
     )
+    ratio = original["macs"] / shrunk["macs"]
+    for artifact, entry in _artifact_speedups(results.get("export")).items():
+        lines.append(
+            f"{artifact}: speedup "
+            + ", ".join(f"{s:.2f}x at batch {b}" for b, s in entry.items())
+            + f" for a MACs ratio of {ratio:.2f}x"
+        )
     return "\n".join(lines)
+
+
+def _artifact_speedups(metrics) -> dict[str, dict[str, float]]:
+    """`{artifact: {batch: original ms / shrunk ms}}` of exported artifacts."""
+    if not metrics:
+        return {}
+    models = metrics["models"]
+    speedups = {}
+    for artifact, entry in models.get("shrunk", {}).get("artifacts", {}).items():
+        base = models.get("original", {}).get("artifacts", {}).get(artifact)
+        if artifact == "keras" or not base or not entry["latency_ms"]:
+            continue  # the Keras model is timed in the table above
+        speedups[artifact] = {
+            b: base["latency_ms"][b] / ms
+            for b, ms in entry["latency_ms"].items()
+            if b in (base["latency_ms"] or {})
+        }
+    return speedups
 
 
 def _callbacks(config: TrainConfig, output_dir: str) -> tuple[list, str | None]:
@@ -511,7 +556,6 @@ def _check_fits(model: keras.Model, data, path: str) -> None:
 def _warn_ignored_settings(config: TrainConfig, wrapper) -> None:
     """A wrapped `init_from` keeps its own pruning settings: say which differ."""
     ours = {
-        "rate": config.rate,
         "criterion": config.criterion,
         "coupling": config.coupling,
         "round_to": config.round_to,
@@ -522,6 +566,11 @@ def _warn_ignored_settings(config: TrainConfig, wrapper) -> None:
         for name, value in ours.items()
         if value != getattr(wrapper, name)
     }
+    # `rate` and `target_macs` only when given (None: the default rate).
+    if config.rate is not None and config.rate != wrapper.rate:
+        differ["rate"] = (config.rate, wrapper.rate)
+    if config.target_macs is not None:
+        differ["target_macs"] = (config.target_macs, f"rate {wrapper.rate}")
     logging.warning(
         "%s is already wrapped for pruning: training continues with its masks "
         "and its own pruning settings%s",
@@ -562,6 +611,7 @@ def initial_models(config: TrainConfig, data) -> tuple[keras.Model, keras.Model]
     pruned = keras_sfp.prune_filters(
         model,
         rate=config.rate,
+        target_macs=config.target_macs,
         criterion=config.criterion,
         schedule=pruning_schedule(config),
         coupling=config.coupling,
@@ -688,7 +738,10 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
     export = config.resolved_export()
     if keras.backend.backend() == "tensorflow":
         artifacts["saved_model"] = os.path.join(output_dir, "saved_model")
-        shrunk.export(artifacts["saved_model"], format="tf_saved_model", verbose=False)
+        with _tensorflow.quiet_info_logs():
+            shrunk.export(
+                artifacts["saved_model"], format="tf_saved_model", verbose=False
+            )
     else:
         logging.warning(
             "Keras runs on %s: no SavedModel or TFLite artifacts (they trace a "
@@ -713,6 +766,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
             "output_dir": output_dir,
             "export": export,
             "learning_rate": config.resolved_learning_rate(),
+            "rate": keras_sfp.prune.wrappers(pruned)[0].rate,
             "hard_epochs": config.resolved_hard_epochs(),
             "init_from": config.init_from and os.fspath(config.init_from),
             "backend": keras.backend.backend(),
@@ -752,12 +806,12 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "artifacts": artifacts,
     }
-    results["table"] = format_table(results)
     if export:
         artifacts["export"] = os.path.join(output_dir, "export")
         results["export"] = export_artifacts(
             config, data, pruned, shrunk, artifacts["export"]
         )
+    results["table"] = format_table(results)
     with open(artifacts["results"], "w") as f:
         json.dump(results, f, indent=2)
     print(results["table"])
@@ -819,7 +873,12 @@ def _define_flags() -> None:
     flags.DEFINE_float(
         "weight_decay", d.weight_decay, "L2 kernel regularizer (Keras semantics)."
     )
-    flags.DEFINE_float("rate", d.rate, "Fraction of filters pruned per group.")
+    flags.DEFINE_float(
+        "rate", d.rate, "Fraction of filters pruned per group (default 0.3)."
+    )
+    flags.DEFINE_float(
+        "target_macs", d.target_macs, "Fraction of MACs to keep, instead of --rate."
+    )
     flags.DEFINE_enum("criterion", d.criterion, CRITERIA, "Filter criterion.")
     flags.DEFINE_enum("coupling", d.coupling, COUPLINGS, "Residual coupling.")
     flags.DEFINE_enum(
@@ -844,7 +903,7 @@ def _define_flags() -> None:
         "init_from", d.init_from, "A trained .keras model to fine-tune with SFP."
     )
     flags.DEFINE_integer(
-        "round_to", d.round_to, "Round kept channels up to a multiple.", lower_bound=1
+        "round_to", d.round_to, "Kept channels are multiples of this.", lower_bound=1
     )
     flags.DEFINE_bool("augment", d.augment, "Pad-crop-flip augmentation.")
     flags.DEFINE_enum("distribute", d.distribute, DISTRIBUTE, "Distribution strategy.")

@@ -105,9 +105,14 @@ SETTINGS = {
 }
 
 # name -> TrainConfig overrides (applied on top of the setting's).
-_PAPER = dict(coupling="layer", hard_epochs=0, prune_at_start="true", criterion="l2")
-_V1 = dict(hard_epochs=1, prune_at_start="true", criterion="l2")
-_BN = dict(hard_epochs=1, prune_at_start="auto", criterion="l2_bn")
+# The comparisons use the paper's kept counts (`round_to=1`, the default
+# when they were measured); `sfp_r8` is `sfp_v1` with the counts of today's
+# default (multiples of 8, balanced across groups).
+_PAPER = dict(
+    coupling="layer", hard_epochs=0, prune_at_start="true", criterion="l2", round_to=1
+)
+_V1 = dict(hard_epochs=1, prune_at_start="true", criterion="l2", round_to=1)
+_BN = dict(hard_epochs=1, prune_at_start="auto", criterion="l2_bn", round_to=1)
 UNPRUNED = dict(rate=0.0, hard_epochs=0)
 SCRATCH = {
     "unpruned": UNPRUNED,
@@ -115,6 +120,7 @@ SCRATCH = {
     "uniform": UNPRUNED,
     "sfp_paper": _PAPER,
     "sfp_v1": _V1,
+    "sfp_r8": dict(_V1, round_to=8),
     "sfp_delay": dict(_V1, prune_at_start="auto"),
     "sfp_l2bn": _BN,
     "sfp_l2bn_reset": dict(_BN, reset_momentum=True),
@@ -123,7 +129,9 @@ SCRATCH = {
 }
 TRAINED = {
     "unpruned": UNPRUNED,
-    "hard_once": dict(prune_at_start="true", criterion="l2", hard_epochs=None),
+    "hard_once": dict(
+        prune_at_start="true", criterion="l2", hard_epochs=None, round_to=1
+    ),
     "sfp_paper": _PAPER,
     "sfp_v1": _V1,
     "sfp_l2bn": _BN,

@@ -8,7 +8,9 @@ strategies need TensorFlow; they import it through `import_tensorflow`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 
 import keras
 
@@ -60,3 +62,35 @@ def require_tensorflow_backend(feature: str) -> None:
             "`KERAS_BACKEND=tensorflow python -m keras_sfp.deploy "
             "--model=shrunk.keras --output_dir=export`."
         )
+
+
+class _DropInfo(logging.Filter):
+    """Drops records below WARNING (a handler filter: it sees every logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+@contextlib.contextmanager
+def quiet_info_logs():
+    """Hides INFO logs inside the block; warnings and errors still show.
+
+    Writing a SavedModel or converting to TFLite logs a dozen INFO lines
+    (SavedModel builder, signature renames, sharding callbacks), through
+    TensorFlow's logger and absl's, whose levels TensorFlow manages itself;
+    a filter on every handler of those loggers and the root drops them.
+    """
+    from absl import logging as absl_logging
+
+    handlers = set(logging.getLogger().handlers)
+    handlers.update(logging.getLogger("tensorflow").handlers)
+    handlers.update(absl_logging.get_absl_logger().handlers)
+    handlers.add(absl_logging.get_absl_handler())
+    drop = _DropInfo()
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)

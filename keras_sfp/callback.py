@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import keras
 import numpy as np
 
+from keras_sfp import allocation
 from keras_sfp import criteria as criteria_lib
 from keras_sfp import prune as prune_lib
 from keras_sfp import schedules as schedules_lib
@@ -15,33 +15,18 @@ from keras_sfp.graph import ChannelGraph
 from keras_sfp.wrapper import FilterPruning, unwrap
 
 
-def num_pruned(channels: int, rate: float, round_to: int = 1) -> int:
-    """How many of `channels` to prune: floor(channels * rate), as the reference.
-
-    At least one channel is always kept, and with `round_to > 1` the kept count
-    is rounded up to a multiple of `round_to` (or to all channels).
-
-    Example:
-    >>> num_pruned(16, 0.3), num_pruned(10, 0.3), num_pruned(16, 0.3, round_to=8)
-    (4, 3, 0)
-    """
-    pruned = int(math.floor(channels * rate + 1e-9))
-    pruned = min(pruned, channels - 1)
-    kept = channels - pruned
-    if round_to > 1:
-        kept = min(channels, int(math.ceil(kept / round_to)) * round_to)
-    return channels - kept
-
-
 class SoftFilterPrune(keras.callbacks.Callback):
     """Soft Filter Pruning (He et al., IJCAI 2018) as a Keras callback.
 
     Before training and at the end of every epoch, each channel group of a
     model prepared by `prune_filters` is scored with its criterion (group
-    members' scores are summed) and the lowest `floor(channels * rate)`
-    channels are recorded in the masks and their filters' kernel and bias
-    slices set to zero. Nothing masks the forward pass or the gradients in
-    between: pruned filters keep training and can come back. When training
+    members' scores are summed) and its lowest-scoring channels are recorded
+    in the masks and their filters' kernel and bias slices set to zero: about
+    `floor(channels * rate)` of them, the kept counts rounded to multiples of
+    the wrappers' `round_to` and balanced across groups so that the model's
+    MACs stay those of the unrounded counts (`keras_sfp.allocation`).
+    Nothing masks the forward pass or the gradients in between: pruned
+    filters keep training and can come back. When training
     ends the model is pruned once more, so it is consistent with its masks.
 
     keras-sfp's defaults differ from the reference code where measurements
@@ -106,15 +91,15 @@ class SoftFilterPrune(keras.callbacks.Callback):
 
     Example:
     >>> inputs = keras.Input((8, 8, 1))
-    >>> x = keras.layers.Conv2D(10, 3, activation="relu")(inputs)
+    >>> x = keras.layers.Conv2D(32, 3, activation="relu")(inputs)
     >>> x = keras.layers.GlobalAveragePooling2D()(x)
     >>> model = keras.Model(inputs, keras.layers.Dense(2)(x))
     >>> pruned = prune_filters(model, rate=0.3)
     >>> pruned.compile("sgd", "mse")
     >>> history = pruned.fit(np.ones((4, 8, 8, 1)), np.ones((4, 2)), epochs=2,
     ...                      verbose=0, callbacks=[SoftFilterPrune()])
-    >>> history.history["sfp_pruned"]
-    [3, 3]
+    >>> history.history["sfp_pruned"]  # 32 - 23 kept, rounded to 24 (round_to=8)
+    [8, 8]
     """
 
     def __init__(
@@ -153,6 +138,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
         self._hard = None
         self._last_epoch = None
         self._warned_slots = False
+        self._warned_rounding = False
 
     # -- set-up --------------------------------------------------------------
     def set_model(self, model):
@@ -173,19 +159,27 @@ class SoftFilterPrune(keras.callbacks.Callback):
         # Units: lists of (wrapper, start, length) slices of output channels
         # pruned with the same indices (a wrapper's whole output, unless a
         # merge split it between groups).
-        units = []
-        for group in graph.groups():
-            members = [m for m in group.members if isinstance(m[0], FilterPruning)]
-            if not members:
-                continue
-            if first.coupling == "layer":
-                units.extend([m] for m in members)
-            elif group.prunable and len(members) == len(group.members):
-                units.append(members)
+        if first.coupling == "layer":
+            units = [
+                [m]
+                for group in graph.groups()
+                for m in group.members
+                if isinstance(m[0], FilterPruning)
+            ]
+            # Pruned residual channels are not all removable: each unit
+            # rounds alone, without a MACs model.
+            mac_model = None
+        else:
+            groups = allocation.pruned_groups(graph)
+            units = [list(group.members) for group in groups]
+            mac_model = allocation.MacModel(graph, groups) if groups else None
         self._plan = {
             "graph": graph,
             "batch_norms": _batch_norms_after(graph),
             "units": units,
+            "lengths": [unit[0][2] for unit in units],
+            "mac_model": mac_model,
+            "kept": {},  # rate -> kept counts per unit
             "wrappers": wrapped,
             "config": first,
             "schedule": schedules_lib.get(first.schedule, first.rate),
@@ -258,6 +252,15 @@ class SoftFilterPrune(keras.callbacks.Callback):
                 stacklevel=2,
             )
 
+    def _kept(self, rate: float, round_to: int) -> np.ndarray:
+        """Channels each unit keeps at `rate` (`allocation.balanced_kept`)."""
+        cache = self._plan["kept"]
+        if rate not in cache:
+            cache[rate] = allocation.balanced_kept(
+                self._plan["mac_model"], self._plan["lengths"], rate, round_to
+            )
+        return cache[rate]
+
     def prune(self, epoch: int, rescore: bool = True) -> dict:
         """Runs one prune event and returns its log entries."""
         if self._plan is None:
@@ -266,14 +269,15 @@ class SoftFilterPrune(keras.callbacks.Callback):
         rate = self._rate(epoch)
         pruned = revived = 0
         masks = {}  # id(wrapper) -> (wrapper, new full mask)
-        for unit in self._plan["units"]:
+        kept = self._kept(rate, config.round_to)
+        for unit, unit_kept in zip(self._plan["units"], kept):
             wrapper, start, length = unit[0]
             stop = start + length
             previous = wrapper.mask[start:stop]
             first_event = wrapper.last_event < -1
             if rescore:
                 scores = sum(self._score(m, config.criterion) for m in unit)
-                n = num_pruned(len(scores), rate, config.round_to)
+                n = len(scores) - int(unit_kept)
                 mask = np.ones(len(scores), dtype="float32")
                 mask[np.argsort(scores, kind="stable")[:n]] = 0.0
             else:
@@ -296,6 +300,15 @@ class SoftFilterPrune(keras.callbacks.Callback):
             member.kernel.assign(keras.ops.convert_to_numpy(member.kernel) * mask)
             if member.bias is not None:
                 member.bias.assign(keras.ops.convert_to_numpy(member.bias) * mask)
+        if rescore and rate > 0 and pruned == 0 and not self._warned_rounding:
+            self._warned_rounding = True
+            warnings.warn(
+                f"SoftFilterPrune pruned nothing at rate {rate:.3f}: with "
+                f"round_to={config.round_to} every group keeps all its channels "
+                f"(widths {sorted(set(self._plan['lengths']))}). Pass a smaller "
+                "`round_to` to prune_filters.",
+                stacklevel=2,
+            )
         if self.reset_momentum:
             self._reset_slots(list(masks.values()))
         if changed and self._plan["wrappers"][0].hard:

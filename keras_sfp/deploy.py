@@ -180,6 +180,15 @@ def _accuracy(run: Callable, x: np.ndarray, y: np.ndarray) -> float:
     return correct / len(x)
 
 
+def _latency_cell(latency: Mapping, base: Mapping, batch: str) -> str:
+    """`ms`, and `ms (speedup)` for a model timed beside another."""
+    if batch not in latency:
+        return "-"
+    if base is latency or batch not in base:
+        return f"{latency[batch]:.2f}"
+    return f"{latency[batch]:.2f} ({base[batch] / latency[batch]:.2f}x)"
+
+
 def format_metrics_table(metrics: Mapping[str, Any]) -> str:
     """The plain-text table of `export_and_measure`'s metrics.
 
@@ -198,21 +207,20 @@ def format_metrics_table(metrics: Mapping[str, Any]) -> str:
         name for entry in metrics["models"].values() for name in entry["artifacts"]
     )
     for artifact in artifact_names:
+        base = None  # the artifact's first model: the others' speedup is to it
         for model_name, entry in metrics["models"].items():
             a = entry["artifacts"].get(artifact)
             if a is None:
                 continue
             latency = a["latency_ms"] or {}
+            base = latency if base is None else base
             rows.append(
                 (
                     artifact,
                     model_name,
                     f"{a['size_bytes'] / 1024:,.1f}",
                     f"{a['accuracy']:.4f}",
-                    *(
-                        "-" if str(b) not in latency else f"{latency[str(b)]:.2f}"
-                        for b in batch_sizes
-                    ),
+                    *(_latency_cell(latency, base, str(b)) for b in batch_sizes),
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

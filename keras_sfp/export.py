@@ -32,7 +32,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_sfp._tensorflow import import_tensorflow, require_tensorflow_backend
+from keras_sfp._tensorflow import (
+    import_tensorflow,
+    quiet_info_logs,
+    require_tensorflow_backend,
+)
 
 tf = import_tensorflow("SavedModel and TFLite export (keras_sfp.export)")
 
@@ -107,7 +111,8 @@ def _write_saved_model(
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(SERVING_SIGNATURE, serve, input_signature=[spec])
-    archive.write_out(directory, verbose=False)
+    with quiet_info_logs():
+        archive.write_out(directory, verbose=False)
 
 
 def _next_version(export_dir: str) -> int:
@@ -399,7 +404,8 @@ def export_tflite(
             if integer_io:
                 converter.inference_input_type = tf.int8
                 converter.inference_output_type = tf.int8
-        flatbuffer = converter.convert()
+        with quiet_info_logs():
+            flatbuffer = converter.convert()
         staged = os.path.join(staging, "model.tflite")
         with open(staged, "wb") as f:
             f.write(flatbuffer)

@@ -15,32 +15,44 @@ def _spatial(tensor) -> int:
     return int(np.prod(tensor.shape[1:-1]))
 
 
-def _conv_macs(layer, node) -> int:
+def mac_terms(layer, node) -> list[tuple[float, bool, bool]]:
+    """The multiply-accumulates of one call as terms `coef * C_in^a * C_out^b`.
+
+    `C_in` is the channel count of the call's input, `C_out` of its output;
+    each term is `(coef, a, b)` with `a`, `b` booleans. Counting MACs from
+    these terms with the tensors' channel counts gives `count_flops`; with
+    the channel counts a pruning would leave, it gives the pruned model's
+    MACs (`keras_sfp.allocation`). Layers that are not counted give `[]`.
+    """
+    layer = unwrap(layer)
+    if isinstance(layer, L.Dense):
+        return [(float(np.prod(node.inputs[0].shape[1:-1])), True, True)]
+    if not isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D)):
+        return []
     kh, kw = layer.kernel_size
+    window = float(_spatial(node.outputs[0]) * kh * kw)
+    if isinstance(layer, L.SeparableConv2D):
+        dm = layer.depth_multiplier
+        return [(window * dm, True, False), (window / (kh * kw) * dm, True, True)]
+    if isinstance(layer, L.DepthwiseConv2D):
+        return [(window * layer.depth_multiplier, True, False)]
     cin = node.inputs[0].shape[-1]
-    return _spatial(node.outputs[0]) * kh * kw * (cin // layer.groups) * layer.filters
+    if 1 < layer.groups == cin == layer.filters:
+        # The depthwise form: one channel per group, so `shrink` keeps
+        # `groups` equal to the kept channels and the cost is linear in them.
+        return [(window, True, False)]
+    return [(window / layer.groups, True, True)]
 
 
 def _macs(layer, node) -> int:
-    layer = unwrap(layer)
-    if isinstance(layer, L.SeparableConv2D):
-        kh, kw = layer.kernel_size
-        cin = node.inputs[0].shape[-1]
-        out = _spatial(node.outputs[0])
-        depthwise = out * kh * kw * cin * layer.depth_multiplier
-        return depthwise + out * cin * layer.depth_multiplier * layer.filters
-    if isinstance(layer, L.DepthwiseConv2D):
-        kh, kw = layer.kernel_size
-        cin = node.inputs[0].shape[-1]
-        return _spatial(node.outputs[0]) * kh * kw * cin * layer.depth_multiplier
-    if isinstance(layer, L.Conv2D):
-        return _conv_macs(layer, node)
-    if isinstance(layer, L.Dense):
-        rows = int(np.prod(node.inputs[0].shape[1:-1]))
-        return rows * node.inputs[0].shape[-1] * layer.units
-    if isinstance(layer, keras.Model) and _keras_graph.is_graph_model(layer):
-        return count_flops(layer)
-    return 0
+    inner = unwrap(layer)
+    if isinstance(inner, keras.Model) and _keras_graph.is_graph_model(inner):
+        return count_flops(inner)
+    terms = mac_terms(layer, node)
+    if not terms:
+        return 0
+    cin, cout = node.inputs[0].shape[-1], node.outputs[0].shape[-1]
+    return round(sum(c * (cin if a else 1) * (cout if b else 1) for c, a, b in terms))
 
 
 def count_flops(model: keras.Model) -> int:

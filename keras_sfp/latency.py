@@ -108,7 +108,10 @@ def compiled_predict(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        function = tf.function(lambda x: model(x, training=False))
+        # Batches of several sizes (accuracy, then latency) share one trace.
+        function = tf.function(
+            lambda x: model(x, training=False), reduce_retracing=True
+        )
         return lambda images: function(tf.constant(images)).numpy()
     if backend == "jax":
         forward = _jax_forward(model)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
+
 import keras
 import numpy as np
 
-from keras_sfp import _keras_graph
+from keras_sfp import _keras_graph, allocation
 from keras_sfp.graph import ChannelGraph
 from keras_sfp.wrapper import (
     PRUNABLE_TYPES,
@@ -17,6 +19,7 @@ from keras_sfp.wrapper import (
 )
 
 WRAPPER_PREFIX = "sfp_"
+DEFAULT_RATE = 0.3
 
 
 def _check_skip(model, skip) -> tuple:
@@ -68,14 +71,39 @@ def _maskable_offset_layers(graph: ChannelGraph) -> list:
     return layers
 
 
+def _check_target_macs(target_macs, rate, coupling) -> None:
+    if target_macs is None:
+        return
+    if (
+        isinstance(target_macs, bool)
+        or not isinstance(target_macs, numbers.Real)
+        or not 0.0 < target_macs <= 1.0
+    ):
+        raise ValueError(
+            "`target_macs` must be a fraction in (0, 1]. "
+            f"Received: target_macs={target_macs!r}"
+        )
+    if rate is not None:
+        raise ValueError(
+            "Pass `rate` or `target_macs`, not both. "
+            f"Received: rate={rate!r}, target_macs={target_macs!r}"
+        )
+    if coupling != "group":
+        raise ValueError(
+            "`target_macs` needs coupling='group' (with 'layer', pruned residual "
+            f"channels are not removed). Received: coupling={coupling!r}"
+        )
+
+
 def prune_filters(
     model: keras.Model,
-    rate: float = 0.3,
+    rate: float | None = None,
     criterion="l2",
     schedule=None,
     coupling: str = "group",
-    round_to: int = 1,
+    round_to: int = 8,
     skip=None,
+    target_macs: float | None = None,
 ) -> keras.Model:
     """Prepares a model for Soft Filter Pruning.
 
@@ -100,8 +128,8 @@ def prune_filters(
 
     Args:
         model: A built Sequential or functional `keras.Model`. Not modified.
-        rate: Fraction of each group's channels to prune, in [0, 1). Defaults
-            to 0.3.
+        rate: Fraction of each group's channels to prune, in [0, 1). None
+            means 0.3, or the rate found for `target_macs`. Defaults to None.
         criterion: `"l2"` (the paper), `"l1"`, `"fpgm"`, `"l2_bn"` (the L2
             norm folded with the following BatchNormalization's scale; see
             `keras_sfp.criteria`) or a callable mapping a
@@ -114,17 +142,35 @@ def prune_filters(
         coupling: `"group"` (prune residual-coupled channels as one unit) or
             `"layer"` (the paper's independent per-layer choice). Defaults to
             `"group"`.
-        round_to: Kept channel counts are rounded up to a multiple of this.
-            Defaults to 1.
+        round_to: Kept channel counts are multiples of this (or a group's
+            full width; groups of at most `round_to` channels are not
+            rounded), so that they fill the hardware's vector or tensor-core
+            width. Each group is rounded to a nearby multiple, up or down,
+            balanced across groups so that the model's MACs stay those of
+            the unrounded counts (`keras_sfp.allocation.balanced_kept`).
+            With `coupling="layer"` each layer rounds to its nearest multiple
+            alone (its pruned residual channels are not all removed, so there
+            are no MACs to balance). 1 keeps `floor` counts, as the paper.
+            Defaults to 8, which measured fastest across models and runtimes
+            (README "Latency").
         skip: Names of layers to leave alone. Defaults to None.
+        target_macs: Fraction of the model's multiply-accumulates to keep,
+            in (0, 1], instead of a `rate`: the smallest rate whose unrounded
+            per-group counts keep at most this fraction is found by bisection
+            and stored in the wrappers (it is the final rate of a
+            `schedule`); the balanced multiples of `round_to` then keep it to
+            within about one `round_to` step of one group. Needs
+            `coupling="group"`. Defaults to None.
 
     Returns:
         A new model of the same kind (functional if `model` nests models)
         with wrapped layers.
 
     Raises:
-        ValueError: For an invalid option, a subclassed or unbuilt model, a
-            `skip` name that is not a layer, or a model with nothing to prune.
+        ValueError: For an invalid option (`rate` and `target_macs`
+            together, a `target_macs` below what pruning can reach), a
+            subclassed or unbuilt model, a `skip` name that is not a layer, or
+            a model with nothing to prune.
 
     Example:
     >>> inputs = keras.Input((8, 8, 3))
@@ -135,7 +181,10 @@ def prune_filters(
     >>> [type(layer).__name__ for layer in pruned.layers][1]
     'FilterPruning'
     """
-    check_prune_args(rate, criterion, coupling, round_to, schedule)
+    _check_target_macs(target_macs, rate, coupling)
+    check_prune_args(
+        DEFAULT_RATE if rate is None else rate, criterion, coupling, round_to, schedule
+    )
     _keras_graph.check_graph_model(model)
     skip = _check_skip(model, skip)
     model = _keras_graph.inline(model)
@@ -150,6 +199,17 @@ def prune_filters(
             f"{[type(layer).__name__ for layer in model.layers]}"
         )
 
+    if target_macs is not None:
+        groups = [
+            g
+            for g in graph.groups()
+            if g.prunable and all(id(p) in targets for p in g.producers)
+        ]
+        rate = allocation.rate_for_macs(
+            allocation.MacModel(graph, groups), target_macs, round_to
+        )
+    elif rate is None:
+        rate = DEFAULT_RATE
     masked = {id(layer) for layer in _maskable_offset_layers(graph)}
 
     def clone(layer):

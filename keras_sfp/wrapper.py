@@ -137,8 +137,9 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
         schedule: `None` (constant `rate`), or a schedule `epoch -> rate`.
             Defaults to None.
         coupling: `"group"` or `"layer"`. Defaults to `"group"`.
-        round_to: Kept filter counts are rounded up to a multiple of this.
-            Defaults to 1.
+        round_to: Kept filter counts are multiples of this, rounded up or
+            down and balanced across groups (see `prune_filters`). Defaults
+            to 8.
         **kwargs: Passed to `keras.layers.Wrapper`.
 
     Raises:
@@ -159,7 +160,7 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
         criterion="l2",
         schedule=None,
         coupling: str = "group",
-        round_to: int = 1,
+        round_to: int = 8,
         **kwargs,
     ):
         if type(layer) not in PRUNABLE_TYPES or getattr(layer, "groups", 1) != 1:

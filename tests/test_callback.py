@@ -16,7 +16,7 @@ from conftest import (
     tiny_resnet,
 )
 from keras_sfp import criteria
-from keras_sfp.callback import num_pruned
+from keras_sfp.allocation import num_pruned
 from keras_sfp.graph import ChannelGraph
 from keras_sfp.prune import wrappers
 
@@ -55,7 +55,7 @@ class _KernelsBeforeEvent(keras.callbacks.Callback):
 @pytest.mark.parametrize("criterion", ["l2", "l1", "fpgm"])
 def test_epoch_end_zeroes_floor_rate_filters_per_group_by_criterion(criterion):
     model = keras_sfp.prune_filters(
-        randomize_batch_norm(tiny_resnet()), rate=0.3, criterion=criterion
+        randomize_batch_norm(tiny_resnet()), rate=0.3, criterion=criterion, round_to=1
     )
     x, y = random_data(model)
     compile_sgd(model, lr=0.05)
@@ -88,7 +88,9 @@ def test_epoch_end_zeroes_floor_rate_filters_per_group_by_criterion(criterion):
 
 
 def test_group_members_share_indices_on_a_resnet():
-    model = keras_sfp.prune_filters(randomize_batch_norm(tiny_resnet()), rate=0.4)
+    model = keras_sfp.prune_filters(
+        randomize_batch_norm(tiny_resnet()), rate=0.4, round_to=1
+    )
     x, y = random_data(model)
     compile_sgd(model).fit(
         x,
@@ -186,7 +188,9 @@ def test_revived_counts_filters_that_came_back():
 
 def _fit_asymptotic(epochs, hard_epochs=0):
     """Trains a tiny ResNet with an asymptotic rate of 0.4: `(model, history)`."""
-    model = keras_sfp.prune_filters(tiny_resnet(), rate=0.4, schedule="asymptotic")
+    model = keras_sfp.prune_filters(
+        tiny_resnet(), rate=0.4, schedule="asymptotic", round_to=1
+    )
     x, y = random_data(model)
     compile_sgd(model)
     callback = keras_sfp.SoftFilterPrune(hard_epochs=hard_epochs, prune_at_start=True)
@@ -237,12 +241,10 @@ def test_model_not_prepared_by_prune_filters_is_rejected():
         keras_sfp.SoftFilterPrune(hard_epochs=-1)
 
 
-def test_num_pruned_follows_the_reference_and_round_to():
+def test_num_pruned_follows_the_reference():
     assert [num_pruned(16, r) for r in (0.1, 0.2, 0.3, 0.4)] == [1, 3, 4, 6]
     assert num_pruned(10, 0.3) == 3 and num_pruned(10, 0.1) == 1
     assert num_pruned(2, 0.9) == 1  # at least one channel kept
-    assert num_pruned(64, 0.3, round_to=8) == 16  # keep 48 = 6 * 8
-    assert num_pruned(64, 0.4, round_to=16) == 16
 
 
 def _no_bn_cnn():
@@ -361,8 +363,11 @@ def test_round_to_from_prune_filters_makes_kept_counts_multiples():
     callback.set_model(model)
     callback.prune(0)
     kept = {name: int(mask.sum()) for name, mask in _masks(model).items()}
-    assert kept["stem"] == 8 and kept["s0b0_c1"] == 8  # 8 - 3 = 5 -> 8
-    assert kept["s1b0_c1"] == 12  # 16 - 6 = 10 -> 12
+    # Unrounded: 8 - 3 = 5 (stem group, s0b0_c1), 16 - 6 = 10 (s1b0_c1): the
+    # nearest multiples are 4 or 8, 8 or 12; the balance keeps the MACs of
+    # the unrounded counts as close as the multiples allow.
+    assert all(k % 4 == 0 for k in kept.values()), kept
+    assert kept["stem"] in (4, 8) and kept["s1b0_c1"] in (8, 12)
 
 
 def test_resume_from_a_keras_file_with_initial_epoch_equals_uninterrupted(tmp_path):

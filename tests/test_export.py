@@ -469,3 +469,22 @@ def test_export_saved_model_rejects_unbuilt_model(tmp_path):
     model = keras.Sequential([L.Dense(2)])
     with pytest.raises(ValueError, match="must be built with known inputs"):
         export_lib.export_saved_model(model, tmp_path)
+
+
+def test_quiet_info_logs_drops_info_records_inside_the_block_only(caplog):
+    import logging
+
+    from absl import logging as absl_logging
+
+    from keras_sfp._tensorflow import quiet_info_logs
+
+    caplog.set_level(logging.INFO)
+    tf_logger = logging.getLogger("tensorflow")
+    with quiet_info_logs():
+        tf_logger.info("tf info inside")
+        absl_logging.info("absl info inside")
+        tf_logger.warning("tf warning inside")
+    tf_logger.info("tf info after")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "tf info inside" not in messages and "absl info inside" not in messages
+    assert "tf warning inside" in messages and "tf info after" in messages

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import keras_sfp
 from conftest import assert_shrink_exact, prune_once, randomize_batch_norm
-from keras_sfp.callback import num_pruned
+from keras_sfp.allocation import num_pruned
 
 L = keras.layers
 OPS = (

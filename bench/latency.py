@@ -1,0 +1,302 @@
+"""Is the shrunk model faster where it runs? Speedup against the MACs ratio.
+
+For each model, prunes once at the given rate (`prune_filters` +
+one `SoftFilterPrune` event, defaults otherwise) with each `--round_to`,
+shrinks, and times the original and every shrunk variant *alternately in
+one process* (`keras_sfp.latency.time_alternately`: warm-up first, medians)
+on every runtime available here:
+
+- `keras`: the current Keras backend, compiled (`keras_sfp.latency`:
+  a `tf.function` on TensorFlow; on JAX a jitted `stateless_call` on
+  device-resident inputs, blocking on the result: a GPU when JAX has one);
+- `tflite`: the TFLite float flatbuffer through the interpreter (XNNPACK),
+  all CPU cores (TensorFlow backend only);
+- `tflite_int8`: full-integer post-training quantization (`--int8`).
+
+Each row gives the MACs ratio (original / shrunk), the measured speedup and
+their quotient, the *efficiency* (1.0 is the physical limit of a MACs
+reduction). Results go to `bench/results/latency_<device>.{md,json,png}`;
+the PNG plots speedup against MACs ratio per runtime.
+
+    python bench/latency.py                        # 2-core CPU, ~40 min
+    KERAS_BACKEND=jax python bench/latency.py      # a GPU through JAX/XLA
+
+On a GPU the input sizes are those of the issue's table (224x224 for the
+ImageNet models) and batch 1, 32 and 128 are timed; on a CPU 160x160 and
+batches 1 and 32 (128 for the CIFAR-size models).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+
+import keras_sfp  # noqa: E402
+import models  # noqa: E402
+from keras_sfp import latency  # noqa: E402
+
+A = keras.applications
+# name -> (builder(size), rate, CPU input size, GPU input size)
+MODELS = {
+    "resnet50": (lambda s: _app(A.ResNet50, s), 0.3, 160, 224),
+    "mobilenetv2": (lambda s: _app(A.MobileNetV2, s), 0.3, 160, 224),
+    "efficientnetb0": (lambda s: _app(A.EfficientNetB0, s), 0.3, 160, 224),
+    "resnet56": (lambda s: models.get_model("resnet56", (s, s, 3)), 0.4, 32, 32),
+    "resnet20": (lambda s: models.get_model("resnet20", (s, s, 1)), 0.3, 28, 28),
+}
+SMALL = ("resnet56", "resnet20")  # CIFAR-size inputs: batch 128 on a CPU too
+
+
+def _define_flags() -> None:
+    # Defined when run as a program only: tests import this module beside
+    # train.py, whose flags (round_to, ...) would clash.
+    flags.DEFINE_list("models", list(MODELS), "Models to measure.")
+    flags.DEFINE_list("round_to", ["1", "8", "16"], "round_to values to compare.")
+    flags.DEFINE_list(
+        "batch_sizes",
+        ["1", "32", "128"],
+        "Batch sizes (128: CIFAR-size models only on a CPU).",
+    )
+    flags.DEFINE_integer("runs", 0, "Timed calls per model (0: by cost).")
+    flags.DEFINE_bool("int8", False, "Also time full-integer TFLite.")
+    flags.DEFINE_string("out", "bench/results", "Directory of the results.")
+
+
+def _app(constructor, size: int) -> keras.Model:
+    return constructor(
+        weights=None,
+        input_shape=(size, size, 3),
+        classes=10,
+        classifier_activation=None,
+    )
+
+
+def on_gpu() -> bool:
+    return latency.device_name() != "CPU"
+
+
+def variants(name: str, size: int, round_tos) -> dict[str, keras.Model]:
+    """`{"original": model, "round_to=q": shrunk, ...}` for one model."""
+    builder, rate, _, _ = MODELS[name]
+    keras.utils.set_random_seed(0)
+    model = builder(size)
+    result = {"original": model}
+    for q in round_tos:
+        pruned = keras_sfp.prune_filters(model, rate=rate, round_to=q)
+        callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
+        callback.set_model(pruned)
+        callback.prune(0)
+        result[f"round_to={q}"] = keras_sfp.shrink(pruned)
+    return result
+
+
+def _runs_for(macs: int, batch: int, runs: int) -> int:
+    """`runs`, or for 0 about 20 s of the original's work on a 2-core CPU."""
+    if runs:
+        return runs
+    if on_gpu():
+        return 200
+    seconds = macs * batch / 2e10  # ~20 GMAC/s here
+    return int(np.clip(20.0 / max(seconds, 1e-3), 5, 100))
+
+
+def _tflite_runners(named, batch, int8: bool, directory: str) -> dict:
+    from keras_sfp import deploy, export
+
+    runners = {}
+    images = np.random.default_rng(0).random(
+        (batch, *named["original"].input_shape[1:]), dtype=np.float32
+    )
+    for key, model in named.items():
+        path = export.export_tflite(model, os.path.join(directory, f"{key}.tflite"))
+        run = deploy.tflite_runner(path)
+        runners[("tflite", key)] = lambda run=run: run(images)
+        if int8:
+            path = export.export_tflite(
+                model,
+                os.path.join(directory, f"{key}_int8.tflite"),
+                quantization="int8",
+                representative_data=images[:8],
+            )
+            run8 = deploy.tflite_runner(path)
+            runners[("tflite_int8", key)] = lambda run=run8: run(images)
+    return runners
+
+
+def measure_model(
+    name: str, round_tos, batches, int8: bool = False, runs: int = 0
+) -> list[dict]:
+    """Rows of one model: every runtime and batch, variants side by side."""
+    _, rate, cpu_size, gpu_size = MODELS[name]
+    size = gpu_size if on_gpu() else cpu_size
+    named = variants(name, size, round_tos)
+    macs = {key: keras_sfp.count_flops(m) for key, m in named.items()}
+    backend = keras.backend.backend()
+    rows = []
+    for batch in batches:
+        if not on_gpu() and batch > 32 and name not in SMALL:
+            continue
+        x = np.random.default_rng(0).random(
+            (batch, *named["original"].input_shape[1:]), dtype=np.float32
+        )
+        runners = {
+            (f"keras-{backend}", key): latency.keras_runner(m, x)
+            for key, m in named.items()
+        }
+        with tempfile.TemporaryDirectory() as directory:
+            if backend == "tensorflow":
+                runners |= _tflite_runners(named, batch, int8, directory)
+            calls = _runs_for(macs["original"], batch, runs)
+            start = time.perf_counter()
+            times = latency.time_alternately(runners, runs=calls, warmup=3)
+        seconds = time.perf_counter() - start
+        print(f"{name} batch {batch}: {calls} runs in {seconds:.0f} s", flush=True)
+        for runtime in dict.fromkeys(r for r, _ in runners):
+            base = times[(runtime, "original")]
+            for key in named:
+                if key == "original":
+                    continue
+                ratio = macs["original"] / macs[key]
+                speedup = base / times[(runtime, key)]
+                rows.append(
+                    {
+                        "model": name,
+                        "input": size,
+                        "rate": rate,
+                        "variant": key,
+                        "runtime": runtime,
+                        "batch": batch,
+                        "macs_ratio": ratio,
+                        "original_ms": base,
+                        "shrunk_ms": times[(runtime, key)],
+                        "speedup": speedup,
+                        "efficiency": speedup / ratio,
+                        "runs": calls,
+                    }
+                )
+    return rows
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    lines = [
+        f"Device: {device}; Keras {keras.__version__} on "
+        f"{keras.backend.backend()}. One prune event at the rate shown, "
+        "defaults otherwise; original and shrunk variants timed alternately in "
+        "one process, medians. efficiency = speedup / MACs ratio (1.0 is the "
+        "limit of the MACs reduction).",
+        "",
+        "| model | input | rate | variant | runtime | batch | MACs ratio | "
+        "original ms | shrunk ms | speedup | efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['input']} | {r['rate']} | {r['variant']} | "
+            f"{r['runtime']} | {r['batch']} | {r['macs_ratio']:.2f}x | "
+            f"{r['original_ms']:.2f} | {r['shrunk_ms']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['efficiency']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str, device: str) -> None:
+    """Speedup against MACs ratio: one panel per runtime and batch size.
+
+    Colour = model, marker = variant; the balanced rounding keeps a model's
+    MACs ratio about the same for every variant, so its points stack
+    vertically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    colors = dict(zip(names, plt.get_cmap("tab10").colors))
+    markers = dict(zip(dict.fromkeys(r["variant"] for r in rows), "osD^v<>"))
+    limit = max(max(r["macs_ratio"], r["speedup"]) for r in rows) * 1.1
+    figure, axes = plt.subplots(
+        len(runtimes),
+        len(batches),
+        figsize=(4 * len(batches), 3.6 * len(runtimes)),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+    )
+    for i, runtime in enumerate(runtimes):
+        for j, batch in enumerate(batches):
+            axis = axes[i][j]
+            axis.plot([1, limit], [1, limit], "k--", lw=0.8)
+            axis.axhline(1.0, color="grey", lw=0.8)
+            for r in rows:
+                if r["runtime"] == runtime and r["batch"] == batch:
+                    axis.scatter(
+                        r["macs_ratio"],
+                        r["speedup"],
+                        marker=markers[r["variant"]],
+                        color=colors[r["model"]],
+                    )
+            where = "CPU" if runtime.startswith("tflite") else device
+            axis.set_title(f"{runtime} ({where}), batch {batch}", fontsize=9)
+            axis.set(xlim=(1, limit), ylim=(0.5, limit))
+            if i == len(runtimes) - 1:
+                axis.set_xlabel("MACs ratio (original / shrunk)")
+            if j == 0:
+                axis.set_ylabel("speedup")
+    handles = [
+        plt.Line2D([], [], ls="", marker="o", color=c, label=n)
+        for n, c in colors.items()
+    ] + [
+        plt.Line2D([], [], ls="", marker=m, color="k", label=v)
+        for v, m in markers.items()
+    ]
+    handles.append(plt.Line2D([], [], ls="--", color="k", label="speedup = MACs ratio"))
+    figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8)
+    figure.tight_layout(rect=(0, 0, 1, 0.94))
+    figure.savefig(path, dpi=110)
+
+
+def main(argv):
+    del argv
+    options = flags.FLAGS
+    device = latency.device_name()
+    round_tos = [int(q) for q in options.round_to]
+    batches = [int(b) for b in options.batch_sizes]
+    stem = "cpu" if device == "CPU" else device.lower().replace(" ", "_")
+    os.makedirs(options.out, exist_ok=True)
+    base = os.path.join(options.out, f"latency_{stem}")
+    rows = []
+    for name in options.models:
+        rows.extend(measure_model(name, round_tos, batches, options.int8, options.runs))
+        result = {
+            "device": device,
+            "backend": keras.backend.backend(),
+            "keras": keras.__version__,
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "rows": rows,
+        }
+        with open(base + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(rows, device))
+    plot(rows, base + ".png", device)
+    print(markdown(rows, device))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

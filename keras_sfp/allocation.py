@@ -1,0 +1,260 @@
+"""How many channels each group keeps: hardware-friendly multiples, MACs targets.
+
+SFP prunes `floor(channels * rate)` channels of every group (He et al.,
+IJCAI 2018). Two things make that a poor deployment choice, and this module
+fixes both:
+
+- Channel counts such as 11, 22 or 45 do not fill the vector or tensor-core
+  width of the hardware (8 or 16 float lanes on CPUs, multiples of 8 for
+  tensor cores), so the shrunk model does not get the speed its MACs
+  promise. `round_to=q` keeps multiples of `q`. Rounding every group *up*
+  (Torch-Pruning's `round_to`) gives much of the requested reduction away
+  (a 16-channel stage keeps 16 of 16 at `q=8`); `balanced_kept` rounds each
+  group to a *nearby* multiple and picks up or down across groups so that
+  the model's total MACs stay those of the unrounded counts.
+- Users think in cost, not in rates: `prune_filters(model, target_macs=0.5)`
+  finds, by bisection, the rate whose per-group counts leave that fraction
+  of the model's MACs (`rate_for_macs`).
+
+Both rest on `MacModel`: the model's multiply-accumulates as a function of
+the channels each group keeps, exact for the model `shrink` builds (every
+pruned channel of a group is removed from every tensor holding it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from keras_sfp import flops
+from keras_sfp.graph import ChannelGraph, Group
+from keras_sfp.wrapper import FilterPruning
+
+
+def pruned_groups(graph: ChannelGraph) -> list[Group]:
+    """Prunable groups whose every producer is a `FilterPruning` wrapper.
+
+    The groups a `SoftFilterPrune` event prunes with `coupling="group"`, in
+    the order of `graph.groups()`.
+    """
+    return [
+        group
+        for group in graph.groups()
+        if group.prunable
+        and group.members
+        and all(isinstance(m[0], FilterPruning) for m in group.members)
+    ]
+
+
+def num_pruned(channels: int, rate: float) -> int:
+    """How many of `channels` to prune: floor(channels * rate), as the reference.
+
+    At least one channel is always kept.
+
+    Example:
+    >>> num_pruned(16, 0.3), num_pruned(10, 0.3), num_pruned(2, 0.9)
+    (4, 3, 1)
+    """
+    pruned = int(math.floor(channels * rate + 1e-9))
+    return min(pruned, channels - 1)
+
+
+class MacModel:
+    """A model's MACs as a function of the channels each group keeps.
+
+    Every channel count of every counted layer call (`flops.mac_terms`) is
+    written as a constant plus the kept counts of the groups whose channels
+    the tensor holds, so `macs(kept)` is a sum of products evaluated with
+    NumPy, for many candidate allocations at once.
+
+    Args:
+        graph: The `ChannelGraph` of the model.
+        groups: The groups whose kept counts vary (prunable groups of
+            `graph`), in the order of the `kept` vectors.
+    """
+
+    def __init__(self, graph: ChannelGraph, groups: Sequence[Group]):
+        self.lengths = np.array([g.length for g in groups], dtype=np.int64)
+        index = {graph.find(g.sets[0].id): i for i, g in enumerate(groups)}
+        rows = []  # (coef, in const, in coefs, out const, out coefs, a, b)
+        constant = 0
+        for node in graph.nodes:
+            if node.layer is None or node.is_input:
+                continue
+            terms = flops.mac_terms(node.layer, node)
+            if not terms:
+                constant += flops._macs(node.layer, node)  # nested models
+                continue
+            cin = self._count(graph, index, node.inputs[0])
+            cout = self._count(graph, index, node.outputs[0])
+            for coef, a, b in terms:
+                rows.append((coef, cin, cout, a, b))
+        n = len(groups)
+        self._constant = float(constant)
+        self._coef = np.array([r[0] for r in rows], dtype=np.float64)
+        self._in = self._linear([r[1] if r[3] else (1.0, {}) for r in rows], n)
+        self._out = self._linear([r[2] if r[4] else (1.0, {}) for r in rows], n)
+
+    @staticmethod
+    def _count(graph, index, tensor) -> tuple[float, dict]:
+        """A tensor's channels as `(constant, {group index: multiplier})`."""
+        info = graph.tensors.get(id(tensor))
+        if info is None:
+            return float(tensor.shape[-1]), {}
+        scale = info.spatial or 1
+        constant, coefs = 0.0, {}
+        for set_id, length in info.segments:
+            group = index.get(graph.find(set_id))
+            if group is None:
+                constant += scale * length
+            else:
+                coefs[group] = coefs.get(group, 0.0) + scale
+        return constant, coefs
+
+    @staticmethod
+    def _linear(counts, n) -> tuple[np.ndarray, np.ndarray]:
+        constants = np.array([c for c, _ in counts], dtype=np.float64)
+        matrix = np.zeros((len(counts), n), dtype=np.float64)
+        for row, (_, coefs) in enumerate(counts):
+            for group, value in coefs.items():
+                matrix[row, group] = value
+        return constants, matrix
+
+    def macs(self, kept) -> np.ndarray | float:
+        """MACs with `kept` channels per group; `kept` may be `(..., groups)`."""
+        kept = np.asarray(kept, dtype=np.float64)
+        cin = self._in[0] + kept @ self._in[1].T
+        cout = self._out[0] + kept @ self._out[1].T
+        return self._constant + (cin * cout) @ self._coef
+
+    @property
+    def total(self) -> float:
+        """MACs with every channel kept."""
+        return float(self.macs(self.lengths))
+
+
+def exact_kept(lengths, rate: float) -> np.ndarray:
+    """Channels each group keeps at `rate` without rounding."""
+    return np.array([n - num_pruned(int(n), rate) for n in lengths], dtype=np.int64)
+
+
+def _options(length: int, exact: int, round_to: int) -> np.ndarray:
+    """The counts a group may keep: multiples of `round_to`, or all channels."""
+    if round_to == 1 or length <= round_to:
+        return np.array([exact])  # nothing to round to
+    multiples = np.arange(round_to, length + 1, round_to)
+    return np.unique(np.append(multiples, length))
+
+
+def balanced_kept(
+    mac_model: MacModel | None,
+    lengths,
+    rate: float,
+    round_to: int,
+    target: float | None = None,
+) -> np.ndarray:
+    """Kept counts that are multiples of `round_to`, with the MACs of the request.
+
+    Each group starts at the multiple of `round_to` nearest its unrounded
+    count (`exact_kept`; all its channels also count as a multiple, and a
+    group of `round_to` channels or fewer is not rounded). Then, one
+    `round_to` step at a time, the group whose step up or down brings the
+    model's MACs closest to `target` moves, until no step helps: the
+    rounding errors of the groups cancel instead of adding up.
+
+    Args:
+        mac_model: The `MacModel` of the groups, or None to round each group
+            to its nearest multiple independently.
+        lengths: Channels per group.
+        rate: The pruning rate.
+        round_to: The multiple, >= 1.
+        target: MACs to approach. Defaults to the MACs of the unrounded
+            counts.
+
+    Returns:
+        An int64 array of kept channels per group.
+
+    Example:
+    >>> balanced_kept(None, [16, 64, 10], 0.3, 8).tolist()  # unrounded: 12, 45, 7
+    [16, 48, 8]
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    exact = exact_kept(lengths, rate)
+    options = [_options(int(n), int(e), round_to) for n, e in zip(lengths, exact)]
+    # Nearest option; a tie goes to the larger count (less pruned).
+    position = np.array(
+        [
+            len(o) - 1 - int(np.argmin(np.abs(o[::-1] - e)))
+            for o, e in zip(options, exact)
+        ]
+    )
+    kept = np.array([o[p] for o, p in zip(options, position)], dtype=np.int64)
+    if mac_model is None or round_to == 1:
+        return kept
+    goal = float(mac_model.macs(exact)) if target is None else float(target)
+    error = abs(float(mac_model.macs(kept)) - goal)
+    while True:
+        moves = [
+            (g, p)
+            for g, o in enumerate(options)
+            for p in (position[g] - 1, position[g] + 1)
+            if 0 <= p < len(o)
+        ]
+        if not moves:
+            return kept
+        candidates = np.repeat(kept[None, :], len(moves), axis=0)
+        for row, (g, p) in enumerate(moves):
+            candidates[row, g] = options[g][p]
+        errors = np.abs(mac_model.macs(candidates) - goal)
+        best = int(np.argmin(errors))
+        if errors[best] >= error:
+            return kept
+        g, p = moves[best]
+        position[g], kept, error = p, candidates[best], float(errors[best])
+
+
+def rate_for_macs(mac_model: MacModel, target_macs: float, round_to: int = 1) -> float:
+    """The smallest rate whose unrounded counts keep at most `target_macs` MACs.
+
+    With `round_to > 1` the counts are then balanced to multiples
+    (`balanced_kept`), which keeps the MACs of the unrounded counts to within
+    about one `round_to` step of one group.
+
+    Args:
+        mac_model: The `MacModel` of the prunable groups.
+        target_macs: Fraction of the model's MACs to keep, in (0, 1].
+        round_to: The multiple the counts will be rounded to. Defaults to 1.
+
+    Returns:
+        The rate, in [0, 1).
+
+    Raises:
+        ValueError: If the fewest channels each group can keep (one, or
+            `round_to` for a group wider than that) leave more than
+            `target_macs` of the MACs (the rest is in layers that cannot be
+            pruned).
+    """
+    total = mac_model.total
+    goal = target_macs * total
+    fewest = np.where(mac_model.lengths > round_to, round_to, 1)
+    if round_to == 1:
+        fewest = np.ones_like(mac_model.lengths)
+    floor = float(mac_model.macs(fewest)) / total
+    if floor > target_macs:
+        raise ValueError(
+            f"`target_macs` is below what pruning can reach: keeping the fewest "
+            f"channels per prunable group (round_to={round_to}) still leaves "
+            f"{floor:.3f} of the MACs. Received: target_macs={target_macs!r}"
+        )
+    low, high = 0.0, 1.0 - 1e-9
+    if float(mac_model.macs(exact_kept(mac_model.lengths, low))) <= goal:
+        return low
+    for _ in range(50):
+        middle = (low + high) / 2
+        if float(mac_model.macs(exact_kept(mac_model.lengths, middle))) <= goal:
+            high = middle
+        else:
+            low = middle
+    return float(high)

@@ -1,0 +1,164 @@
+"""Kept-count allocation: the MACs model, balanced rounding, MACs targets."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sfp
+from conftest import assert_shrink_exact, prune_once, random_data, tiny_resnet
+from keras_sfp import allocation
+from keras_sfp.graph import ChannelGraph
+
+L = keras.layers
+
+
+def _mac_model(pruned):
+    graph = ChannelGraph(pruned)
+    groups = allocation.pruned_groups(graph)
+    return allocation.MacModel(graph, groups), groups
+
+
+def _mobilenet():
+    return keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3),
+        alpha=0.35,
+        weights=None,
+        classes=5,
+        classifier_activation=None,
+    )
+
+
+def _concat_net():
+    """Concatenation, a Flatten into Dense, a depthwise conv and a merge."""
+    inputs = keras.Input((8, 8, 3))
+    a = L.Conv2D(6, 3, padding="same", activation="relu")(inputs)
+    b = L.Conv2D(10, 1, activation="relu")(inputs)
+    x = L.Concatenate()([a, b])
+    x = L.DepthwiseConv2D(3, padding="same")(x)
+    x = L.Conv2D(16, 3, padding="same", groups=16)(x)  # the depthwise form
+    y = L.Conv2D(16, 1)(x)
+    z = L.Conv2D(16, 3, padding="same")(L.Conv2D(12, 1, activation="relu")(x))
+    x = L.Add()([y, z])
+    x = L.SeparableConv2D(9, 3, strides=2, padding="same", activation="relu")(x)
+    x = L.Flatten()(x)
+    return keras.Model(inputs, L.Dense(4)(L.Dense(7, activation="relu")(x)))
+
+
+@pytest.mark.parametrize("build", [tiny_resnet, _mobilenet, _concat_net])
+def test_mac_model_predicts_the_shrunk_models_macs_for_any_counts(build):
+    model = build()
+    pruned = keras_sfp.prune_filters(model)
+    mac_model, groups = _mac_model(pruned)
+    assert len(groups) >= 3
+    assert mac_model.total == keras_sfp.count_flops(model)
+    rng = np.random.default_rng(0)
+    kept = np.array([rng.integers(1, g.length + 1) for g in groups])
+    for group, k in zip(groups, kept):
+        mask = np.zeros(group.length, "float32")
+        mask[rng.permutation(group.length)[:k]] = 1.0
+        for wrapper, start, length in group.members:
+            full = wrapper.mask.copy()
+            full[start : start + length] = mask
+            wrapper.mask = full
+    x, _ = random_data(model, n=4)
+    small = assert_shrink_exact(pruned, x)
+    assert mac_model.macs(kept) == keras_sfp.count_flops(small)
+
+
+def test_balanced_rounding_keeps_multiples_and_the_requested_macs():
+    import models
+
+    model = models.get_model("resnet20", (16, 16, 3))
+    mac_model, groups = _mac_model(keras_sfp.prune_filters(model))
+    lengths = [g.length for g in groups]
+    exact = allocation.exact_kept(lengths, 0.4)
+    want = mac_model.macs(exact) / mac_model.total
+    for q in (4, 8, 16):
+        kept = allocation.balanced_kept(mac_model, lengths, 0.4, q)
+        # Groups of at most q channels are not rounded.
+        assert all(k % q == 0 or k == n or n <= q for k, n in zip(kept, lengths))
+        got = mac_model.macs(kept) / mac_model.total
+        # Rounding every group up keeps far more (16-channel groups keep 16).
+        up = np.minimum(-(-exact // q) * q, lengths)
+        assert mac_model.macs(up) / mac_model.total > want + 0.05
+        assert got == pytest.approx(want, abs=0.02), (q, got, want)
+    assert np.array_equal(allocation.balanced_kept(mac_model, lengths, 0.4, 1), exact)
+
+
+def test_round_to_through_prune_filters_shrinks_exactly_to_multiples():
+    model = _mobilenet()
+    pruned = prune_once(model, rate=0.3, round_to=8)
+    x, _ = random_data(model, n=4)
+    small = assert_shrink_exact(pruned, x)
+    for layer in small.layers:
+        if isinstance(layer, L.Conv2D) and layer.name in {
+            w.layer.name for w in keras_sfp.prune.wrappers(pruned)
+        }:
+            original = model.get_layer(layer.name).filters
+            ok = layer.filters % 8 == 0 or layer.filters == original or original <= 8
+            assert ok, (layer.name, layer.filters, original)
+    exact = keras_sfp.count_flops(keras_sfp.shrink(prune_once(model, rate=0.3)))
+    assert keras_sfp.count_flops(small) == pytest.approx(exact, rel=0.05)
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_target_macs_reaches_the_fraction(tmp_path, round_to):
+    import models
+
+    model = models.get_model("resnet20", (16, 16, 1))
+    pruned = keras_sfp.prune_filters(model, target_macs=0.5, round_to=round_to)
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
+    callback.set_model(pruned)
+    callback.prune(0)
+    total = keras_sfp.count_flops(model)
+    small = keras_sfp.shrink(pruned)
+    fraction = keras_sfp.count_flops(small) / total
+    assert 0.47 <= fraction <= 0.5 + (0.0 if round_to == 1 else 0.02), fraction
+    rate = keras_sfp.prune.wrappers(pruned)[0].rate
+    assert 0.25 < rate < 0.35  # about 1 - sqrt(0.5) with unprunable layers
+    path = str(tmp_path / "pruned.keras")
+    pruned.save(path)
+    restored = keras.saving.load_model(path)
+    assert keras_sfp.prune.wrappers(restored)[0].rate == rate
+
+
+def test_target_macs_arguments_are_checked_before_anything_changes():
+    model = tiny_resnet()
+    with pytest.raises(ValueError, match=r"Received: rate=0.3, target_macs=0.5"):
+        keras_sfp.prune_filters(model, rate=0.3, target_macs=0.5)
+    for bad in (0.0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="target_macs="):
+            keras_sfp.prune_filters(model, target_macs=bad)
+    with pytest.raises(ValueError, match="coupling='layer'"):
+        keras_sfp.prune_filters(model, target_macs=0.5, coupling="layer")
+    with pytest.raises(ValueError, match=r"still leaves 0\.\d+ of the MACs"):
+        keras_sfp.prune_filters(model, target_macs=0.001)
+
+
+def test_target_macs_below_what_multiples_can_reach_is_rejected():
+    import models
+
+    model = models.get_model("resnet20", (16, 16, 1))
+    # Every group keeps at least 8 channels with round_to=8: about 12% of
+    # the MACs; the paper's counts can go lower.
+    with pytest.raises(ValueError, match=r"round_to=8\) still leaves 0\.1\d+"):
+        keras_sfp.prune_filters(model, target_macs=0.1)
+    pruned = keras_sfp.prune_filters(model, target_macs=0.1, round_to=1)
+    assert keras_sfp.prune.wrappers(pruned)[0].rate > 0.6
+
+
+def test_an_event_that_rounding_leaves_empty_warns():
+    inputs = keras.Input((6, 6, 1))
+    x = L.GlobalAveragePooling2D()(L.Conv2D(16, 3, activation="relu")(inputs))
+    model = keras.Model(inputs, L.Dense(2)(x))
+    # 16 * 0.7 = 11.2 -> 12 kept, equally far from 8 and 16: 16 (no pruning).
+    pruned = keras_sfp.prune_filters(model, rate=0.3, round_to=8)
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
+    callback.set_model(pruned)
+    with pytest.warns(UserWarning, match="pruned nothing at rate 0.300"):
+        callback.prune(0)
+    assert keras_sfp.prune.wrappers(pruned)[0].mask.sum() == 16
+    pruned = keras_sfp.prune_filters(model, rate=0.3, round_to=1)
+    callback.set_model(pruned)
+    callback.prune(0)
+    assert keras_sfp.prune.wrappers(pruned)[0].mask.sum() == 12
