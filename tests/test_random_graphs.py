@@ -1,5 +1,7 @@
 """Property: shrink is exact on random graphs built from the supported layers."""
 
+import warnings
+
 import keras
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -7,6 +9,7 @@ from hypothesis import strategies as st
 
 import keras_sfp
 from conftest import assert_shrink_exact, prune_once, randomize_batch_norm
+from keras_sfp import allocation
 from keras_sfp.allocation import num_pruned
 
 L = keras.layers
@@ -77,12 +80,22 @@ def test_shrink_is_exact_on_random_graphs(data):
     ops = data.draw(st.lists(st.sampled_from(OPS), min_size=1, max_size=6))
     model = _build(data.draw, ops, st.integers(4, 8))
     rate = data.draw(st.sampled_from([0.25, 0.5, 0.75]))
+    round_to = data.draw(st.sampled_from([1, 4]))
     randomize_batch_norm(model)
-    pruned = prune_once(model, rate=rate)
+    with warnings.catch_warnings():  # rounding may leave an event empty
+        warnings.simplefilter("ignore", UserWarning)
+        pruned = prune_once(model, rate=rate, round_to=round_to)
     x = np.random.default_rng(0).random((4, 8, 8, 3), "float32")
     small = assert_shrink_exact(pruned, x, floor=1.0, err_msg=str(ops))
-    # Fewer MACs whenever some prunable group is wide enough to lose a channel.
     groups = keras_sfp.ChannelGraph(model).groups()
+    if round_to > 1:
+        # Kept counts are multiples of round_to, whole, or not rounded.
+        for group in allocation.pruned_groups(keras_sfp.ChannelGraph(pruned)):
+            wrapper, start, length = group.members[0]
+            kept = int(wrapper.mask[start : start + length].sum())
+            assert kept % round_to == 0 or kept == length or length <= round_to
+        return
+    # Fewer MACs whenever some prunable group is wide enough to lose a channel.
     expect_fewer = any(g.prunable and num_pruned(g.length, rate) for g in groups)
     assert expect_fewer, ops  # the tail conv's group always is prunable
     assert keras_sfp.count_flops(small) < keras_sfp.count_flops(model), ops
