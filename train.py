@@ -233,20 +233,7 @@ class TrainConfig:
             )
         if self.rate is not None and not 0.0 <= self.rate < 1.0:
             raise ValueError(f"`rate` must be in [0, 1). Received: rate={self.rate!r}")
-        if self.target_macs is not None and (
-            isinstance(self.target_macs, bool)
-            or not isinstance(self.target_macs, (int, float))
-            or not 0.0 < self.target_macs <= 1.0
-        ):
-            raise ValueError(
-                "`target_macs` must be in (0, 1]. "
-                f"Received: target_macs={self.target_macs!r}"
-            )
-        if self.rate is not None and self.target_macs is not None:
-            raise ValueError(
-                "Pass `rate` or `target_macs`, not both. Received: "
-                f"rate={self.rate!r}, target_macs={self.target_macs!r}"
-            )
+        keras_sfp.prune.check_target_macs(self.target_macs, self.rate, self.coupling)
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(
                 "`learning_rate` must be > 0. "
@@ -474,21 +461,14 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def _artifact_speedups(metrics) -> dict[str, dict[str, float]]:
-    """`{artifact: {batch: original ms / shrunk ms}}` of exported artifacts."""
-    if not metrics:
-        return {}
-    models = metrics["models"]
-    speedups = {}
-    for artifact, entry in models.get("shrunk", {}).get("artifacts", {}).items():
-        base = models.get("original", {}).get("artifacts", {}).get(artifact)
-        if artifact == "keras" or not base or not entry["latency_ms"]:
-            continue  # the Keras model is timed in the table above
-        speedups[artifact] = {
-            b: base["latency_ms"][b] / ms
-            for b, ms in entry["latency_ms"].items()
-            if b in (base["latency_ms"] or {})
-        }
-    return speedups
+    """`{artifact: {batch: original ms / shrunk ms}}` of exported artifacts
+    (`keras_sfp.deploy` records them; the Keras model is in the table)."""
+    artifacts = (metrics or {}).get("models", {}).get("shrunk", {}).get("artifacts")
+    return {
+        fmt: entry["speedup"]
+        for fmt, entry in (artifacts or {}).items()
+        if fmt != "keras" and entry.get("speedup")
+    }
 
 
 def _callbacks(config: TrainConfig, output_dir: str) -> tuple[list, str | None]:

@@ -28,6 +28,7 @@ batches 1 and 32 (128 for the CIFAR-size models).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -111,27 +112,30 @@ def _runs_for(macs: int, batch: int, runs: int) -> int:
     return int(np.clip(20.0 / max(seconds, 1e-3), 5, 100))
 
 
-def _tflite_runners(named, batch, int8: bool, directory: str) -> dict:
+def _tflite_runners(named, int8: bool, directory: str) -> dict:
+    """`{(runtime, variant): images -> outputs}`, each model converted once
+    (the interpreter takes any batch size)."""
     from keras_sfp import deploy, export
 
+    calibration = _images(named["original"], 8)
     runners = {}
-    images = np.random.default_rng(0).random(
-        (batch, *named["original"].input_shape[1:]), dtype=np.float32
-    )
     for key, model in named.items():
         path = export.export_tflite(model, os.path.join(directory, f"{key}.tflite"))
-        run = deploy.tflite_runner(path)
-        runners[("tflite", key)] = lambda run=run: run(images)
+        runners[("tflite", key)] = deploy.tflite_runner(path)
         if int8:
             path = export.export_tflite(
                 model,
                 os.path.join(directory, f"{key}_int8.tflite"),
                 quantization="int8",
-                representative_data=images[:8],
+                representative_data=calibration,
             )
-            run8 = deploy.tflite_runner(path)
-            runners[("tflite_int8", key)] = lambda run=run8: run(images)
+            runners[("tflite_int8", key)] = deploy.tflite_runner(path)
     return runners
+
+
+def _images(model, batch: int) -> np.ndarray:
+    shape = (batch, *model.input_shape[1:])
+    return np.random.default_rng(0).random(shape, dtype=np.float32)
 
 
 def measure_model(
@@ -143,23 +147,22 @@ def measure_model(
     named = variants(name, size, round_tos)
     macs = {key: keras_sfp.count_flops(m) for key, m in named.items()}
     backend = keras.backend.backend()
+    directory = tempfile.TemporaryDirectory()
+    tflite = {}
+    if backend == "tensorflow":
+        tflite = _tflite_runners(named, int8, directory.name)
     rows = []
     for batch in batches:
         if not on_gpu() and batch > 32 and name not in SMALL:
             continue
-        x = np.random.default_rng(0).random(
-            (batch, *named["original"].input_shape[1:]), dtype=np.float32
-        )
+        x = _images(named["original"], batch)
         runners = {
             (f"keras-{backend}", key): latency.keras_runner(m, x)
             for key, m in named.items()
-        }
-        with tempfile.TemporaryDirectory() as directory:
-            if backend == "tensorflow":
-                runners |= _tflite_runners(named, batch, int8, directory)
-            calls = _runs_for(macs["original"], batch, runs)
-            start = time.perf_counter()
-            times = latency.time_alternately(runners, runs=calls, warmup=3)
+        } | {key: functools.partial(run, x) for key, run in tflite.items()}
+        calls = _runs_for(macs["original"], batch, runs)
+        start = time.perf_counter()
+        times = latency.time_alternately(runners, runs=calls, warmup=3)
         seconds = time.perf_counter() - start
         print(f"{name} batch {batch}: {calls} runs in {seconds:.0f} s", flush=True)
         for runtime in dict.fromkeys(r for r, _ in runners):
@@ -185,6 +188,7 @@ def measure_model(
                         "runs": calls,
                     }
                 )
+    directory.cleanup()
     return rows
 
 

@@ -33,18 +33,24 @@ from keras_sfp.graph import ChannelGraph, Group
 from keras_sfp.wrapper import FilterPruning
 
 
-def pruned_groups(graph: ChannelGraph) -> list[Group]:
-    """Prunable groups whose every producer is a `FilterPruning` wrapper.
+def pruned_groups(graph: ChannelGraph, is_pruned=None) -> list[Group]:
+    """Prunable groups whose every producer is pruned, in `graph.groups()` order.
 
-    The groups a `SoftFilterPrune` event prunes with `coupling="group"`, in
-    the order of `graph.groups()`.
+    The groups a `SoftFilterPrune` event prunes with `coupling="group"`.
+
+    Args:
+        graph: A `ChannelGraph`.
+        is_pruned: `producer -> bool`; defaults to "is a `FilterPruning`
+            wrapper" (a model prepared by `prune_filters`).
     """
+    if is_pruned is None:
+        is_pruned = lambda layer: isinstance(layer, FilterPruning)  # noqa: E731
     return [
         group
         for group in graph.groups()
         if group.prunable
         and group.members
-        and all(isinstance(m[0], FilterPruning) for m in group.members)
+        and all(is_pruned(m[0]) for m in group.members)
     ]
 
 
@@ -78,14 +84,14 @@ class MacModel:
     def __init__(self, graph: ChannelGraph, groups: Sequence[Group]):
         self.lengths = np.array([g.length for g in groups], dtype=np.int64)
         index = {graph.find(g.sets[0].id): i for i, g in enumerate(groups)}
-        rows = []  # (coef, in const, in coefs, out const, out coefs, a, b)
+        rows = []  # (coef, C_in as (const, coefs), C_out likewise, a, b)
         constant = 0
         for node in graph.nodes:
             if node.layer is None or node.is_input:
                 continue
             terms = flops.mac_terms(node.layer, node)
             if not terms:
-                constant += flops._macs(node.layer, node)  # nested models
+                constant += flops.node_macs(node.layer, node)  # nested models
                 continue
             cin = self._count(graph, index, node.inputs[0])
             cout = self._count(graph, index, node.outputs[0])
@@ -239,8 +245,6 @@ def rate_for_macs(mac_model: MacModel, target_macs: float, round_to: int = 1) ->
     total = mac_model.total
     goal = target_macs * total
     fewest = np.where(mac_model.lengths > round_to, round_to, 1)
-    if round_to == 1:
-        fewest = np.ones_like(mac_model.lengths)
     floor = float(mac_model.macs(fewest)) / total
     if floor > target_macs:
         raise ValueError(

@@ -180,13 +180,29 @@ def _accuracy(run: Callable, x: np.ndarray, y: np.ndarray) -> float:
     return correct / len(x)
 
 
-def _latency_cell(latency: Mapping, base: Mapping, batch: str) -> str:
+def _add_speedups(models: Mapping[str, Any]) -> None:
+    """Adds `speedup` (`{batch: first model's ms / ms}`) to every artifact
+    of the models after the first one that has the same artifact."""
+    first = {}
+    for entry in models.values():
+        for fmt, artifact in entry["artifacts"].items():
+            base = first.setdefault(fmt, artifact)
+            if base is not artifact:
+                artifact["speedup"] = {
+                    b: base["latency_ms"][b] / ms
+                    for b, ms in artifact["latency_ms"].items()
+                }
+
+
+def _latency_cell(artifact: Mapping, batch: str) -> str:
     """`ms`, and `ms (speedup)` for a model timed beside another."""
+    latency = artifact["latency_ms"] or {}
     if batch not in latency:
         return "-"
-    if base is latency or batch not in base:
+    speedup = (artifact.get("speedup") or {}).get(batch)
+    if speedup is None:
         return f"{latency[batch]:.2f}"
-    return f"{latency[batch]:.2f} ({base[batch] / latency[batch]:.2f}x)"
+    return f"{latency[batch]:.2f} ({speedup:.2f}x)"
 
 
 def format_metrics_table(metrics: Mapping[str, Any]) -> str:
@@ -207,20 +223,17 @@ def format_metrics_table(metrics: Mapping[str, Any]) -> str:
         name for entry in metrics["models"].values() for name in entry["artifacts"]
     )
     for artifact in artifact_names:
-        base = None  # the artifact's first model: the others' speedup is to it
         for model_name, entry in metrics["models"].items():
             a = entry["artifacts"].get(artifact)
             if a is None:
                 continue
-            latency = a["latency_ms"] or {}
-            base = latency if base is None else base
             rows.append(
                 (
                     artifact,
                     model_name,
                     f"{a['size_bytes'] / 1024:,.1f}",
                     f"{a['accuracy']:.4f}",
-                    *(_latency_cell(latency, base, str(b)) for b in batch_sizes),
+                    *(_latency_cell(a, str(b)) for b in batch_sizes),
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -381,6 +394,7 @@ def export_and_measure(
             for (name, fmt), ms in timed.items():
                 artifact = metrics["models"][name]["artifacts"][fmt]
                 artifact["latency_ms"] = (artifact["latency_ms"] or {}) | {str(b): ms}
+        _add_speedups(metrics["models"])
     metrics["table"] = format_metrics_table(metrics)
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

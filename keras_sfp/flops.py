@@ -44,7 +44,8 @@ def mac_terms(layer, node) -> list[tuple[float, bool, bool]]:
     return [(window / layer.groups, True, True)]
 
 
-def _macs(layer, node) -> int:
+def node_macs(layer, node) -> int:
+    """Multiply-accumulates of one call of `layer` (nested models counted)."""
     inner = unwrap(layer)
     if isinstance(inner, keras.Model) and _keras_graph.is_graph_model(inner):
         return count_flops(inner)
@@ -91,5 +92,5 @@ def count_flops(model: keras.Model) -> int:
                     f"multiply-accumulates. Received: tensor {tensor.name!r} "
                     f"of shape {tensor.shape} in layer {node.name!r}"
                 )
-        total += _macs(node.layer, node)
+        total += node_macs(node.layer, node)
     return int(total)

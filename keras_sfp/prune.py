@@ -71,7 +71,8 @@ def _maskable_offset_layers(graph: ChannelGraph) -> list:
     return layers
 
 
-def _check_target_macs(target_macs, rate, coupling) -> None:
+def check_target_macs(target_macs, rate, coupling) -> None:
+    """Validates `target_macs` with the `rate` and `coupling` it comes with."""
     if target_macs is None:
         return
     if (
@@ -181,7 +182,7 @@ def prune_filters(
     >>> [type(layer).__name__ for layer in pruned.layers][1]
     'FilterPruning'
     """
-    _check_target_macs(target_macs, rate, coupling)
+    check_target_macs(target_macs, rate, coupling)
     check_prune_args(
         DEFAULT_RATE if rate is None else rate, criterion, coupling, round_to, schedule
     )
@@ -200,11 +201,7 @@ def prune_filters(
         )
 
     if target_macs is not None:
-        groups = [
-            g
-            for g in graph.groups()
-            if g.prunable and all(id(p) in targets for p in g.producers)
-        ]
+        groups = allocation.pruned_groups(graph, lambda p: id(p) in targets)
         rate = allocation.rate_for_macs(
             allocation.MacModel(graph, groups), target_macs, round_to
         )

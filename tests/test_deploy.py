@@ -73,6 +73,13 @@ def test_metrics_json_records_every_artifact_of_every_model(measured):
             assert artifact["size_bytes"] == size > 0
             assert set(artifact["latency_ms"]) == {"1", "32"}
             assert all(ms > 0 for ms in artifact["latency_ms"].values())
+    # Each shrunk artifact's speedup is over the same artifact of the original.
+    for fmt, artifact in metrics["models"]["shrunk"]["artifacts"].items():
+        base = metrics["models"]["original"]["artifacts"][fmt]
+        assert "speedup" not in base
+        for b, ms in artifact["latency_ms"].items():
+            assert artifact["speedup"][b] == base["latency_ms"][b] / ms
+            assert f"({artifact['speedup'][b]:.2f}x)" in metrics["table"]
     # One table row per artifact and model, the original beside the shrunk.
     rows = metrics["table"].splitlines()[2:]
     assert [r.split()[:2] for r in rows[:2]] == [

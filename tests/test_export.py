@@ -479,12 +479,19 @@ def test_quiet_info_logs_drops_info_records_inside_the_block_only(caplog):
     from keras_sfp._tensorflow import quiet_info_logs
 
     caplog.set_level(logging.INFO)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)  # TensorFlow sets WARNING
     tf_logger = logging.getLogger("tensorflow")
-    with quiet_info_logs():
-        tf_logger.info("tf info inside")
-        absl_logging.info("absl info inside")
-        tf_logger.warning("tf warning inside")
-    tf_logger.info("tf info after")
+    try:
+        with quiet_info_logs():
+            tf_logger.info("tf info inside")
+            absl_logging.info("absl info inside")
+            tf_logger.warning("tf warning inside")
+        tf_logger.info("tf info after")
+        absl_logging.info("absl info after")
+    finally:
+        absl_logging.set_verbosity(verbosity)
     messages = [r.getMessage() for r in caplog.records]
     assert "tf info inside" not in messages and "absl info inside" not in messages
     assert "tf warning inside" in messages and "tf info after" in messages
+    assert "absl info after" in messages
