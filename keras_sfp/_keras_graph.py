@@ -8,6 +8,8 @@ Nested Sequential or functional models called once are seen through: their
 nodes are listed in place, joined to the outer graph by *alias* nodes (an
 outer tensor that is the nested model's input or output). A nested model
 called more than once shares its weights between calls and stays one node.
+Custom layers (classes of the user's) are seen through the same way when
+their `call` can be traced on symbolic tensors (`trace_call`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class GraphNode:
     inputs: list  # flattened KerasTensor inputs
     outputs: list  # flattened KerasTensor outputs
     node: object  # the Keras node (for `arguments.fill_in`); None for an alias
+    opaque: str | None = None  # why a custom layer is not looked into
 
     @property
     def layer(self):
@@ -102,8 +105,8 @@ def check_graph_model(model, arg: str = "model") -> None:
         )
 
 
-def _ordered(model) -> list:
-    _, nodes_by_depth, _, _ = map_graph(list(model.inputs), list(model.outputs))
+def _ordered(inputs, outputs) -> list:
+    _, nodes_by_depth, _, _ = map_graph(list(inputs), list(outputs))
     return [
         node
         for depth in sorted(nodes_by_depth, reverse=True)
@@ -112,58 +115,212 @@ def _ordered(model) -> list:
     ]
 
 
-def _inlinable(node, calls, names) -> bool:
-    """A nested model called once whose layer names are free in the outer one."""
-    op = node.operation
-    if node.is_input or not is_graph_model(op) or calls[id(op)] != 1:
-        return False
-    try:
-        check_graph_model(op)
-    except ValueError:
-        return False
-    if len(keras.tree.flatten(op.inputs)) != len(node.input_tensors):
-        return False
-    inner = collections.Counter(layer.name for layer in all_layers(op))
-    outer = names - inner - collections.Counter([op.name])
-    return not set(inner) & set(outer)
-
-
 def nodes(model) -> list[GraphNode]:
     """The model's nodes, inputs first, each after all nodes it depends on.
 
-    Nested graph models called once are replaced by their own nodes between
-    alias nodes.
+    Nested graph models called once, and custom layers whose `call` can be
+    traced (`trace_call`), are replaced by their own nodes between alias
+    nodes; nodes that no model output depends on are left out.
     """
-    ordered = _ordered(model)
+    ordered = _ordered(model.inputs, model.outputs)
+    return _used(_expand(ordered, all_layers(model)), model.outputs)
+
+
+def _expand(ordered, layers) -> list[GraphNode]:
     calls = collections.Counter(id(node.operation) for node in ordered)
-    names = collections.Counter(layer.name for layer in all_layers(model))
     result = []
     for node in ordered:
         op = node.operation
         ins, outs = list(node.input_tensors), list(node.outputs)
-        if not _inlinable(node, calls, names):
-            result.append(GraphNode(op, ins, outs, node))
+        inner = None if node.is_input else _inner(node, calls[id(op)], layers)
+        if inner is None or isinstance(inner, str):
+            result.append(GraphNode(op, ins, outs, node, opaque=inner))
             continue
-        inner_ins = keras.tree.flatten(op.inputs)
-        inner_outs = keras.tree.flatten(op.outputs)
+        inner_ins, inner_outs, inner_nodes = inner
         result.extend(GraphNode(None, [o], [i], None) for o, i in zip(ins, inner_ins))
-        result.extend(n for n in nodes(op) if not n.is_input)
+        result.extend(n for n in _expand(inner_nodes, layers) if not n.is_input)
         result.extend(GraphNode(None, [i], [o], None) for i, o in zip(inner_outs, outs))
     return result
 
 
-def has_nested_models(model) -> bool:
-    """True if `model` calls a Sequential or functional model as a layer."""
-    return any(is_graph_model(node.operation) for node in _ordered(model))
+def _used(graph_nodes, outputs) -> list[GraphNode]:
+    """`graph_nodes` without those no tensor of `outputs` depends on."""
+    needed = {id(t) for t in outputs}
+    kept = []
+    for node in reversed(graph_nodes):
+        if node.is_input or any(id(t) in needed for t in node.outputs):
+            kept.append(node)
+            needed.update(id(t) for t in node.inputs)
+    return kept[::-1]
+
+
+def _inner(node, calls: int, layers):
+    """`(inputs, outputs, ordered nodes)` to inline a call, or why not (a str).
+
+    None for an operation that is not a nested model or a custom layer.
+    """
+    op = node.operation
+    if is_graph_model(op):
+        if calls != 1:
+            return None
+        try:
+            check_graph_model(op)
+        except ValueError:
+            return None
+        if len(keras.tree.flatten(op.inputs)) != len(node.input_tensors):
+            return None
+        if _clashes(op, layers):
+            return None
+        inner_ins = keras.tree.flatten(op.inputs)
+        if all(
+            tuple(i.shape) == tuple(o.shape)
+            for i, o in zip(inner_ins, node.input_tensors)
+        ):
+            inner_outs = keras.tree.flatten(op.outputs)
+            return inner_ins, inner_outs, _ordered(inner_ins, inner_outs)
+        # Built for other (less known) shapes: trace it with the call's.
+        traced = trace_call(op, node)
+        return None if isinstance(traced, str) else traced
+    if not _is_custom(op):
+        return None
+    clash = _clashes(op, layers)
+    if clash:
+        return f"has sublayers whose names are also used outside it ({clash})"
+    return trace_call(op, node)
+
+
+def _is_custom(op) -> bool:
+    """A layer class of the user's (not Keras', not keras-sfp's, no rule)."""
+    if not is_layer(op) or is_graph_model(op):
+        return False
+    from keras_sfp import rules  # noqa: PLC0415 - rules imports this module
+
+    package = type(op).__module__.split(".")[0]
+    return package not in ("keras", "keras_sfp") and not rules.is_registered(op)
+
+
+def _clashes(op, layers) -> list:
+    """Names of `op`'s sublayers also used by other layers of the model."""
+    inner = [
+        layer
+        for layer in _sublayers(op)
+        if not isinstance(layer, keras.layers.InputLayer)
+    ]
+    inside = {id(layer) for layer in inner} | {id(op)}
+    outside = {layer.name for layer in layers if id(layer) not in inside}
+    return sorted({layer.name for layer in inner} & outside)
+
+
+def _sublayers(op) -> list:
+    if is_graph_model(op):
+        return all_layers(op)
+    return list(op._flatten_layers(include_self=False))
+
+
+def trace_call(op, node):
+    """The nodes `op.call` creates on symbolic inputs shaped like `node`'s.
+
+    Calling a layer's `call` (not the layer) on fresh `KerasTensor`s runs
+    its sublayers and `keras.ops` calls symbolically, which records them as
+    a functional graph: a custom block layer made of Conv2D,
+    BatchNormalization and `keras.ops` becomes nodes the channel graph can
+    look through and `rebuild` can copy. Nothing of `op` is changed: the
+    nodes the trace appends to its sublayers are removed again.
+
+    Returns:
+        `(inputs, outputs, ordered keras nodes)`, or a string saying why the
+        call cannot be traced (it has weights of its own, its graph depends
+        on `training`, it uses something other than sublayers and
+        `keras.ops`, ...). Such a layer stays a boundary.
+    """
+    sublayers = _sublayers(op)
+    own = {id(v) for v in op.variables} - {
+        id(v) for layer in sublayers for v in layer.variables
+    }
+    if own:
+        names = [v.path for v in op.variables if id(v) in own]
+        return f"has weights of its own, outside its sublayers ({names[:3]})"
+    kwargs = node.arguments.kwargs
+    if kwargs.get("training") is not None:
+        return f"is called with training={kwargs['training']!r}"
+    fresh = {
+        id(t): keras.KerasTensor(t.shape, dtype=t.dtype) for t in node.input_tensors
+    }
+    args, kwargs = node.arguments.fill_in(fresh)
+    inner_ins = [fresh[id(t)] for t in node.input_tensors]
+    unique_ins = list({id(t): t for t in inner_ins}.values())
+    modes = [None]
+    if not is_graph_model(op) and "training" in _parameters(op.call):
+        modes = [None, True, False]
+    watched = {id(o): o for o in sublayers}
+    if is_graph_model(op):
+        watched.update((id(o), o) for o in op.operations)
+    lengths = {
+        k: (len(o._inbound_nodes), len(o._outbound_nodes)) for k, o in watched.items()
+    }
+    traces = []
+    try:
+        for training in modes:
+            call_kwargs = dict(kwargs)
+            if training is not None:
+                call_kwargs["training"] = training
+            outs = keras.tree.flatten(op.call(*args, **call_kwargs))
+            if not outs or not all(isinstance(t, keras.KerasTensor) for t in outs):
+                return "returns something other than tensors"
+            computed = [t for t in outs if all(t is not i for i in unique_ins)]
+            ordered = _ordered(unique_ins, computed) if computed else []
+            traces.append((outs, ordered))
+    except Exception as error:  # noqa: BLE001 - any failure leaves a boundary
+        message = str(error).strip().splitlines()[0][:120] if str(error) else ""
+        return f"could not be traced ({type(error).__name__}: {message})"
+    finally:
+        for key, o in watched.items():
+            inbound, outbound = lengths[key]
+            del o._inbound_nodes[inbound:]
+            del o._outbound_nodes[outbound:]
+    if len({_signature(ordered) for _, ordered in traces}) > 1:
+        return "builds a different graph for training and inference"
+    outs, ordered = traces[0]
+    return inner_ins, outs, ordered
+
+
+def _parameters(function) -> set:
+    import inspect  # noqa: PLC0415
+
+    try:
+        return set(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _signature(ordered) -> tuple:
+    """What a traced graph computes, the `training` flags aside."""
+    rows = []
+    for node in ordered:
+        op = node.operation
+        kwargs = {k: v for k, v in node.arguments.kwargs.items() if k != "training"}
+        constants = [
+            repr(a)
+            for a in keras.tree.flatten((node.arguments.args, kwargs))
+            if not isinstance(a, keras.KerasTensor)
+        ]
+        if is_layer(op):
+            key = id(op)
+        else:  # a keras.ops operation made by this trace: its config, unnamed
+            key = repr({k: v for k, v in op.get_config().items() if k != "name"})
+        rows.append((type(op).__name__, key, tuple(constants)))
+    return tuple(rows)
 
 
 def all_layers(model) -> list:
-    """The layers of `model` and, recursively, of the models nested in it."""
+    """The layers of `model` and, recursively, of the models and custom layers in it."""
     result = []
     for layer in model.layers:
         result.append(layer)
         if is_graph_model(layer):
             result.extend(all_layers(layer))
+        elif _is_custom(layer):
+            result.extend(layer._flatten_layers(include_self=False))
     return result
 
 
@@ -290,7 +447,8 @@ def clone_operation(node: GraphNode):
 
 
 def inline(model) -> keras.Model:
-    """`model` itself, or a flat functional copy if it nests graph models."""
-    if not has_nested_models(model):
+    """`model` itself, or a flat functional copy if `nodes` inlines anything."""
+    graph_nodes = nodes(model)
+    if not any(node.is_alias for node in graph_nodes):
         return model
-    return rebuild(model, nodes(model), clone_operation, name=model.name)
+    return rebuild(model, graph_nodes, clone_operation, name=model.name)

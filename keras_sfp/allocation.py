@@ -83,6 +83,7 @@ class MacModel:
 
     def __init__(self, graph: ChannelGraph, groups: Sequence[Group]):
         self.lengths = np.array([g.length for g in groups], dtype=np.int64)
+        self.blocks = np.array([g.blocks for g in groups], dtype=np.int64)
         index = {graph.find(g.sets[0].id): i for i, g in enumerate(groups)}
         rows = []  # (coef, C_in as (const, coefs), C_out likewise, a, b)
         constant = 0
@@ -146,12 +147,30 @@ def exact_kept(lengths, rate: float) -> np.ndarray:
     return np.array([n - num_pruned(int(n), rate) for n in lengths], dtype=np.int64)
 
 
-def _options(length: int, exact: int, round_to: int) -> np.ndarray:
-    """The counts a group may keep: multiples of `round_to`, or all channels."""
-    if round_to == 1 or length <= round_to:
+def _options(length: int, exact: int, round_to: int, blocks: int = 1) -> np.ndarray:
+    """The counts a group may keep: multiples of `round_to`, or all channels.
+
+    A group of `blocks` blocks (grouped convolutions) keeps multiples of
+    `blocks` too (the same count per block).
+    """
+    step = round_to
+    if blocks > 1:
+        step = math.lcm(round_to, blocks)
+        if step >= length:
+            step = blocks  # too narrow for round_to: only keep blocks even
+    elif round_to == 1 or length <= round_to:
         return np.array([exact])  # nothing to round to
-    multiples = np.arange(round_to, length + 1, round_to)
+    multiples = np.arange(step, length + 1, step)
     return np.unique(np.append(multiples, length))
+
+
+def fewest_kept(lengths, round_to: int, blocks=None) -> np.ndarray:
+    """The fewest channels each group can keep (its smallest option)."""
+    blocks = np.ones(len(lengths), np.int64) if blocks is None else blocks
+    return np.array(
+        [_options(int(n), 1, round_to, int(b))[0] for n, b in zip(lengths, blocks)],
+        dtype=np.int64,
+    )
 
 
 def balanced_kept(
@@ -160,6 +179,7 @@ def balanced_kept(
     rate: float,
     round_to: int,
     target: float | None = None,
+    blocks=None,
 ) -> np.ndarray:
     """Kept counts that are multiples of `round_to`, with the MACs of the request.
 
@@ -178,6 +198,9 @@ def balanced_kept(
         round_to: The multiple, >= 1.
         target: MACs to approach. Defaults to the MACs of the unrounded
             counts.
+        blocks: Blocks per group that must keep equal counts (grouped
+            convolutions; counts are then multiples of `blocks` too).
+            Defaults to `mac_model.blocks`, or 1 per group.
 
     Returns:
         An int64 array of kept channels per group.
@@ -188,7 +211,12 @@ def balanced_kept(
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     exact = exact_kept(lengths, rate)
-    options = [_options(int(n), int(e), round_to) for n, e in zip(lengths, exact)]
+    if blocks is None:
+        blocks = mac_model.blocks if mac_model is not None else np.ones_like(lengths)
+    options = [
+        _options(int(n), int(e), round_to, int(b))
+        for n, e, b in zip(lengths, exact, blocks)
+    ]
     # Nearest option; a tie goes to the larger count (less pruned).
     position = np.array(
         [
@@ -197,7 +225,7 @@ def balanced_kept(
         ]
     )
     kept = np.array([o[p] for o, p in zip(options, position)], dtype=np.int64)
-    if mac_model is None or round_to == 1:
+    if mac_model is None or all(len(o) == 1 for o in options):
         return kept
     goal = float(mac_model.macs(exact)) if target is None else float(target)
     error = abs(float(mac_model.macs(kept)) - goal)
@@ -244,7 +272,7 @@ def rate_for_macs(mac_model: MacModel, target_macs: float, round_to: int = 1) ->
     """
     total = mac_model.total
     goal = target_macs * total
-    fewest = np.where(mac_model.lengths > round_to, round_to, 1)
+    fewest = fewest_kept(mac_model.lengths, round_to, mac_model.blocks)
     floor = float(mac_model.macs(fewest)) / total
     if floor > target_macs:
         raise ValueError(

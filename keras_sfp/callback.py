@@ -160,24 +160,28 @@ class SoftFilterPrune(keras.callbacks.Callback):
         # pruned with the same indices (a wrapper's whole output, unless a
         # merge split it between groups).
         if first.coupling == "layer":
-            units = [
-                [m]
+            pairs = [
+                ([m], group.blocks)
                 for group in graph.groups()
                 for m in group.members
                 if isinstance(m[0], FilterPruning)
             ]
+            units = [unit for unit, _ in pairs]
+            blocks = [b for _, b in pairs]
             # Pruned residual channels are not all removable: each unit
             # rounds alone, without a MACs model.
             mac_model = None
         else:
             groups = allocation.pruned_groups(graph)
             units = [list(group.members) for group in groups]
+            blocks = [group.blocks for group in groups]
             mac_model = allocation.MacModel(graph, groups) if groups else None
         self._plan = {
             "graph": graph,
             "batch_norms": _batch_norms_after(graph),
             "units": units,
             "lengths": [unit[0][2] for unit in units],
+            "blocks": blocks,  # equal-count blocks per unit (grouped convs)
             "mac_model": mac_model,
             "kept": {},  # rate -> kept counts per unit
             "wrappers": wrapped,
@@ -257,7 +261,11 @@ class SoftFilterPrune(keras.callbacks.Callback):
         cache = self._plan["kept"]
         if rate not in cache:
             cache[rate] = allocation.balanced_kept(
-                self._plan["mac_model"], self._plan["lengths"], rate, round_to
+                self._plan["mac_model"],
+                self._plan["lengths"],
+                rate,
+                round_to,
+                blocks=self._plan["blocks"],
             )
         return cache[rate]
 
@@ -270,16 +278,16 @@ class SoftFilterPrune(keras.callbacks.Callback):
         pruned = revived = 0
         masks = {}  # id(wrapper) -> (wrapper, new full mask)
         kept = self._kept(rate, config.round_to)
-        for unit, unit_kept in zip(self._plan["units"], kept):
+        for unit, unit_kept, blocks in zip(
+            self._plan["units"], kept, self._plan["blocks"]
+        ):
             wrapper, start, length = unit[0]
             stop = start + length
             previous = wrapper.mask[start:stop]
             first_event = wrapper.last_event < -1
             if rescore:
                 scores = sum(self._score(m, config.criterion) for m in unit)
-                n = len(scores) - int(unit_kept)
-                mask = np.ones(len(scores), dtype="float32")
-                mask[np.argsort(scores, kind="stable")[:n]] = 0.0
+                mask = _lowest_masked(scores, len(scores) - int(unit_kept), blocks)
             else:
                 mask = previous.astype("float32")
             # Counted in filters: every member of a group loses its own.
@@ -388,6 +396,15 @@ class SoftFilterPrune(keras.callbacks.Callback):
             self.prune(0, rescore=False)
         else:
             self.prune(self._last_epoch, rescore=not hard)
+
+
+def _lowest_masked(scores, n: int, blocks: int = 1) -> np.ndarray:
+    """A mask zeroing the `n` lowest `scores`, `n / blocks` in every block."""
+    mask = np.ones((blocks, len(scores) // blocks), dtype="float32")
+    per_block = np.reshape(scores, mask.shape)
+    for row, block_scores in zip(mask, per_block):
+        row[np.argsort(block_scores, kind="stable")[: n // blocks]] = 0.0
+    return mask.reshape(-1)
 
 
 def _slots(optimizer, weight) -> list:

@@ -7,8 +7,12 @@ graph cannot see through). Channelwise layers (normalization, depthwise
 convolutions, activations, pooling, padding) pass the description through;
 element-wise merges (`Add`, `Multiply`, `x + y`) unite the sets they combine,
 because a channel of a residual sum can only be removed if it is removed from
-every branch; `Concatenate` joins segments; `Flatten` keeps them, with a
-spatial stride. How each layer type behaves is in `keras_sfp.rules`.
+every branch; `Concatenate` joins segments; a channel split (`keras.ops.split`,
+`x[..., a:b]`) cuts sets at its edges and hands each output its segments;
+`Flatten` keeps them, with a spatial stride. A grouped convolution marks the
+sets it consumes and produces with its number of groups (`Group.blocks`):
+they are pruned evenly per block. How each layer type behaves is in
+`keras_sfp.rules`.
 
 United sets form *groups*. A group is prunable when it has producers and all
 its sets are prunable: sets that reach a model output, cross a boundary, or
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 
 import keras
 import numpy as np
@@ -64,6 +69,9 @@ class Group:
     # (layer, start, length): the slice of each producer's output channels
     # in the group (the whole output unless a merge split it)
     members: list = dataclasses.field(default_factory=list)
+    # Grouped convolutions produce or consume the group: its channels form
+    # `blocks` equal contiguous blocks that must keep equal counts.
+    blocks: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -111,8 +119,10 @@ class ChannelGraph:
         self.rules: dict[int, rules.LayerRule] = {}
         self.boundaries: list[tuple[str, str]] = []  # (layer name, reason)
         self.exits: list[tuple] = []  # (tensor, consumer node) mixing channels
+        self._blocks: dict[int, int] = {}  # set id -> groups of a grouped conv
         self._probes: dict[int, np.ndarray] = {}
         self._calls = collections.Counter(id(node.operation) for node in self.nodes)
+        self._made_by = {id(t): node for node in self.nodes for t in node.outputs}
         for node in self.nodes:
             self._visit(node)
         for tensor in model.outputs:
@@ -156,6 +166,12 @@ class ChannelGraph:
             )
             old.retired = True
             halves[old.id] = ((first, cut), (second, old.length - cut))
+        if any(old.id in self._blocks for old in members):
+            for (a, _), (b, _) in halves.values():
+                for half in (a, b):
+                    self._block_set(
+                        half, "channels of a grouped convolution are sliced apart"
+                    )
         pairs = list(halves.values())
         for (a, _), (b, _) in pairs[1:]:
             self._union(pairs[0][0][0], a)
@@ -233,6 +249,9 @@ class ChannelGraph:
             if ins[0] is not None:
                 self.exits.append((node.inputs[0], node))
             self._new_tensor(out, name, producer=node.layer, blocked=blocked)
+            groups = getattr(layer, "groups", 1)
+            if groups > 1:
+                self._visit_grouped(node, groups)
         elif kind == "channelwise":
             self.tensors[id(out)] = ins[0]
             if node.layer is not None and getattr(node.layer, "weights", None):
@@ -252,6 +271,8 @@ class ChannelGraph:
         elif kind == "concat":
             segments = tuple(s for info in ins for s in info.segments)
             self.tensors[id(out)] = TensorChannels(segments)
+        elif kind == "split":
+            self._visit_split(node, rule)
         elif kind == "flatten":
             spatial = int(np.prod(node.inputs[0].shape[1:-1]))
             self.tensors[id(out)] = TensorChannels(ins[0].segments, spatial)
@@ -261,6 +282,36 @@ class ChannelGraph:
                 self._block(tensor, reason)
             for tensor in node.outputs:
                 self._new_tensor(tensor, name, blocked=reason)
+
+    def _visit_grouped(self, node, groups: int) -> None:
+        """Grouped convolution: its input and output channels keep equal blocks."""
+        ((out_set, _),) = self._info(node.outputs[0]).segments
+        self._blocks[out_set] = groups
+        info = self._info(node.inputs[0])
+        if info is None:
+            return
+        if len(info.segments) == 1:
+            set_id = info.segments[0][0]
+            self._blocks[set_id] = math.lcm(self._blocks.get(set_id, 1), groups)
+        else:
+            self._block(
+                node.inputs[0],
+                f"{node.name}: a grouped convolution's input joins channel sets",
+            )
+
+    def _visit_split(self, node, rule) -> None:
+        """Each output holds the segments of its channel range of the input."""
+        tensor = node.inputs[0]
+        cuts = {edge for edges in rule.ranges for edge in edges}
+        while (at := self._straddle(tensor, cuts)) is not None:
+            self._split(*at)
+        for out, (start, stop) in zip(node.outputs, rule.ranges):
+            position, segments = 0, []
+            for set_id, n in self._info(tensor).segments:
+                if start <= position and position + n <= stop:
+                    segments.append((set_id, n))
+                position += n
+            self.tensors[id(out)] = TensorChannels(tuple(segments))
 
     def _merge_inputs(self, node):
         """Splits a merge's inputs into channel-aligned ones and broadcast ones."""
@@ -279,6 +330,13 @@ class ChannelGraph:
         name, layer = node.name, node.layer
         if rule.kind == "boundary":
             return "boundary", rule.reason
+        if rule.kind == "split":
+            info = self._info(node.inputs[0]) if node.inputs else None
+            if info is None or info.spatial is not None:
+                return "boundary", f"{name}: slices channels it cannot follow"
+            if len(node.outputs) != len(rule.ranges):
+                return "boundary", f"{name}: not one output per channel range"
+            return "split", None
         if len(node.outputs) != 1 or not node.inputs:
             return "boundary", f"{name}: not a single-output operation"
         ins = [self._info(t) for t in node.inputs]
@@ -335,6 +393,21 @@ class ChannelGraph:
             self._probes[id(node)] = rules.probe_zero(node)
         return self._probes[id(node)]
 
+    def _padded_zero(self, node, zeros):
+        """Zero channels after constant padding and the layer after it."""
+        pad = self._made_by.get(id(node.inputs[0]))
+        if pad is None or self.kinds.get(id(pad)) != "channelwise":
+            return None
+        if not self.rules[id(pad)].border or self.kinds[id(node)] != "channelwise":
+            return None
+        key = ("padded", id(node))
+        if key not in self._probes:
+            self._probes[key] = rules.probe_zero(node, upstream=pad)
+        probe, zero_in = self._probes[key], zeros.get(id(pad.inputs[0]))
+        if probe is None or zero_in is None:
+            return None
+        return zero_in & probe
+
     def _channelwise_zero(self, node, zero_in, zeroed_offsets):
         rule = self.rules[id(node)]
         if rule.zero is not None:
@@ -384,12 +457,27 @@ class ChannelGraph:
             if not tracked:
                 continue
             out = tracked[0]
-            if kind not in ("producer", "channelwise", "merge", "concat", "flatten"):
+            if kind not in (
+                "producer",
+                "channelwise",
+                "merge",
+                "concat",
+                "flatten",
+                "split",
+            ):
                 for tensor in tracked:  # a boundary: assume nothing is zero
                     zeros[id(tensor)] = np.zeros(self._info(tensor).length, bool)
                 continue
             ins = [zeros.get(id(t)) for t in node.inputs]
             before = None
+            if kind == "split":
+                for tensor, (start, stop) in zip(
+                    node.outputs, self.rules[id(node)].ranges
+                ):
+                    zeros[id(tensor)] = ins[0][start:stop]
+                    if id(node.inputs[0]) in culprits:
+                        culprits[id(tensor)] = culprits[id(node.inputs[0])]
+                continue
             if kind == "producer":
                 layer = producer_layer(node.layer)
                 value = np.asarray(producer_zero(node.layer), dtype=bool)
@@ -398,6 +486,11 @@ class ChannelGraph:
             elif kind == "channelwise":
                 before = ins[0]
                 value = self._channelwise_zero(node, ins[0], zeroed_offsets)
+                padded = self._padded_zero(node, zeros)
+                if padded is not None:
+                    value = value | (
+                        padded & self._channelwise_zero(node, padded, zeroed_offsets)
+                    )
             elif kind == "merge":
                 value = self._merge_zero(node, zeros)
             elif kind == "concat":
@@ -484,6 +577,13 @@ class ChannelGraph:
                 group.members.append((producer, channel_set.start, channel_set.length))
             if channel_set.blocked and channel_set.blocked not in group.blocked:
                 group.blocked.append(channel_set.blocked)
+            group.blocks = math.lcm(group.blocks, self._blocks.get(channel_set.id, 1))
+        for group in by_root.values():
+            if group.length % group.blocks:
+                group.blocked.append(
+                    f"grouped convolutions split its {group.length} channels "
+                    f"into blocks that do not divide them ({group.blocks})"
+                )
         return list(by_root.values())
 
     def offset_nodes(self):

@@ -232,6 +232,14 @@ def prune_filters(
     _copy_weights(model, pruned)
     for restore in restores:
         restore()
+    missing = len(targets) - len(wrappers(pruned))
+    if missing:  # the clone did not reach layers the graph found
+        raise ValueError(
+            f"`model` could not be prepared: {missing} of the {len(targets)} "
+            "prunable layers the channel graph found were not wrapped (a "
+            "nested model keras.models.clone_model copies whole). Received: "
+            f"model {model.name!r}"
+        )
     return pruned
 
 

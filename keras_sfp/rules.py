@@ -30,7 +30,9 @@ from keras_sfp import _keras_graph
 from keras_sfp.wrapper import unwrap
 
 L = keras.layers
-KINDS = ("producer", "channelwise", "merge", "boundary")
+KINDS = ("producer", "channelwise", "merge", "boundary")  # and built-in
+# kinds for `Concatenate` ("concat"), `Flatten` ("flatten") and channel
+# slices such as `keras.ops.split` ("split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,14 @@ class LayerRule:
             that only receive zeros (BatchNormalization's moving mean and
             beta, a depthwise bias): the "BN shift".
         reason: Why a boundary is one.
+        ranges: Split: the `(start, stop)` channels of the input each output
+            holds.
+        resize: Split: `new ranges -> callable` doing the same split of the
+            shrunk input (called with the node's arguments).
+        border: Channelwise: the constant that constant padding writes
+            around a zero channel (None: none). The next channelwise layer
+            decides, by evaluating both on zeros, whether the channel is
+            zero again (max pooling after -inf padding is).
     """
 
     kind: str
@@ -57,6 +67,9 @@ class LayerRule:
     zero: Callable | None = None
     offsets: Callable | None = None
     reason: str | None = None
+    ranges: list | None = None
+    resize: Callable | None = None
+    border: float | None = None
 
 
 def _boundary(reason: str) -> LayerRule:
@@ -124,6 +137,36 @@ def _slice_conv2d(layer, config, weights, keep_in, keep_out):
     config["filters"] = len(keep_out)
     kernel = weights[0][:, :, keep_in, :][..., keep_out]
     return config, [kernel] + [b[keep_out] for b in weights[1:]]
+
+
+def _per_block(indices, length: int, blocks: int) -> list:
+    """`indices` (sorted) split by block of `length // blocks`, made local."""
+    size = length // blocks
+    return [
+        indices[(indices >= b * size) & (indices < (b + 1) * size)] - b * size
+        for b in range(blocks)
+    ]
+
+
+def _slice_grouped_conv(layer, config, weights, keep_in, keep_out):
+    """A grouped Conv2D keeping the same number of channels in every group."""
+    groups, kernel = layer.groups, weights[0]
+    ins = _per_block(keep_in, kernel.shape[2] * groups, groups)
+    outs = _per_block(keep_out, kernel.shape[3], groups)
+    if len({len(i) for i in ins}) > 1 or len({len(o) for o in outs}) > 1:
+        raise RuntimeError(
+            f"{layer.name}: uneven channels per group "
+            f"(in {[len(i) for i in ins]}, out {[len(o) for o in outs]})"
+        )
+    size = kernel.shape[3] // groups
+    columns = [
+        kernel[:, :, local_in, :][..., local_out + b * size]
+        for b, (local_in, local_out) in enumerate(zip(ins, outs))
+    ]
+    config["filters"] = len(keep_out)
+    return config, [np.concatenate(columns, axis=-1)] + [
+        b[keep_out] for b in weights[1:]
+    ]
 
 
 def _slice_separable(layer, config, weights, keep_in, keep_out):
@@ -208,28 +251,6 @@ _MERGE_LAYERS = {
     L.Minimum: _all,
     L.Multiply: _any,
 }
-# keras.ops operations that act element by element. With one tensor argument
-# (the others constants) they are channelwise; with two, merges.
-_ELEMENTWISE_OPS = {
-    "Add": _all,
-    "Subtract": _all,
-    "Maximum": _all,
-    "Minimum": _all,
-    "Multiply": _any,
-    # x / y: x / constant is channelwise; dividing by a tensor that may be
-    # zero where x is (0 / 0) is not something to look through.
-    "Divide": None,
-    "TrueDivide": None,
-    **dict.fromkeys(
-        (
-            "Negative Absolute Abs Square Sqrt Exp Expm1 Log1p Power Clip Tanh "
-            "Sin Sinh Arcsinh Arctan Sign Floor Ceil Round Cast Relu Relu6 "
-            "Sigmoid SparseSigmoid Softplus Softsign SoftShrink SparsePlus Silu "
-            "Squareplus LogSigmoid LeakyRelu HardSigmoid HardSilu Elu Selu "
-            "Gelu Celu TanhShrink HardTanh HardShrink Threshold Erf"
-        ).split()
-    ),
-}
 # Activations computed element by element (the others mix channels).
 ELEMENTWISE_ACTIVATIONS = set(
     (
@@ -302,6 +323,11 @@ def register_layer(layer_type: type, kind: str, slice_weights=None) -> None:
     else:
         rule = LayerRule(kind, slice_weights=slice_weights or slice_last_axis)
     _USER_RULES[layer_type] = rule
+
+
+def is_registered(layer) -> bool:
+    """True if `register_layer` has a rule for `layer`'s type."""
+    return type(layer) in _USER_RULES
 
 
 def unregister_layer(layer_type: type) -> None:
@@ -396,7 +422,9 @@ def rule_for(node) -> LayerRule:
     op, name = unwrap(node.operation), node.name
     cls = type(op).__name__
     if not _keras_graph.is_layer(op):
-        return _op_rule(node)
+        from keras_sfp import op_rules  # noqa: PLC0415 - it imports this module
+
+        return op_rules.rule_for_op(node)
     if type(op) in _USER_RULES:
         return _USER_RULES[type(op)]
     rank = len(node.outputs[0].shape) if node.outputs else 0
@@ -409,10 +437,9 @@ def rule_for(node) -> LayerRule:
             return LayerRule("producer", slice_weights=_slice_conv2d)
         if layer.groups == cin == layer.filters:  # a depthwise convolution
             return _depthwise_rule(name, layer, _slice_grouped_depthwise)
-        return _boundary(
-            f"{name}: grouped Conv2D (groups={layer.groups}) couples channels "
-            "within groups"
-        )
+        # Grouped (ResNeXt): its input and output channels are pruned evenly
+        # per group (the channel graph's `blocks`), so it stays grouped.
+        return LayerRule("producer", slice_weights=_slice_grouped_conv)
     if type(layer) is L.SeparableConv2D:
         return LayerRule("producer", slice_weights=_slice_separable)
     if type(layer) is L.Dense:
@@ -470,6 +497,8 @@ def rule_for(node) -> LayerRule:
             f"{name}: a nested model called more than once, or whose layer "
             "names are also used outside it"
         )
+    if node.opaque:
+        return _boundary(f"{name} ({cls}) {node.opaque}")
     return _boundary(f"{name} ({cls}) is not understood by the channel graph")
 
 
@@ -509,34 +538,25 @@ def _reshape_rule(node) -> LayerRule:
     return _boundary(f"{node.name}: Reshape from {before} to {after} moves channels")
 
 
-def _op_rule(node) -> LayerRule:
-    cls = type(node.operation).__name__
-    name = f"{node.name} (keras.ops {cls})"
-    if cls not in _ELEMENTWISE_OPS:
-        return _boundary(f"{name} is not understood by the channel graph")
-    for constant in node.constants:
-        if np.size(constant) > 1:
-            return _boundary(f"{name}: a constant with per-channel values")
-    if len(node.inputs) == 1:
-        return LayerRule("channelwise")
-    if len(node.inputs) == 2 and _ELEMENTWISE_OPS[cls] is not None:
-        return LayerRule("merge", zero=_ELEMENTWISE_OPS[cls])
-    return _boundary(f"{name}: {len(node.inputs)} tensor arguments")
-
-
-def probe_zero(node) -> np.ndarray | None:
+def probe_zero(node, upstream=None) -> np.ndarray | None:
     """Which channels a channelwise node maps from 0 to exactly 0 (by running it).
 
     Unknown spatial sizes are taken as 1; merges get zeros on every input.
+    With `upstream` (the channelwise node before it, such as constant
+    padding), the node gets what `upstream` outputs for zeros instead.
     Returns None if the output at zero is not finite (`1 / x`, `x ** -1`):
     such a layer turns a removed channel into inf or NaN, not a value
     that a later `Multiply` by zero cancels.
     """
     values = {}
-    for tensor in node.inputs:
+    for tensor in node.inputs + (upstream.inputs if upstream else []):
         shape = [1 if d is None else d for d in tensor.shape]
         values[id(tensor)] = np.zeros(shape, dtype=tensor.dtype or "float32")
     try:
+        if upstream is not None:
+            args, kwargs = _keras_graph.fill_in(upstream, values)
+            before = upstream.operation(*args, **kwargs)
+            values[id(node.inputs[0])] = keras.ops.convert_to_numpy(before)
         args, kwargs = _keras_graph.fill_in(node, values)
         out = keras.ops.convert_to_numpy(node.operation(*args, **kwargs))
     except Exception:  # noqa: BLE001 - a layer we cannot evaluate keeps nothing zero

@@ -45,8 +45,23 @@ def kept_channels(model: keras.Model, graph: ChannelGraph | None = None) -> dict
         if not group.prunable or removable is None or removable.all():
             keep[root] = np.arange(group.length)
         else:
-            keep[root] = np.flatnonzero(~removable)
+            keep[root] = np.flatnonzero(~_evenly(removable, group.blocks))
     return keep
+
+
+def _evenly(removable: np.ndarray, blocks: int) -> np.ndarray:
+    """The first removable channels of each block, as many in every block.
+
+    A grouped convolution must keep the same number of channels per group.
+    """
+    if blocks == 1:
+        return removable
+    parts = removable.reshape(blocks, -1)
+    count = int(parts.sum(axis=1).min())
+    even = np.zeros_like(parts)
+    for row, part in zip(even, parts):
+        row[np.flatnonzero(part)[:count]] = True
+    return even.reshape(-1)
 
 
 def shrink(model: keras.Model) -> keras.Model:
@@ -103,6 +118,13 @@ def shrink(model: keras.Model) -> keras.Model:
 def _rebuild_layer(graph: ChannelGraph, node, keep):
     """A new layer for `node` with its removed channels sliced away."""
     layer = node.layer
+    if graph.kinds[id(node)] == "split":
+        keep_in = _index(graph, node.inputs[0], keep)
+        ranges = [
+            tuple(int(np.searchsorted(keep_in, edge)) for edge in edges)
+            for edges in graph.rules[id(node)].ranges
+        ]
+        return graph.rules[id(node)].resize(ranges)
     if not _keras_graph.is_layer(layer):
         return layer  # a stateless operation (a keras.ops call): reuse it
     config = layer.get_config()
@@ -140,8 +162,9 @@ def _warn_unremoved(model, graph, keep) -> None:
             f"shrink kept {kept_zero} all-zero (pruned or dead) filters of model "
             f"{model.name!r}: their channels are not zero in every tensor of "
             "their channel group (a residual sum with unpruned branches, as "
-            'with coupling="layer", or a following layer that does not map '
-            "zero to zero). The shrunk model is exact but larger than the "
-            "masks suggest.",
+            'with coupling="layer", a following layer that does not map '
+            "zero to zero, or a grouped convolution, which loses as many "
+            "channels in every group). The shrunk model is exact but larger "
+            "than the masks suggest.",
             stacklevel=2,
         )

@@ -163,10 +163,13 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
         round_to: int = 8,
         **kwargs,
     ):
-        if type(layer) not in PRUNABLE_TYPES or getattr(layer, "groups", 1) != 1:
+        groups = getattr(layer, "groups", 1)
+        if type(layer) not in PRUNABLE_TYPES or (
+            groups > 1 and groups == layer.filters
+        ):
             raise ValueError(
-                "`layer` must be a keras.layers.Conv2D (groups=1), "
-                "SeparableConv2D or Dense. "
+                "`layer` must be a keras.layers.Conv2D (plain or grouped, "
+                "not depthwise), SeparableConv2D or Dense. "
                 f"Received: layer={layer!r} of type {type(layer).__name__}"
             )
         check_prune_args(rate, criterion, coupling, round_to, schedule)

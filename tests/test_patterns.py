@@ -63,7 +63,7 @@ def _separable():
 
 
 def _grouped():
-    """A depthwise-form grouped conv is channelwise; other groupings stop."""
+    """A depthwise-form grouped conv is channelwise; others prune per group."""
     inputs = keras.Input((8, 8, 3))
     x = L.Conv2D(8, 3, padding="same", name="c")(inputs)
     x = L.Conv2D(8, 3, padding="same", groups=8, name="gdw")(x)
@@ -164,7 +164,7 @@ PATTERNS = [
     (_se_dense_reshape, {"c", "fc1", "fc2", "out"}),
     (_hard_swish_ops, {"c", "d", "e"}),
     (_separable, {"c", "sep1", "sep2"}),
-    (_grouped, {"c", "e"}),
+    (_grouped, {"c", "d", "g2", "e"}),
     (_convnext, {"pw1"}),
     (_nested_and_spatial, {"c", "inner_conv", "d"}),
     (_nested_twice, {"d"}),
@@ -241,11 +241,9 @@ def test_a_merge_splits_a_producer_between_groups():
 
 
 def test_grouped_conv_and_layer_norm_reasons():
-    report = keras_sfp.describe(_grouped())
-    group = next(g for g in report.groups if g.producers == ["d"])
-    assert group.reasons == [
-        "g2: grouped Conv2D (groups=2) couples channels within groups"
-    ]
+    graph = keras_sfp.ChannelGraph(_grouped())
+    blocks = {p.name: g.blocks for g in graph.groups() for p in g.producers}
+    assert blocks == {"c": 1, "d": 2, "g2": 2, "e": 1, "head": 1}  # g2: groups=2
     report = keras_sfp.describe(_convnext())
     group = next(g for g in report.groups if g.producers == ["stem_conv"])
     assert "LayerNormalization computes statistics across channels" in group.reasons[0]
@@ -299,7 +297,9 @@ def test_registered_custom_layers_let_channels_through():
     model = _custom_layers()
     model.get_layer("gamma").gamma.assign(np.linspace(0.5, 1.5, 6))
     report = keras_sfp.describe(model)
-    assert [name for name, _ in report.boundaries] == ["scaled", "gamma"]
+    # `scaled` uses only keras.ops, so it is traced; `gamma` has a weight.
+    assert [name for name, _ in report.boundaries] == ["gamma"]
+    assert "has weights of its own" in report.boundaries[0][1]
     assert {p for g in report.prunable_groups for p in g.producers} == {"d"}
     keras_sfp.register_layer(_ScaledResidual, "merge")
     keras_sfp.register_layer(

@@ -23,7 +23,27 @@ OPS = (
     "se",
     "pool",
     "ops",
+    "split",
+    "grouped",
+    "block",
 )
+
+
+class _Block(keras.layers.Layer):
+    """A custom residual block layer: conv, BN, ReLU, 1x1 conv, plus input."""
+
+    def __init__(self, hidden, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(hidden, 3, padding="same")
+        self.norm = L.BatchNormalization()
+        self.project = None
+
+    def build(self, shape):
+        self.project = L.Conv2D(shape[-1], 1)
+
+    def call(self, x, training=None):
+        y = keras.ops.relu(self.norm(self.conv(x), training=training))
+        return x + self.project(y)
 
 
 def _build(draw, ops, widths):
@@ -59,7 +79,18 @@ def _build(draw, ops, widths):
         elif op == "pool":
             pooling = draw(st.sampled_from([L.MaxPooling2D, L.AveragePooling2D]))
             x = pooling(3, strides=1, padding="same")(x)
-        else:  # keras.ops nodes: hard-swish
+        elif op == "split" and channels > 1:  # CSP: half kept, half transformed
+            if channels % 2 == 0:
+                kept, worked = keras.ops.split(x, 2, axis=-1)
+            else:
+                kept, worked = x[..., : channels // 2], x[..., channels // 2 :]
+            worked = L.Conv2D(draw(widths), 1, activation="relu")(worked)
+            x = keras.ops.concatenate([kept, worked], axis=-1)
+        elif op == "grouped" and channels % 2 == 0:  # ResNeXt, 2 groups
+            x = L.Conv2D(2 * draw(st.integers(2, 4)), 3, padding="same", groups=2)(x)
+        elif op == "block":
+            x = _Block(draw(widths))(x)
+        elif op == "ops":  # keras.ops nodes: hard-swish
             x = x * keras.ops.relu6(x + 3.0) / 6.0
         pool.append(x)
     x = L.Conv2D(draw(widths), 3)(x)
@@ -88,12 +119,15 @@ def test_shrink_is_exact_on_random_graphs(data):
     x = np.random.default_rng(0).random((4, 8, 8, 3), "float32")
     small = assert_shrink_exact(pruned, x, floor=1.0, err_msg=str(ops))
     groups = keras_sfp.ChannelGraph(model).groups()
-    if round_to > 1:
-        # Kept counts are multiples of round_to, whole, or not rounded.
-        for group in allocation.pruned_groups(keras_sfp.ChannelGraph(pruned)):
-            wrapper, start, length = group.members[0]
-            kept = int(wrapper.mask[start : start + length].sum())
+    for group in allocation.pruned_groups(keras_sfp.ChannelGraph(pruned)):
+        wrapper, start, length = group.members[0]
+        mask = wrapper.mask[start : start + length]
+        kept = int(mask.sum())
+        # Grouped convolutions: as many channels kept in every group.
+        assert len(set(mask.reshape(group.blocks, -1).sum(axis=1))) == 1, ops
+        if round_to > 1:  # multiples of round_to, whole, or not rounded
             assert kept % round_to == 0 or kept == length or length <= round_to
+    if round_to > 1:
         return
     # Fewer MACs whenever some prunable group is wide enough to lose a channel.
     expect_fewer = any(g.prunable and num_pruned(g.length, rate) for g in groups)

@@ -300,7 +300,7 @@ def _flatten_dropout_dense():
         (_shared_conv, {"mix"}),  # a shared conv is a boundary
         (_flatten_channels_first, set()),
         (_odd_activations, {"c3"}),
-        (_split_outputs, {"d"}),
+        (_split_outputs, {"c", "d"}),  # halves added: one group
         (_dense_concat_flatten, set()),
         (_flatten_dropout_dense, {"c"}),
     ],

@@ -99,7 +99,7 @@ def test_keras_file_round_trip_keeps_masks_and_outputs(tmp_path):
 @pytest.mark.parametrize(
     "layer",
     [
-        keras.layers.Conv2D(4, 3, groups=2),
+        keras.layers.Conv2D(4, 3, groups=4),  # the depthwise form
         keras.layers.DepthwiseConv2D(3),
         keras.layers.Conv1D(4, 3),
         "conv",
