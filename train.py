@@ -28,6 +28,11 @@ Usage:
     python train.py --train_limit=512 --test_limit=256 --epochs=2  # smoke run
     python train.py --export=   # skip the deployment artifacts (export/, metrics.json)
     KERAS_BACKEND=jax python train.py --distribute=data_parallel  # all local devices
+    # Two processes (here on one machine; README "Several processes"):
+    KERAS_BACKEND=jax python train.py --distribute=multi_process \
+        --coordinator_address=localhost:12355 --num_processes=2 --process_id=0 &
+    KERAS_BACKEND=jax python train.py --distribute=multi_process \
+        --coordinator_address=localhost:12355 --num_processes=2 --process_id=1
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ import numpy as np  # noqa: E402
 
 import keras_sfp  # noqa: E402
 import models  # noqa: E402
-from keras_sfp import _tensorflow, latency  # noqa: E402
+from keras_sfp import _tensorflow, distributed, latency  # noqa: E402
 from keras_sfp import data as data_lib  # noqa: E402
 from keras_sfp import pipeline as pipeline_lib  # noqa: E402
 
@@ -64,9 +69,15 @@ LEARNING_RATE = 0.1
 FINE_TUNE_LEARNING_RATE = 0.01
 COUPLINGS = ("group", "layer")
 PRUNING_SCHEDULES = ("constant", "asymptotic")
-DISTRIBUTE = ("none", "mirrored", "data_parallel")
+DISTRIBUTE = ("none", "mirrored", "data_parallel", "multi_process")
 # Which Keras backend each distribution needs.
-DISTRIBUTE_BACKEND = {"mirrored": "tensorflow", "data_parallel": "jax"}
+DISTRIBUTE_BACKEND = {
+    "mirrored": "tensorflow",
+    "data_parallel": "jax",
+    "multi_process": "jax",
+}
+# Settings of `jax.distributed` (None: from the environment or the cluster).
+PROCESS_SETTINGS = ("coordinator_address", "num_processes", "process_id")
 DEFAULT_EXPORT = "saved_model,tflite,tflite_int8"
 
 # The paper divides the learning rate by 5 at epochs 60, 120 and 160 of 200.
@@ -133,7 +144,23 @@ class TrainConfig:
         distribute: `"none"`, `"mirrored"` (`tf.distribute.MirroredStrategy`
             over all local devices; TensorFlow backend) or `"data_parallel"`
             (`keras.distribution.DataParallel` over all local devices; JAX
-            backend). The global batch is `batch_size`. Defaults to `"none"`.
+            backend) or `"multi_process"` (`DataParallel` over the devices
+            of several processes joined by `jax.distributed`: each process
+            feeds `batch_size / num_processes` examples of every global
+            batch, only process 0 writes files; JAX backend). The global
+            batch is `batch_size`. Defaults to `"none"`.
+        coordinator_address: `host:port` of process 0, for
+            `"multi_process"`; None reads `JAX_COORDINATOR_ADDRESS` or lets
+            JAX detect the cluster (Slurm, ...). Defaults to None.
+        num_processes: Processes of a `"multi_process"` run; None reads
+            `JAX_NUM_PROCESSES` or the cluster. Defaults to None.
+        process_id: This process's index; None reads `JAX_PROCESS_ID` or
+            the cluster. Defaults to None.
+        backup_dir: If set, `keras.callbacks.BackupAndRestore` backs the
+            run up there at every epoch end (one folder per process), and a
+            run restarted with the same settings resumes from the last
+            backup and ends with the masks of an uninterrupted run. None
+            disables it. Defaults to None.
         input_pipeline: `"auto"`, `"tf.data"` or `"numpy"` (see
             `keras_sfp.data.load_dataset`): `"auto"` takes `tf.data` when
             TensorFlow is installed. Defaults to `"auto"`.
@@ -176,6 +203,10 @@ class TrainConfig:
     round_to: int = 8
     augment: bool = False
     distribute: str = "none"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    backup_dir: str | None = None
     input_pipeline: str = "auto"
     output_dir: str | None = None
     seed: int = 0
@@ -243,6 +274,20 @@ class TrainConfig:
             raise ValueError(
                 "`weight_decay` must be >= 0. "
                 f"Received: weight_decay={self.weight_decay!r}"
+            )
+        given = [n for n in PROCESS_SETTINGS if getattr(self, n) is not None]
+        if given and self.distribute != "multi_process":
+            raise ValueError(
+                f"{', '.join(f'`{n}`' for n in given)} only apply with "
+                f"distribute='multi_process'. Received: distribute="
+                f"{self.distribute!r}, "
+                + ", ".join(f"{n}={getattr(self, n)!r}" for n in given)
+            )
+        if self.num_processes is not None and self.batch_size % self.num_processes:
+            raise ValueError(
+                "`batch_size` (the global batch) must be a multiple of "
+                f"`num_processes` ({self.num_processes}). Received: "
+                f"batch_size={self.batch_size!r}"
             )
         backend = keras.backend.backend()
         needed = DISTRIBUTE_BACKEND.get(self.distribute)
@@ -359,13 +404,16 @@ def distribution_scope(config: TrainConfig):
     its optimizer are created in it; `fit` then runs under the strategy).
     `"data_parallel"`: a `keras.distribution.DataParallel` over all local
     devices (JAX), kept for the whole run so that `fit` shards each global
-    batch across them. `"none"`: nothing.
+    batch across them. `"multi_process"`: the same over every process's
+    devices (`keras_sfp.distributed.data_parallel`). `"none"`: nothing.
     """
     if config.distribute == "mirrored":
         return _mirrored_strategy().scope()
     if config.distribute == "data_parallel":
         devices = keras.distribution.list_devices()
         return keras.distribution.DataParallel(devices=devices).scope()
+    if config.distribute == "multi_process":
+        return distributed.data_parallel().scope()
     return contextlib.nullcontext()
 
 
@@ -471,19 +519,43 @@ def _artifact_speedups(metrics) -> dict[str, dict[str, float]]:
     }
 
 
-def _callbacks(config: TrainConfig, output_dir: str) -> tuple[list, str | None]:
-    """`SoftFilterPrune`, CSV and (where possible) TensorBoard logging."""
+def _callbacks(
+    config: TrainConfig, output_dir: str, train_ds
+) -> tuple[list, str | None]:
+    """`SoftFilterPrune`, backup, CSV and (where possible) TensorBoard logging.
+
+    Only process 0 of a multi-process run logs to files.
+    """
+    resuming = False
     # SoftFilterPrune first: the sfp_* entries it adds to the epoch logs must
-    # exist when CSVLogger and TensorBoard read them.
+    # exist when CSVLogger and TensorBoard read them, its epoch-end event is
+    # part of what the backup saves (and it waits for the epoch's steps
+    # before anything is written), and the backup's restore at the start
+    # comes after it.
     callbacks = [
         keras_sfp.SoftFilterPrune(
             hard_epochs=config.resolved_hard_epochs(),
             prune_at_start=PRUNE_AT_START[config.prune_at_start],
             reset_momentum=config.reset_momentum,
-            verbose=int(config.verbose > 0),
-        ),
-        keras.callbacks.CSVLogger(os.path.join(output_dir, "history.csv")),
+            verbose=int(config.verbose > 0 and distributed.is_chief()),
+        )
     ]
+    if config.backup_dir:
+        backup = distributed.BackupAndRestore(config.backup_dir)
+        callbacks.append(backup)
+        resuming = os.path.exists(backup._training_metadata_path)
+        if not isinstance(train_ds, pipeline_lib.ArrayBatches):
+            logging.warning(
+                "backup_dir with a tf.data pipeline: a resumed run reshuffles "
+                "from its first epoch (pass --input_pipeline=numpy to resume "
+                "with the uninterrupted run's batches)."
+            )
+    if isinstance(train_ds, pipeline_lib.ArrayBatches):
+        callbacks.append(pipeline_lib.EpochSync(train_ds))  # order of each epoch
+    if not distributed.is_chief():
+        return callbacks, None
+    csv = os.path.join(output_dir, "history.csv")
+    callbacks.append(keras.callbacks.CSVLogger(csv, append=resuming))
     # Keras writes TensorBoard logs with tf.summary, on any backend.
     if not _tensorflow.available() or importlib.util.find_spec("tensorboard") is None:
         logging.warning(
@@ -640,12 +712,25 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
             f"`config` must be a TrainConfig. Received: config={config!r} of type "
             f"{type(config).__name__}"
         )
+    if config.distribute == "multi_process":  # before anything runs on JAX
+        distributed.initialize(
+            config.coordinator_address, config.num_processes, config.process_id
+        )
+    chief = distributed.is_chief()
+    shards = {
+        "num_shards": distributed.process_count(),
+        "shard_index": distributed.process_index(),
+    }
     output_dir = config.resolved_output_dir()
-    os.makedirs(output_dir, exist_ok=True)
+    if chief:
+        os.makedirs(output_dir, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
 
+    input_pipeline = config.input_pipeline
+    if config.distribute == "multi_process" and input_pipeline == "auto":
+        input_pipeline = "numpy"  # each process slices its part of a batch
     data = data_lib.load_dataset(
-        config.dataset, data_dir=config.data_dir, pipeline=config.input_pipeline
+        config.dataset, data_dir=config.data_dir, pipeline=input_pipeline
     )
     train_limit = config.train_limit or None
     test_limit = config.test_limit or None
@@ -658,16 +743,20 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         augment=config.augment,
         seed=config.seed,
         limit=train_limit,
+        **shards,
     )
     test_ds = pipeline_lib.make_pipeline(
         data.test, config.batch_size, training=False, limit=test_limit
     )
-    steps_per_epoch = math.ceil(num_train / config.batch_size)
+    if isinstance(train_ds, pipeline_lib.ArrayBatches):
+        steps_per_epoch = len(train_ds)  # whole batches only when sharded
+    else:
+        steps_per_epoch = math.ceil(num_train / config.batch_size)
 
     with distribution_scope(config):
         original, pruned = initial_models(config, data)
         _compile(pruned, learning_rate_schedule(config, steps_per_epoch))
-        callbacks, tensorboard_dir = _callbacks(config, output_dir)
+        callbacks, tensorboard_dir = _callbacks(config, output_dir, train_ds)
         logging.info(
             "Training %s on %s (%d examples, %d steps/epoch) for %d epochs in %s "
             "(Keras backend %s)",
@@ -684,7 +773,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
             train_ds,
             epochs=config.epochs,
             callbacks=callbacks,
-            verbose=config.verbose,
+            verbose=config.verbose if chief else 0,
             shuffle=False,  # the pipeline shuffles
         )
         train_seconds = time.perf_counter() - start
@@ -697,7 +786,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
     # outside any distribution scope, like the shrunk model.
     original = keras.models.clone_model(original)
     timings = {"original": None, "shrunk": None}
-    if config.latency_runs:
+    if config.latency_runs and chief:
         batch = np.random.default_rng(config.seed).random(
             (config.batch_size, *data.input_shape), dtype=np.float32
         )
@@ -713,16 +802,17 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         "tensorboard": tensorboard_dir,
         "results": os.path.join(output_dir, "results.json"),
     }
-    pruned.save(artifacts["pruned"])
-    shrunk.save(artifacts["shrunk"])
     export = config.resolved_export()
-    if keras.backend.backend() == "tensorflow":
+    if chief:  # the other processes hold the same models: one writes
+        pruned.save(artifacts["pruned"])
+        shrunk.save(artifacts["shrunk"])
+    if chief and keras.backend.backend() == "tensorflow":
         artifacts["saved_model"] = os.path.join(output_dir, "saved_model")
         with _tensorflow.quiet_info_logs():
             shrunk.export(
                 artifacts["saved_model"], format="tf_saved_model", verbose=False
             )
-    else:
+    elif chief:
         logging.warning(
             "Keras runs on %s: no SavedModel or TFLite artifacts (they trace a "
             "tf.function). %s loads on every backend; export it with "
@@ -750,6 +840,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
             "hard_epochs": config.resolved_hard_epochs(),
             "init_from": config.init_from and os.fspath(config.init_from),
             "backend": keras.backend.backend(),
+            "processes": distributed.process_count(),
         },
         "dataset": {
             "name": data.name,
@@ -786,15 +877,18 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "artifacts": artifacts,
     }
-    if export:
+    if export and chief:
         artifacts["export"] = os.path.join(output_dir, "export")
         results["export"] = export_artifacts(
             config, data, pruned, shrunk, artifacts["export"]
         )
     results["table"] = format_table(results)
-    with open(artifacts["results"], "w") as f:
-        json.dump(results, f, indent=2)
-    print(results["table"])
+    if chief:
+        with open(artifacts["results"], "w") as f:
+            json.dump(results, f, indent=2)
+        print(results["table"])
+    # The others wait for process 0's timing and writing, then all exit.
+    distributed.barrier("train_and_evaluate")
     return results
 
 
@@ -887,6 +981,31 @@ def _define_flags() -> None:
     )
     flags.DEFINE_bool("augment", d.augment, "Pad-crop-flip augmentation.")
     flags.DEFINE_enum("distribute", d.distribute, DISTRIBUTE, "Distribution strategy.")
+    flags.DEFINE_string(
+        "coordinator_address",
+        d.coordinator_address,
+        "multi_process: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS "
+        "or the cluster's).",
+    )
+    flags.DEFINE_integer(
+        "num_processes",
+        d.num_processes,
+        "multi_process: number of processes (default: $JAX_NUM_PROCESSES or "
+        "the cluster's).",
+        lower_bound=1,
+    )
+    flags.DEFINE_integer(
+        "process_id",
+        d.process_id,
+        "multi_process: this process's index (default: $JAX_PROCESS_ID or the "
+        "cluster's).",
+        lower_bound=0,
+    )
+    flags.DEFINE_string(
+        "backup_dir",
+        d.backup_dir,
+        "BackupAndRestore folder: a restarted run resumes from its last epoch.",
+    )
     flags.DEFINE_enum(
         "input_pipeline",
         d.input_pipeline,

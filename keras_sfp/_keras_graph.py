@@ -41,6 +41,7 @@ class GraphNode:
     outputs: list  # flattened KerasTensor outputs
     node: object  # the Keras node (for `arguments.fill_in`); None for an alias
     opaque: str | None = None  # why a custom layer is not looked into
+    rename: str | None = None  # the layer's name once inlined, if it must change
 
     @property
     def layer(self):
@@ -50,6 +51,8 @@ class GraphNode:
     def name(self) -> str:
         if self.is_alias:
             return f"alias of {self.outputs[0].name}"
+        if self.rename:
+            return self.rename
         return getattr(self.operation, "name", type(self.operation).__name__)
 
     @property
@@ -126,7 +129,13 @@ def nodes(model) -> list[GraphNode]:
     return _used(_expand(ordered, all_layers(model)), model.outputs)
 
 
-def _expand(ordered, layers) -> list[GraphNode]:
+def _expand(ordered, layers, prefix: str = "") -> list[GraphNode]:
+    """GraphNodes of `ordered`, inlining what `_inner` can look into.
+
+    The layers of a custom layer whose sublayer names repeat elsewhere (each
+    instance of a block class naming its convolution "conv1") are renamed
+    `<block name>_<name>` once inlined; `prefix` carries that down.
+    """
     calls = collections.Counter(id(node.operation) for node in ordered)
     result = []
     for node in ordered:
@@ -134,11 +143,15 @@ def _expand(ordered, layers) -> list[GraphNode]:
         ins, outs = list(node.input_tensors), list(node.outputs)
         inner = None if node.is_input else _inner(node, calls[id(op)], layers)
         if inner is None or isinstance(inner, str):
-            result.append(GraphNode(op, ins, outs, node, opaque=inner))
+            rename = prefix + op.name if prefix and is_layer(op) else None
+            result.append(GraphNode(op, ins, outs, node, opaque=inner, rename=rename))
             continue
-        inner_ins, inner_outs, inner_nodes = inner
+        inner_ins, inner_outs, inner_nodes, clash = inner
+        inner_prefix = prefix + (f"{op.name}_" if clash else "")
         result.extend(GraphNode(None, [o], [i], None) for o, i in zip(ins, inner_ins))
-        result.extend(n for n in _expand(inner_nodes, layers) if not n.is_input)
+        result.extend(
+            n for n in _expand(inner_nodes, layers, inner_prefix) if not n.is_input
+        )
         result.extend(GraphNode(None, [i], [o], None) for i, o in zip(inner_outs, outs))
     return result
 
@@ -155,7 +168,10 @@ def _used(graph_nodes, outputs) -> list[GraphNode]:
 
 
 def _inner(node, calls: int, layers):
-    """`(inputs, outputs, ordered nodes)` to inline a call, or why not (a str).
+    """`(inputs, outputs, ordered nodes, rename)` to inline a call, or why not.
+
+    `rename` is True when the inlined layers' names must be prefixed (they
+    repeat elsewhere in the model); why not is a str.
 
     None for an operation that is not a nested model or a custom layer.
     """
@@ -177,16 +193,14 @@ def _inner(node, calls: int, layers):
             for i, o in zip(inner_ins, node.input_tensors)
         ):
             inner_outs = keras.tree.flatten(op.outputs)
-            return inner_ins, inner_outs, _ordered(inner_ins, inner_outs)
+            return inner_ins, inner_outs, _ordered(inner_ins, inner_outs), False
         # Built for other (less known) shapes: trace it with the call's.
         traced = trace_call(op, node)
-        return None if isinstance(traced, str) else traced
+        return None if isinstance(traced, str) else (*traced, False)
     if not _is_custom(op):
         return None
-    clash = _clashes(op, layers)
-    if clash:
-        return f"has sublayers whose names are also used outside it ({clash})"
-    return trace_call(op, node)
+    traced = trace_call(op, node)
+    return traced if isinstance(traced, str) else (*traced, bool(_clashes(op, layers)))
 
 
 def _is_custom(op) -> bool:
@@ -270,6 +284,7 @@ def trace_call(op, node):
             computed = [t for t in outs if all(t is not i for i in unique_ins)]
             ordered = _ordered(unique_ins, computed) if computed else []
             traces.append((outs, ordered))
+        signatures = {_signature(ordered) for _, ordered in traces}
     except Exception as error:  # noqa: BLE001 - any failure leaves a boundary
         message = str(error).strip().splitlines()[0][:120] if str(error) else ""
         return f"could not be traced ({type(error).__name__}: {message})"
@@ -278,10 +293,33 @@ def trace_call(op, node):
             inbound, outbound = lengths[key]
             del o._inbound_nodes[inbound:]
             del o._outbound_nodes[outbound:]
-    if len({_signature(ordered) for _, ordered in traces}) > 1:
+        for _, ordered in traces:  # layers `call` uses without tracking them
+            _forget(ordered)
+    if len(signatures) > 1:
         return "builds a different graph for training and inference"
     outs, ordered = traces[0]
+    fixed = [
+        n.operation.name
+        for n in ordered
+        if n.arguments.kwargs.get("training") is not None
+    ]
+    if fixed:
+        # Inlined, such a call would follow fit's training flag instead.
+        return f"calls sublayers with a fixed `training` value ({fixed[:3]})"
     return inner_ins, outs, ordered
+
+
+def _forget(ordered) -> None:
+    """Removes traced nodes from their operations' node lists."""
+    for node in ordered:
+        for owner, attribute in [(node.operation, "_inbound_nodes")] + [
+            (t._keras_history.operation, "_outbound_nodes")
+            for t in node.input_tensors
+            if getattr(t, "_keras_history", None) is not None
+        ]:
+            nodes_list = getattr(owner, attribute, None)
+            if nodes_list is not None:
+                nodes_list[:] = [n for n in nodes_list if n is not node]
 
 
 def _parameters(function) -> set:
@@ -443,7 +481,15 @@ def clone_operation(node: GraphNode):
     op = node.operation
     if not is_layer(op):
         return op
-    return WeightsOnBuild(layer_from_config(op), op.get_weights())
+    return WeightsOnBuild(layer_from_config(op, config_of(node)), op.get_weights())
+
+
+def config_of(node: GraphNode) -> dict:
+    """The config of a node's layer, with the name it takes once inlined."""
+    config = node.operation.get_config()
+    if node.rename:
+        config["name"] = node.rename
+    return config
 
 
 def inline(model) -> keras.Model:

@@ -185,7 +185,9 @@ def balanced_kept(
 
     Each group starts at the multiple of `round_to` nearest its unrounded
     count (`exact_kept`; all its channels also count as a multiple, and a
-    group of `round_to` channels or fewer is not rounded). Then, one
+    group of `round_to` channels or fewer is not rounded, unless grouped
+    convolutions split it into `blocks`: it then keeps a multiple of
+    `lcm(round_to, blocks)`, or of `blocks` if it is too narrow for that). Then, one
     `round_to` step at a time, the group whose step up or down brings the
     model's MACs closest to `target` moves, until no step helps: the
     rounding errors of the groups cancel instead of adding up.

@@ -7,7 +7,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_sfp import allocation
+from keras_sfp import allocation, distributed
 from keras_sfp import criteria as criteria_lib
 from keras_sfp import prune as prune_lib
 from keras_sfp import schedules as schedules_lib
@@ -329,6 +329,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
         return bool(self.hard_epochs and epochs and epoch >= epochs - self.hard_epochs)
 
     def on_train_begin(self, logs=None):
+        distributed.check_strategy()
         self._prepare()
         self._hard = None
         self._last_epoch = None

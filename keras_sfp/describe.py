@@ -90,7 +90,7 @@ def describe(model: keras.Model, skip=None) -> GraphReport:
         GroupReport(
             id=g.id,
             channels=g.length,
-            producers=[p.name for p in g.producers],
+            producers=[graph.names.get(id(p), p.name) for p in g.producers],
             prunable=g.prunable,
             reasons=list(g.blocked) or ([] if g.producers else ["no producer"]),
         )

@@ -123,6 +123,11 @@ class ChannelGraph:
         self._probes: dict[int, np.ndarray] = {}
         self._calls = collections.Counter(id(node.operation) for node in self.nodes)
         self._made_by = {id(t): node for node in self.nodes for t in node.outputs}
+        # Layer names as the graph (and an inlined copy) has them: a traced
+        # block's renamed sublayers (`_keras_graph._expand`).
+        self.names = {
+            id(node.operation): node.name for node in self.nodes if node.rename
+        }
         for node in self.nodes:
             self._visit(node)
         for tensor in model.outputs:

@@ -76,8 +76,8 @@ def _split_rule(node, name, ranges, resize) -> LayerRule:
     channels = node.inputs[0].shape[-1]
     if channels is None:
         return _boundary(f"{name}: unknown number of channels")
-    if ranges == [(0, channels)]:
-        return LayerRule("channelwise", zero=_same)
+    if ranges == [(0, channels)]:  # spatial slicing only: still re-cut
+        return LayerRule("channelwise", zero=_same, ranges=ranges, resize=resize)
     return LayerRule("split", ranges=ranges, resize=resize)
 
 

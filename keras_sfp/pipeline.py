@@ -123,12 +123,20 @@ class ArrayBatches(keras.utils.PyDataset):
     reproducible whatever order Keras asks for the batches in. Images are
     scaled to `float32` in `[0, 1]` batch by batch.
 
+    With `num_shards > 1` (one shard per process of a multi-process run),
+    batch `i` is the `shard_index`-th of `num_shards` equal parts of the
+    single-process run's batch `i` (same order, same augmentation), and the
+    last, incomplete batch is dropped so that every part has the same size.
+
     Args:
         split: The examples.
-        batch_size: Examples per batch; the last batch may be smaller.
+        batch_size: Examples per batch (the global batch, across shards); the
+            last batch may be smaller.
         shuffle: Whether to draw a new order every epoch.
         augment: Whether to apply `crop_and_flip_batch`.
         seed: The seed; `None` draws one. Defaults to None.
+        num_shards: Parts each batch is cut into. Defaults to 1.
+        shard_index: The part this dataset yields. Defaults to 0.
         **kwargs: Passed to `keras.utils.PyDataset` (`workers`, ...).
     """
 
@@ -139,6 +147,8 @@ class ArrayBatches(keras.utils.PyDataset):
         shuffle: bool,
         augment: bool,
         seed: int | None = None,
+        num_shards: int = 1,
+        shard_index: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -149,7 +159,14 @@ class ArrayBatches(keras.utils.PyDataset):
         self.seed = (
             int(np.random.SeedSequence().entropy % 2**32) if seed is None else seed
         )
+        self.num_shards = num_shards
+        self.shard_index = shard_index
         self.epoch = 0
+        self._order = self._epoch_order()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draws the order of `epoch` (`EpochSync` calls it from `fit`)."""
+        self.epoch = int(epoch)
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> np.ndarray:
@@ -160,19 +177,72 @@ class ArrayBatches(keras.utils.PyDataset):
         )
 
     def __len__(self) -> int:
+        if self.num_shards > 1:  # whole batches only: equal parts
+            return len(self.split) // self.batch_size
         return math.ceil(len(self.split) / self.batch_size)
 
     def __getitem__(self, index: int):
         rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
         images = to_float_images(self.split.images[rows])
+        labels = self.split.labels[rows].astype(np.int32)
         if self.augment:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             images = crop_and_flip_batch(images, rng)
-        return images, self.split.labels[rows].astype(np.int32)
+        if self.num_shards > 1:
+            part = slice(*_shard_rows(len(rows), self.num_shards, self.shard_index))
+            images, labels = images[part], labels[part]
+        return images, labels
 
     def on_epoch_end(self):
         self.epoch += 1
         self._order = self._epoch_order()
+
+
+class EpochSync(keras.callbacks.Callback):
+    """Keeps `ArrayBatches` on the epoch numbers of `fit`.
+
+    The dataset alone counts the `on_epoch_end` calls it receives, and Keras
+    makes one before training starts (after looking at the first batch), so
+    on its own epoch `e` of `fit` draws the order of epoch `e + 1`; and a run
+    resumed by `keras.callbacks.BackupAndRestore` starts `fit` at a later
+    epoch with the count at zero. With this callback, epoch `e` of `fit`
+    always draws the order and augmentation of epoch `e`.
+
+    Args:
+        batches: The training `ArrayBatches`.
+    """
+
+    def __init__(self, batches: ArrayBatches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.set_epoch(epoch)
+
+
+def _shard_rows(batch: int, num_shards: int, shard_index: int) -> tuple[int, int]:
+    size = batch // num_shards
+    return shard_index * size, (shard_index + 1) * size
+
+
+def check_shards(batch_size: int, num_shards: int, shard_index: int) -> None:
+    """Raises a `ValueError` unless shards cut `batch_size` into equal parts."""
+    _check_positive("num_shards", num_shards)
+    if isinstance(shard_index, bool) or not isinstance(shard_index, int):
+        raise ValueError(
+            f"`shard_index` must be an integer. Received: shard_index={shard_index!r}"
+        )
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"`shard_index` must be in [0, num_shards={num_shards}). "
+            f"Received: shard_index={shard_index!r}"
+        )
+    if batch_size % num_shards:
+        raise ValueError(
+            f"`batch_size` must be a multiple of the number of shards "
+            f"(processes), {num_shards}, so that every process gets an equal "
+            f"part of each global batch. Received: batch_size={batch_size!r}"
+        )
 
 
 def make_pipeline(
@@ -183,6 +253,8 @@ def make_pipeline(
     seed: int | None = None,
     limit: int | None = None,
     shuffle_buffer: int = 10_000,
+    num_shards: int = 1,
+    shard_index: int = 0,
 ):
     """Batches an `(image, label)` split for training or evaluation.
 
@@ -205,6 +277,11 @@ def make_pipeline(
             for smoke runs. Defaults to `None`.
         shuffle_buffer: Size of the `tf.data` shuffle buffer (an `ArraySplit`
             is shuffled whole). Defaults to `10_000`.
+        num_shards: For a multi-process run: each batch of `batch_size`
+            (the global batch) is cut into this many equal parts, and the
+            incomplete last batch is dropped. Defaults to 1.
+        shard_index: The part this process takes (its process index).
+            Defaults to 0.
 
     Returns:
         For an `ArraySplit`, an `ArrayBatches` (`keras.utils.PyDataset`);
@@ -213,7 +290,7 @@ def make_pipeline(
 
     Raises:
         ValueError: If `batch_size`, `limit` or `shuffle_buffer` is not a
-            positive integer.
+            positive integer, or the shards do not cut `batch_size` evenly.
         TypeError: If `ds` is neither an `ArraySplit` nor a `tf.data.Dataset`
             of `(image, label)` pairs with rank-3 images.
 
@@ -230,11 +307,24 @@ def make_pipeline(
     _check_positive("shuffle_buffer", shuffle_buffer)
     if limit is not None:
         _check_positive("limit", limit)
+    check_shards(batch_size, num_shards, shard_index)
+    if num_shards > 1 and training and seed is None:
+        raise ValueError(
+            "`seed` must be set when `num_shards` > 1: every process must "
+            "shuffle the same way to take its part of the same global batches. "
+            f"Received: seed=None, num_shards={num_shards}"
+        )
     if isinstance(ds, ArraySplit):
         if limit is not None:
             ds = ArraySplit(ds.images[:limit], ds.labels[:limit])
         return ArrayBatches(
-            ds, batch_size, shuffle=training, augment=training and augment, seed=seed
+            ds,
+            batch_size,
+            shuffle=training,
+            augment=training and augment,
+            seed=seed,
+            num_shards=num_shards,
+            shard_index=shard_index,
         )
     if not _tensorflow.available():
         raise TypeError(
@@ -270,4 +360,10 @@ def make_pipeline(
                 ),
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if num_shards == 1:
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    start, stop = _shard_rows(batch_size, num_shards, shard_index)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.map(lambda x, y: (x[start:stop], y[start:stop])).prefetch(
+        tf.data.AUTOTUNE
+    )

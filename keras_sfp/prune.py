@@ -7,7 +7,7 @@ import numbers
 import keras
 import numpy as np
 
-from keras_sfp import _keras_graph, allocation
+from keras_sfp import _keras_graph, allocation, distributed
 from keras_sfp.graph import ChannelGraph
 from keras_sfp.wrapper import (
     PRUNABLE_TYPES,
@@ -30,6 +30,7 @@ def _check_skip(model, skip) -> tuple:
             f"`skip` must be a list of layer names (strings). Received: skip={skip!r}"
         )
     names = {layer.name for layer in _keras_graph.all_layers(model)}
+    names |= {node.name for node in _keras_graph.nodes(model)}  # renamed, inlined
     missing = [s for s in skip if s not in names]
     if missing:
         raise ValueError(
@@ -121,8 +122,10 @@ def prune_filters(
     group is named in `skip`. With `coupling="group"` channels joined by
     residual merges, concatenations' consumers or squeeze-and-excitation gates
     are scored and pruned together, so `shrink` removes all of them. Nested
-    Sequential or functional models are inlined: the clone is one flat
-    functional model.
+    Sequential or functional models, and custom layers whose `call` uses
+    only sublayers and `keras.ops` (`keras_sfp._keras_graph.trace_call`),
+    are inlined: the clone is one flat functional model. Grouped
+    convolutions keep the same number of channels in every group.
 
     Call it inside `strategy.scope()` when training with a distribution
     strategy, like building any model.
@@ -164,14 +167,18 @@ def prune_filters(
             `coupling="group"`. Defaults to None.
 
     Returns:
-        A new model of the same kind (functional if `model` nests models)
-        with wrapped layers.
+        A new model of the same kind (functional if `model` nests models
+        or has custom layers that were traced and inlined) with wrapped
+        layers.
 
     Raises:
         ValueError: For an invalid option (`rate` and `target_macs`
             together, a `target_macs` below what pruning can reach), a
             subclassed or unbuilt model, a `skip` name that is not a layer, or
             a model with nothing to prune.
+        RuntimeError: Inside a `tf.distribute.MultiWorkerMirroredStrategy`
+            scope, which Keras 3 cannot train with (see
+            `keras_sfp.distributed`).
 
     Example:
     >>> inputs = keras.Input((8, 8, 3))
@@ -182,6 +189,7 @@ def prune_filters(
     >>> [type(layer).__name__ for layer in pruned.layers][1]
     'FilterPruning'
     """
+    distributed.check_strategy()
     check_target_macs(target_macs, rate, coupling)
     check_prune_args(
         DEFAULT_RATE if rate is None else rate, criterion, coupling, round_to, schedule

@@ -12,6 +12,11 @@ A layer (or `keras.ops` call) is one of four kinds:
   so their channels must be pruned with the same indices;
 - *boundary*: anything else; channels crossing it are never pruned.
 
+The channel graph also knows `Concatenate` ("concat"), `Flatten`
+("flatten") and channel slices ("split", `keras_sfp.op_rules`). Grouped
+convolutions are producers pruned evenly per group. Custom layers are
+traced and inlined before any rule applies (`keras_sfp._keras_graph`).
+
 A rule also says how a zero channel propagates (does the layer map 0 to 0?)
 and how to slice the layer's weights when channels are removed. Users add
 rules for their own layer types with `register_layer`, the extension point

@@ -118,18 +118,19 @@ def shrink(model: keras.Model) -> keras.Model:
 def _rebuild_layer(graph: ChannelGraph, node, keep):
     """A new layer for `node` with its removed channels sliced away."""
     layer = node.layer
-    if graph.kinds[id(node)] == "split":
+    rule = graph.rules[id(node)]
+    if rule.resize is not None and graph.kinds[id(node)] in ("split", "channelwise"):
+        # A slice names channel positions: cut at the kept ones.
         keep_in = _index(graph, node.inputs[0], keep)
         ranges = [
             tuple(int(np.searchsorted(keep_in, edge)) for edge in edges)
-            for edges in graph.rules[id(node)].ranges
+            for edges in rule.ranges
         ]
-        return graph.rules[id(node)].resize(ranges)
+        return rule.resize(ranges)
     if not _keras_graph.is_layer(layer):
         return layer  # a stateless operation (a keras.ops call): reuse it
-    config = layer.get_config()
+    config = _keras_graph.config_of(node)
     weights = layer.get_weights()
-    rule = graph.rules[id(node)]
     kind = graph.kinds[id(node)]
     if kind == "producer":
         keep_in = _index(graph, node.inputs[0], keep)

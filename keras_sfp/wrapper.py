@@ -127,7 +127,8 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
     compiled functions.
 
     Args:
-        layer: A built or unbuilt `keras.layers.Conv2D` (not grouped),
+        layer: A built or unbuilt `keras.layers.Conv2D` (plain or grouped;
+            a depthwise-form one is refused when built),
             `SeparableConv2D` (its pointwise filters are masked) or `Dense`
             (its units are masked).
         rate: Fraction of filters to prune, in [0, 1). Defaults to 0.3.
@@ -163,10 +164,7 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
         round_to: int = 8,
         **kwargs,
     ):
-        groups = getattr(layer, "groups", 1)
-        if type(layer) not in PRUNABLE_TYPES or (
-            groups > 1 and groups == layer.filters
-        ):
+        if type(layer) not in PRUNABLE_TYPES:
             raise ValueError(
                 "`layer` must be a keras.layers.Conv2D (plain or grouped, "
                 "not depthwise), SeparableConv2D or Dense. "
@@ -190,6 +188,13 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
     _SAVED = ("mask", "hard", "last_event")
 
     def build(self, input_shape=None):
+        groups = getattr(self.layer, "groups", 1)
+        if 1 < groups == self.layer.filters == (input_shape or [None])[-1]:
+            raise ValueError(
+                "`layer` must not be a depthwise-form Conv2D (groups equal to "
+                "its input and output channels): it has no filters to prune. "
+                f"Received: layer {self.layer.name!r} with groups={groups}"
+            )
         if not self.layer.built:
             self.layer.build(input_shape)
         self.built = True

@@ -163,4 +163,4 @@ def _seed():
 
 
 # Run by tests in a process of its own, never imported here.
-collect_ignore = ["_backend_worker.py"]
+collect_ignore = ["_backend_worker.py", "_distributed_worker.py"]

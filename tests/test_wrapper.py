@@ -99,7 +99,6 @@ def test_keras_file_round_trip_keeps_masks_and_outputs(tmp_path):
 @pytest.mark.parametrize(
     "layer",
     [
-        keras.layers.Conv2D(4, 3, groups=4),  # the depthwise form
         keras.layers.DepthwiseConv2D(3),
         keras.layers.Conv1D(4, 3),
         "conv",
@@ -108,6 +107,15 @@ def test_keras_file_round_trip_keeps_masks_and_outputs(tmp_path):
 def test_wrapping_something_other_than_conv2d_raises(layer):
     with pytest.raises(ValueError, match="`layer` must be a keras.layers.Conv2D"):
         FilterPruning(layer)
+
+
+def test_a_depthwise_form_conv2d_is_refused_when_built():
+    grouped = FilterPruning(keras.layers.Conv2D(4, 3, groups=2))
+    grouped.build((None, 8, 8, 8))  # ResNeXt-style: its filters can be pruned
+    assert grouped.layer.kernel.shape == (3, 3, 4, 4)
+    depthwise = FilterPruning(keras.layers.Conv2D(4, 3, groups=4))
+    with pytest.raises(ValueError, match="depthwise-form Conv2D"):
+        depthwise.build((None, 8, 8, 4))
 
 
 def test_channel_mask_is_the_layer_when_soft_and_zeroes_channels_when_hard():
