@@ -264,7 +264,7 @@ def trace_call(op, node):
     inner_ins = [fresh[id(t)] for t in node.input_tensors]
     unique_ins = list({id(t): t for t in inner_ins}.values())
     modes = [None]
-    if not is_graph_model(op) and "training" in _parameters(op.call):
+    if not is_graph_model(op) and getattr(op, "_call_has_training_arg", False):
         modes = [None, True, False]
     watched = {id(o): o for o in sublayers}
     if is_graph_model(op):
@@ -320,15 +320,6 @@ def _forget(ordered) -> None:
             nodes_list = getattr(owner, attribute, None)
             if nodes_list is not None:
                 nodes_list[:] = [n for n in nodes_list if n is not node]
-
-
-def _parameters(function) -> set:
-    import inspect  # noqa: PLC0415
-
-    try:
-        return set(inspect.signature(function).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def _signature(ordered) -> tuple:
