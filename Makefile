@@ -16,6 +16,8 @@ CORE_TESTS := tests/test_wrapper.py tests/test_callback.py tests/test_prune.py \
 	tests/test_shrink.py tests/test_graph.py tests/test_flops.py \
 	tests/test_patterns.py tests/test_softness.py tests/test_criteria.py \
 	tests/test_allocation.py tests/test_model_zoo_patterns.py \
+	tests/test_latency_table.py keras_sfp/latency_table.py \
+	tests/test_fold.py keras_sfp/fold.py \
 	keras_sfp/allocation.py keras_sfp/_keras_graph.py \
 	keras_sfp/wrapper.py keras_sfp/callback.py keras_sfp/prune.py \
 	keras_sfp/shrink.py keras_sfp/graph.py keras_sfp/rules.py \

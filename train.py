@@ -113,6 +113,12 @@ class TrainConfig:
             None.
         target_macs: Fraction of the model's MACs to keep instead of a
             `rate` (`prune_filters(target_macs=...)`). Defaults to None.
+        target_latency: Fraction of the model's predicted latency to keep
+            instead of a `rate` (`prune_filters(target_latency=...)`, per-layer
+            latencies measured on this device at batch 1). Defaults to None.
+        latency_table: The JSON file of the latency table `target_latency`
+            reads and extends; None uses the one cached for this device
+            (`keras_sfp.LatencyTable.for_device`). Defaults to None.
         criterion: `"l2"`, `"l1"`, `"fpgm"` or `"l2_bn"` (see
             `keras_sfp.criteria`). Defaults to `"l2"`.
         coupling: `"group"` or `"layer"`. Defaults to `"group"`.
@@ -193,6 +199,8 @@ class TrainConfig:
     weight_decay: float = 2.5e-4
     rate: float | None = None
     target_macs: float | None = None
+    target_latency: float | None = None
+    latency_table: str | None = None
     criterion: str = "l2"
     coupling: str = "group"
     schedule: str = "constant"
@@ -265,6 +273,20 @@ class TrainConfig:
         if self.rate is not None and not 0.0 <= self.rate < 1.0:
             raise ValueError(f"`rate` must be in [0, 1). Received: rate={self.rate!r}")
         keras_sfp.prune.check_target_macs(self.target_macs, self.rate, self.coupling)
+        keras_sfp.prune.check_target(
+            "target_latency", self.target_latency, self.rate, self.coupling
+        )
+        if self.target_macs is not None and self.target_latency is not None:
+            raise ValueError(
+                "Pass `target_macs` or `target_latency`, not both. Received: "
+                f"target_macs={self.target_macs!r}, "
+                f"target_latency={self.target_latency!r}"
+            )
+        if self.latency_table and self.target_latency is None:
+            raise ValueError(
+                "`latency_table` is read for `target_latency` only. Received: "
+                f"latency_table={self.latency_table!r}, target_latency=None"
+            )
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(
                 "`learning_rate` must be > 0. "
@@ -621,8 +643,9 @@ def _warn_ignored_settings(config: TrainConfig, wrapper) -> None:
     # `rate` and `target_macs` only when given (None: the default rate).
     if config.rate is not None and config.rate != wrapper.rate:
         differ["rate"] = (config.rate, wrapper.rate)
-    if config.target_macs is not None:
-        differ["target_macs"] = (config.target_macs, f"rate {wrapper.rate}")
+    for name in ("target_macs", "target_latency"):
+        if getattr(config, name) is not None:
+            differ[name] = (getattr(config, name), f"rate {wrapper.rate}")
     logging.warning(
         "%s is already wrapped for pruning: training continues with its masks "
         "and its own pruning settings%s",
@@ -660,16 +683,66 @@ def initial_models(config: TrainConfig, data) -> tuple[keras.Model, keras.Model]
         model = models.get_model(
             config.model, data.input_shape, data.num_classes, config.weight_decay
         )
+    table = None
+    if config.latency_table:
+        path = config.latency_table
+        table = (
+            keras_sfp.LatencyTable.load(path)
+            if os.path.exists(path)
+            else keras_sfp.LatencyTable(path)
+        )
     pruned = keras_sfp.prune_filters(
         model,
         rate=config.rate,
         target_macs=config.target_macs,
+        target_latency=config.target_latency,
+        latency_table=table,
         criterion=config.criterion,
         schedule=pruning_schedule(config),
         coupling=config.coupling,
         round_to=config.round_to,
     )
     return model, pruned
+
+
+def input_data(config: TrainConfig, num_shards: int = 1, shard_index: int = 0):
+    """The data `train_and_evaluate` trains and tests on, for `config`.
+
+    Returns:
+        `(data, train_ds, test_ds, num_train, num_test, steps_per_epoch)`:
+        the loaded dataset, the training and test pipelines (`limit`ed,
+        shuffled with `config.seed`, this process's shard of each batch), the
+        numbers of training and test examples used and the training steps per
+        epoch.
+    """
+    input_pipeline = config.input_pipeline
+    if config.distribute == "multi_process" and input_pipeline == "auto":
+        input_pipeline = "numpy"  # each process slices its part of a batch
+    data = data_lib.load_dataset(
+        config.dataset, data_dir=config.data_dir, pipeline=input_pipeline
+    )
+    train_limit = config.train_limit or None
+    test_limit = config.test_limit or None
+    num_train = min(data.num_train, train_limit or data.num_train)
+    num_test = min(data.num_test, test_limit or data.num_test)
+    train_ds = pipeline_lib.make_pipeline(
+        data.train,
+        config.batch_size,
+        training=True,
+        augment=config.augment,
+        seed=config.seed,
+        limit=train_limit,
+        num_shards=num_shards,
+        shard_index=shard_index,
+    )
+    test_ds = pipeline_lib.make_pipeline(
+        data.test, config.batch_size, training=False, limit=test_limit
+    )
+    if isinstance(train_ds, pipeline_lib.ArrayBatches):
+        steps_per_epoch = len(train_ds)  # whole batches only when sharded
+    else:
+        steps_per_epoch = math.ceil(num_train / config.batch_size)
+    return data, train_ds, test_ds, num_train, num_test, steps_per_epoch
 
 
 def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
@@ -726,32 +799,9 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         os.makedirs(output_dir, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
 
-    input_pipeline = config.input_pipeline
-    if config.distribute == "multi_process" and input_pipeline == "auto":
-        input_pipeline = "numpy"  # each process slices its part of a batch
-    data = data_lib.load_dataset(
-        config.dataset, data_dir=config.data_dir, pipeline=input_pipeline
+    data, train_ds, test_ds, num_train, num_test, steps_per_epoch = input_data(
+        config, **shards
     )
-    train_limit = config.train_limit or None
-    test_limit = config.test_limit or None
-    num_train = min(data.num_train, train_limit or data.num_train)
-    num_test = min(data.num_test, test_limit or data.num_test)
-    train_ds = pipeline_lib.make_pipeline(
-        data.train,
-        config.batch_size,
-        training=True,
-        augment=config.augment,
-        seed=config.seed,
-        limit=train_limit,
-        **shards,
-    )
-    test_ds = pipeline_lib.make_pipeline(
-        data.test, config.batch_size, training=False, limit=test_limit
-    )
-    if isinstance(train_ds, pipeline_lib.ArrayBatches):
-        steps_per_epoch = len(train_ds)  # whole batches only when sharded
-    else:
-        steps_per_epoch = math.ceil(num_train / config.batch_size)
 
     with distribution_scope(config):
         original, pruned = initial_models(config, data)
@@ -952,6 +1002,17 @@ def _define_flags() -> None:
     )
     flags.DEFINE_float(
         "target_macs", d.target_macs, "Fraction of MACs to keep, instead of --rate."
+    )
+    flags.DEFINE_float(
+        "target_latency",
+        d.target_latency,
+        "Fraction of the predicted latency to keep (per-layer table of this "
+        "device), instead of --rate.",
+    )
+    flags.DEFINE_string(
+        "latency_table",
+        d.latency_table,
+        "JSON latency table for --target_latency (default: this device's cache).",
     )
     flags.DEFINE_enum("criterion", d.criterion, CRITERIA, "Filter criterion.")
     flags.DEFINE_enum("coupling", d.coupling, COUPLINGS, "Residual coupling.")

@@ -29,7 +29,18 @@ fine-tuned for `finetune_epochs` at `train.FINE_TUNE_LEARNING_RATE`:
 - `unpruned`: fine-tuned without pruning (the reference to stay close to).
 - `hard_once`: prune once by L2 and fine-tune with frozen masks (Li et al.,
   ICLR 2017): `hard_epochs` = all epochs.
-- `sfp_paper`, `sfp_v1`, `sfp_l2bn`, `fpgm` as above.
+- `sfp_paper`, `sfp_v1`, `sfp_l2bn`, `asfp`, `fpgm` as above.
+
+From both starts, `tfmot_plm`: `tensorflow-model-optimization`'s
+`prune_low_magnitude` on a `tf_keras` copy of the same network (the seed's
+initial or trained weights copied layer by layer), with the same recipe,
+pruned to the non-zero kernel weights of `sfp_v1`'s deployed model at the
+same rate and seed (`bench/tfmot_baseline.py`). Its rows also carry the
+gzipped size and batch-1 TFLite latency of the stripped tfmot model and of
+the SFP model, timed alternately; the markdown adds a table pairing the two.
+The stripped model keeps every dense MAC (`MACs kept` 100 %). It needs
+TensorFlow with `tf_keras` and `tensorflow-model-optimization` (the `bench`
+extra) whatever the Keras backend.
 
 Every seed starts all its configurations from the same initial weights (and
 the trained ones from the same trained network), so the comparison is paired.
@@ -38,15 +49,12 @@ Keras's 0.99: with 0.99 the moving statistics of a 128-step run lag the
 weights so far that a ResNet-20 with 87 % training accuracy scored 34 % on the
 test set, whatever the pruning.
 
-    python bench/accuracy.py                    # reduced: ~2 hours on 2 CPU cores
+    python bench/accuracy.py                    # reduced: ~2.5 hours on 2 CPU cores
     KERAS_BACKEND=jax python bench/accuracy.py --setting=full   # a GPU
 
 Results go to `bench/results/accuracy_<setting>.{md,json,png}`; finished runs
 are kept in `runs/accuracy/<setting>/runs.jsonl`, so an interrupted benchmark
 resumes where it stopped.
-
-Not included: `tensorflow-model-optimization`'s `prune_low_magnitude` (it
-needs a `tf_keras` copy of the network; see the README's comparison).
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ import numpy as np  # noqa: E402
 import keras_sfp  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
+from bench import tfmot_baseline  # noqa: E402
 
 SETTINGS = {
     # 2 CPU cores: 4,000 training images, short schedules.
@@ -135,8 +144,14 @@ TRAINED = {
     "sfp_paper": _PAPER,
     "sfp_v1": _V1,
     "sfp_l2bn": _BN,
+    "asfp": dict(_BN, schedule="asymptotic"),
     "fpgm": dict(_BN, criterion="fpgm"),
 }
+# `tensorflow-model-optimization`'s `prune_low_magnitude` on a `tf_keras` copy
+# (`bench/tfmot_baseline.py`), from scratch and from the trained network, at
+# the non-zero kernel weights of `REFERENCE`'s deployed model.
+TFMOT = tfmot_baseline.NAME
+CONFIGURATIONS = {"scratch": SCRATCH, "trained": TRAINED}
 # The configuration whose deployed architecture `scratch_arch` retrains and
 # whose MACs `uniform` matches (every group-coupled configuration at one rate
 # deploys the same MACs).
@@ -216,22 +231,14 @@ class Runner:
     def key(self, start, name, rate, seed) -> str:
         return f"{start}/{name}/r{rate}/s{seed}"
 
-    def run(self, start, name, rate, seed, overrides, init_from=None) -> dict:
-        key = self.key(start, name, rate, seed)
-        if key in self.done:
-            return self.done[key]
+    def config(self, start, key, seed, init_from, **overrides) -> train.TrainConfig:
+        """The `train.TrainConfig` of run `key` (the setting's recipe)."""
         p = self.params
-        epochs = p["finetune_epochs"] if start == "trained" else p["epochs"]
-        overrides = dict(overrides)
-        if overrides.get("hard_epochs", 0) is None:
-            overrides["hard_epochs"] = epochs
-        if overrides.get("rate", rate) != 0.0:
-            overrides["rate"] = rate
         learning_rate = (
             train.FINE_TUNE_LEARNING_RATE if start == "trained" else train.LEARNING_RATE
         )
-        config = train.TrainConfig(
-            epochs=epochs,
+        return train.TrainConfig(
+            epochs=self.epochs(start),
             train_limit=p["train_limit"],
             test_limit=p["test_limit"],
             learning_rate=learning_rate,
@@ -243,6 +250,28 @@ class Runner:
             output_dir=os.path.join(self.root, key.replace("/", "_")),
             **overrides,
         )
+
+    def epochs(self, start) -> int:
+        p = self.params
+        return p["finetune_epochs"] if start == "trained" else p["epochs"]
+
+    def _append(self, row) -> dict:
+        with open(self.log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done[row["key"]] = row
+        print(json.dumps({k: row[k] for k in ("key", "deployed", "kept_macs")}))
+        return row
+
+    def run(self, start, name, rate, seed, overrides, init_from=None) -> dict:
+        key = self.key(start, name, rate, seed)
+        if key in self.done:
+            return self.done[key]
+        overrides = dict(overrides)
+        if overrides.get("hard_epochs", 0) is None:
+            overrides["hard_epochs"] = self.epochs(start)
+        if overrides.get("rate", rate) != 0.0:
+            overrides["rate"] = rate
+        config = self.config(start, key, seed, init_from, **overrides)
         began = time.perf_counter()
         results = train.train_and_evaluate(config)
         row = {
@@ -256,11 +285,52 @@ class Runner:
             "wall_seconds": time.perf_counter() - began,
             **_summary(results, self.full_macs()),
         }
-        with open(self.log, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.done[key] = row
-        print(json.dumps({k: row[k] for k in ("key", "deployed", "kept_macs")}))
-        return row
+        return self._append(row)
+
+    def run_tfmot(self, start, rate, seed) -> dict:
+        """`prune_low_magnitude` at the non-zero weights of `REFERENCE`'s
+        deployed model (same start, rate and seed), trained with the same
+        recipe; see `bench/tfmot_baseline.py`."""
+        key = self.key(start, TFMOT, rate, seed)
+        if key in self.done:
+            return self.done[key]
+        reference = self.run(
+            start,
+            REFERENCE,
+            rate,
+            seed,
+            CONFIGURATIONS[start][REFERENCE],
+            _init_for(self, start, REFERENCE, rate, seed),
+        )
+        init_from = _init_for(self, start, TFMOT, rate, seed)
+        config = self.config(start, key, seed, init_from)
+        began = time.perf_counter()
+        results = tfmot_baseline.train_and_evaluate(
+            init_from,
+            os.path.join(reference["output_dir"], "shrunk.keras"),
+            start,
+            config,
+            config.resolved_output_dir(),
+        )
+        row = {
+            "key": key,
+            "start": start,
+            "name": TFMOT,
+            "rate": rate,
+            "seed": seed,
+            "options": {
+                "schedule": "constant" if start == "trained" else "polynomial",
+                "reference": reference["key"],
+            },
+            "output_dir": config.resolved_output_dir(),
+            "wall_seconds": time.perf_counter() - began,
+            # The stripped model is the full ResNet-20 with zeros in it.
+            "kept_macs": 1.0,
+            "macs": self.full_macs(),
+            "revived": [],
+            **results,
+        }
+        return self._append(row)
 
     def initial(self, seed: int) -> str:
         """The seed's initial ResNet-20, shared by its from-scratch runs."""
@@ -355,6 +425,7 @@ def jobs(params) -> tuple[list, list]:
         order += [(s, n, rate if r is None else r) for s, n, r in first]
         order += [("scratch", n, 0.0 if n == "unpruned" else rate) for n in SCRATCH]
         order += [("trained", n, rate) for n in TRAINED if n != "unpruned"]
+        order += [("scratch", TFMOT, rate), ("trained", TFMOT, rate)]
     for rate in params["sweep_rates"]:
         order += [("scratch", n, rate) for n in params["sweep"]]
     rest = []
@@ -365,15 +436,30 @@ def jobs(params) -> tuple[list, list]:
 
 
 def run_all(runner: Runner, seeds) -> None:
+    skipped = set()
     # Every seed of the first phase before any of the second.
     for phase in jobs(runner.params):
         for seed in seeds:
             for start, name, rate in phase:
                 if not _wanted(start, name):
                     continue
-                overrides = (SCRATCH if start == "scratch" else TRAINED)[name]
+                if name == TFMOT:
+                    if tfmot_baseline.missing():
+                        skipped.add(f"{start}/{name}")
+                        continue
+                    runner.run_tfmot(start, rate, seed)
+                    continue
+                overrides = CONFIGURATIONS[start][name]
                 init_from = _init_for(runner, start, name, rate, seed)
                 runner.run(start, name, rate, seed, overrides, init_from)
+    if skipped:
+        print(
+            f"Not run: {', '.join(sorted(skipped))} (this process has no "
+            f"{tfmot_baseline.missing()}: the tfmot baseline needs TensorFlow, "
+            "tf_keras and tensorflow-model-optimization, the `bench` extra). "
+            "Run them where TensorFlow is installed; runs.jsonl merges them.",
+            flush=True,
+        )
 
 
 def aggregate(rows) -> list[dict]:
@@ -404,7 +490,7 @@ def aggregate(rows) -> list[dict]:
                 "seconds": float(np.mean([m["seconds"] for m in members])),
             }
         )
-    order = {"scratch": list(SCRATCH), "trained": list(TRAINED)}
+    order = {start: [*names, TFMOT] for start, names in CONFIGURATIONS.items()}
     table.sort(
         key=lambda r: (
             r["start"] != "scratch",
@@ -415,7 +501,103 @@ def aggregate(rows) -> list[dict]:
     return table
 
 
-def markdown(table, setting, params, device) -> str:
+def _mean_std(values) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def tfmot_comparison(rows) -> list[dict]:
+    """`prune_low_magnitude` against its SFP reference, per start and rate.
+
+    Each tfmot run is paired with the `REFERENCE` run it took its non-zero
+    count from (same start, rate and seed): accuracies in %, the paired
+    difference (tfmot - SFP) with its standard deviation over seeds, non-zero
+    kernel weights, gzipped float TFLite sizes in KB and batch-1 TFLite
+    milliseconds (medians, timed alternately, averaged over seeds).
+    """
+    rows = list(rows)
+    by_key = {row["key"]: row for row in rows}
+    groups = {}
+    for row in rows:
+        if row["name"] == TFMOT:
+            reference = by_key[row["options"]["reference"]]
+            groups.setdefault((row["start"], row["rate"]), []).append((row, reference))
+    table = []
+    for (start, rate), pairs in sorted(
+        groups.items(), key=lambda g: g[0][0] != "scratch"
+    ):
+        ours = [100 * t["deployed"] for t, _ in pairs]
+        theirs = [100 * r["deployed"] for _, r in pairs]
+        tfmot_mean, tfmot_std = _mean_std(ours)
+        sfp_mean, sfp_std = _mean_std(theirs)
+        diff_mean, diff_std = _mean_std(np.subtract(ours, theirs))
+        table.append(
+            {
+                "start": start,
+                "rate": rate,
+                "seeds": len(pairs),
+                "tfmot_mean": tfmot_mean,
+                "tfmot_std": tfmot_std,
+                "sfp_mean": sfp_mean,
+                "sfp_std": sfp_std,
+                "diff_mean": diff_mean,
+                "diff_std": diff_std,
+                "nonzero": float(np.mean([t["nonzero"] for t, _ in pairs])),
+                "target_nonzero": float(
+                    np.mean([t["target_nonzero"] for t, _ in pairs])
+                ),
+                "sparsity": float(np.mean([t["sparsity"] for t, _ in pairs])),
+                "gzip_kb": float(np.mean([t["gzip_bytes"] for t, _ in pairs])) / 1024,
+                "sfp_gzip_kb": float(np.mean([t["ref_gzip_bytes"] for t, _ in pairs]))
+                / 1024,
+                "tflite_kb": float(np.mean([t["tflite_bytes"] for t, _ in pairs]))
+                / 1024,
+                "sfp_tflite_kb": float(
+                    np.mean([t["ref_tflite_bytes"] for t, _ in pairs])
+                )
+                / 1024,
+                "tflite_ms": float(np.mean([t["tflite_ms"] for t, _ in pairs])),
+                "sfp_tflite_ms": float(np.mean([t["ref_tflite_ms"] for t, _ in pairs])),
+                "sfp_kept_macs": float(np.mean([r["kept_macs"] for _, r in pairs])),
+            }
+        )
+    return table
+
+
+def _comparison_markdown(comparison) -> list[str]:
+    lines = [
+        "",
+        f"## `prune_low_magnitude` (tfmot) against SFP's deployed model ({REFERENCE})",
+        "",
+        "tfmot prunes a `tf_keras` copy of the same network (same initial or "
+        "trained weights, same recipe) to the non-zero kernel weights (convolutions "
+        "and dense layer) of the SFP model it is paired with. Sizes: the float "
+        "TFLite file, raw and gzipped (level 9); latency: median of batch-1 "
+        "TFLite calls, the two models timed alternately in one process. The "
+        "stripped tfmot model keeps every MAC of the dense network.",
+        "",
+        "| start | rate | seeds | tfmot acc | SFP acc | tfmot - SFP | non-zero "
+        "(tfmot / SFP) | sparsity | TFLite KB (tfmot / SFP) | gzipped KB "
+        "(tfmot / SFP) | TFLite ms (tfmot / SFP) | MACs kept (tfmot / SFP) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in comparison:
+        lines.append(
+            f"| {c['start']} | {c['rate']:.1f} | {c['seeds']} | "
+            f"{c['tfmot_mean']:.2f} +- {c['tfmot_std']:.2f} | "
+            f"{c['sfp_mean']:.2f} +- {c['sfp_std']:.2f} | "
+            f"{c['diff_mean']:+.2f} +- {c['diff_std']:.2f} | "
+            f"{c['nonzero']:.0f} / {c['target_nonzero']:.0f} | "
+            f"{100 * c['sparsity']:.1f}% | "
+            f"{c['tflite_kb']:.0f} / {c['sfp_tflite_kb']:.0f} | "
+            f"{c['gzip_kb']:.0f} / {c['sfp_gzip_kb']:.0f} | "
+            f"{c['tflite_ms']:.3f} / {c['sfp_tflite_ms']:.3f} | "
+            f"100% / {100 * c['sfp_kept_macs']:.1f}% |"
+        )
+    return lines
+
+
+def markdown(table, setting, params, device, comparison=()) -> str:
     lines = [
         f"# Accuracy at equal MACs ({setting} setting, {device})",
         "",
@@ -438,6 +620,8 @@ def markdown(table, setting, params, device) -> str:
             f"{r['soft_mean']:.2f} | {r['gap']:+.2f} | {100 * r['kept_macs']:.1f}% | "
             f"{r['revived']:.1f} | {r['seconds']:.0f} |"
         )
+    if comparison:
+        lines += _comparison_markdown(comparison)
     return "\n".join(lines) + "\n"
 
 
@@ -480,24 +664,26 @@ def main(argv):
     from keras_sfp import latency
 
     table = aggregate(runner.done.values())
+    comparison = tfmot_comparison(runner.done.values())
     device = f"Keras {keras.backend.backend()} on {latency.device_name()}"
     os.makedirs(_RESULTS.value, exist_ok=True)
     base = os.path.join(_RESULTS.value, f"accuracy_{setting}")
     with open(base + ".md", "w") as f:
-        f.write(markdown(table, setting, runner.params, device))
+        f.write(markdown(table, setting, runner.params, device, comparison))
     with open(base + ".json", "w") as f:
         json.dump(
             {
                 "device": device,
                 "setting": runner.params,
                 "table": table,
+                "tfmot_comparison": comparison,
                 "runs": list(runner.done.values()),
             },
             f,
             indent=1,
         )
     plot(table, base + ".png")
-    print(markdown(table, setting, runner.params, device))
+    print(markdown(table, setting, runner.params, device, comparison))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,18 @@ on every runtime available here:
   all CPU cores (TensorFlow backend only);
 - `tflite_int8`: full-integer post-training quantization (`--int8`).
 
+Besides the `round_to` variants: `latency`, `prune_filters(target_latency=...)`
+over this device's per-layer latency table (`--latency_aware`, cached under
+`--cache_dir`), and the original and default shrunk models with
+BatchNormalization folded (`--fold`, Keras runtime only). The Markdown file
+ends with a summary table: one line per model, runtime and batch size.
+
 Each row gives the MACs ratio (original / shrunk), the measured speedup and
 their quotient, the *efficiency* (1.0 is the physical limit of a MACs
 reduction). Results go to `bench/results/latency_<device>.{md,json,png}`;
 the PNG plots speedup against MACs ratio per runtime.
 
-    python bench/latency.py                        # 2-core CPU, ~40 min
+    python bench/latency.py                        # 2-core CPU, ~30 min
     KERAS_BACKEND=jax python bench/latency.py      # a GPU through JAX/XLA
 
 On a GPU the input sizes are those of the issue's table (224x224 for the
@@ -71,6 +77,16 @@ def _define_flags() -> None:
     )
     flags.DEFINE_integer("runs", 0, "Timed calls per model (0: by cost).")
     flags.DEFINE_bool("int8", False, "Also time full-integer TFLite.")
+    flags.DEFINE_bool(
+        "latency_aware",
+        True,
+        "Add the `target_latency` variant (per-layer latency table of this "
+        "device, cached under --cache_dir).",
+    )
+    flags.DEFINE_string("cache_dir", None, "Latency tables (default: ~/.cache).")
+    flags.DEFINE_bool(
+        "fold", True, "Add BatchNormalization-folded variants (Keras runtime)."
+    )
     flags.DEFINE_string("out", "bench/results", "Directory of the results.")
 
 
@@ -87,18 +103,67 @@ def on_gpu() -> bool:
     return latency.device_name() != "CPU"
 
 
-def variants(name: str, size: int, round_tos) -> dict[str, keras.Model]:
-    """`{"original": model, "round_to=q": shrunk, ...}` for one model."""
+def _shrunk(pruned: keras.Model) -> keras.Model:
+    """One prune event, then `shrink`."""
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
+    callback.set_model(pruned)
+    callback.prune(0)
+    return keras_sfp.shrink(pruned)
+
+
+def variants(
+    name: str,
+    size: int,
+    round_tos,
+    latency_aware: bool = False,
+    table=None,
+    fold: bool = False,
+) -> dict[str, keras.Model]:
+    """`{"original": model, "round_to=q": shrunk, ...}` for one model.
+
+    With `latency_aware`, also `"latency"`: `prune_filters(target_latency=f)`
+    (HALP's allocation over the per-layer `table`, round_to 8), where `f` is
+    the latency the table predicts for the default (`round_to=8` at the
+    model's rate), as a fraction of the original's: the same predicted
+    speed, with the channels spent where they cost least time.
+
+    With `fold`, also `"original folded"` and `"round_to=8 folded"`: the
+    original and the default shrunk model with BatchNormalization folded into
+    the convolutions (`keras_sfp.fold_batch_norm`, what `export_saved_model`
+    writes). Keras runtime only: the TFLite converter folds by itself.
+    """
     builder, rate, _, _ = MODELS[name]
     keras.utils.set_random_seed(0)
     model = builder(size)
     result = {"original": model}
     for q in round_tos:
-        pruned = keras_sfp.prune_filters(model, rate=rate, round_to=q)
-        callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
-        callback.set_model(pruned)
-        callback.prune(0)
-        result[f"round_to={q}"] = keras_sfp.shrink(pruned)
+        result[f"round_to={q}"] = _shrunk(
+            keras_sfp.prune_filters(model, rate=rate, round_to=q)
+        )
+    if latency_aware:
+        from keras_sfp.latency_table import predicted_ms
+
+        default = result.get("round_to=8") or _shrunk(
+            keras_sfp.prune_filters(model, rate=rate)
+        )
+        start = time.perf_counter()
+        fraction = predicted_ms(default, table) / predicted_ms(model, table)
+        pruned = keras_sfp.prune_filters(
+            model, target_latency=fraction, latency_table=table
+        )
+        print(
+            f"{name}: latency allocation for target {fraction:.3f} in "
+            f"{time.perf_counter() - start:.0f} s ({table.measured} entries "
+            f"measured, {len(table.entries)} in the table)",
+            flush=True,
+        )
+        result["latency"] = _shrunk(pruned)
+    if fold:
+        default = result.get("round_to=8") or _shrunk(
+            keras_sfp.prune_filters(model, rate=rate)
+        )
+        result["original folded"] = keras_sfp.fold_batch_norm(model)
+        result["round_to=8 folded"] = keras_sfp.fold_batch_norm(default)
     return result
 
 
@@ -120,6 +185,8 @@ def _tflite_runners(named, int8: bool, directory: str) -> dict:
     calibration = _images(named["original"], 8)
     runners = {}
     for key, model in named.items():
+        if key.endswith("folded"):
+            continue  # the converter folds BatchNormalization itself
         path = export.export_tflite(model, os.path.join(directory, f"{key}.tflite"))
         runners[("tflite", key)] = deploy.tflite_runner(path)
         if int8:
@@ -139,12 +206,22 @@ def _images(model, batch: int) -> np.ndarray:
 
 
 def measure_model(
-    name: str, round_tos, batches, int8: bool = False, runs: int = 0
+    name: str,
+    round_tos,
+    batches,
+    int8: bool = False,
+    runs: int = 0,
+    table=None,
+    fold: bool = False,
 ) -> list[dict]:
-    """Rows of one model: every runtime and batch, variants side by side."""
+    """Rows of one model: every runtime and batch, variants side by side.
+
+    `table`: a `LatencyTable` to add the latency-aware variant with, or None;
+    `fold`: add the folded variants (see `variants`).
+    """
     _, rate, cpu_size, gpu_size = MODELS[name]
     size = gpu_size if on_gpu() else cpu_size
-    named = variants(name, size, round_tos)
+    named = variants(name, size, round_tos, table is not None, table, fold)
     macs = {key: keras_sfp.count_flops(m) for key, m in named.items()}
     backend = keras.backend.backend()
     directory = tempfile.TemporaryDirectory()
@@ -168,7 +245,7 @@ def measure_model(
         for runtime in dict.fromkeys(r for r, _ in runners):
             base = times[(runtime, "original")]
             for key in named:
-                if key == "original":
+                if key == "original" or (runtime, key) not in times:
                     continue
                 ratio = macs["original"] / macs[key]
                 speedup = base / times[(runtime, key)]
@@ -210,6 +287,44 @@ def markdown(rows: list[dict], device: str) -> str:
             f"{r['runtime']} | {r['batch']} | {r['macs_ratio']:.2f}x | "
             f"{r['original_ms']:.2f} | {r['shrunk_ms']:.2f} | "
             f"{r['speedup']:.2f}x | {r['efficiency']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per model, runtime and batch: each variant's speedup.
+
+    A variant's MACs ratio is shown beside its speedup where it differs from
+    the default's (`round_to=8`): the latency-aware variant keeps other
+    counts; folding removes no MACs.
+    """
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = [
+        "| model | runtime | batch | MACs ratio | " + " | ".join(variants) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(variants),
+    ]
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["model"], r["runtime"], r["batch"]), {})[r["variant"]] = r
+    for (model, runtime, batch), found in cells.items():
+        default = found.get("round_to=8")
+        ratio = default["macs_ratio"] if default else None
+        row = []
+        for variant in variants:
+            r = found.get(variant)
+            if r is None:
+                row.append("-")
+            elif (
+                ratio is None
+                or variant.endswith("folded")
+                or (abs(r["macs_ratio"] - ratio) < 0.01)
+            ):
+                row.append(f"{r['speedup']:.2f}x")
+            else:
+                row.append(f"{r['speedup']:.2f}x (MACs {r['macs_ratio']:.2f}x)")
+        lines.append(
+            f"| {model} | {runtime} | {batch} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}x'} | " + " | ".join(row) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -282,9 +397,24 @@ def main(argv):
     stem = "cpu" if device == "CPU" else device.lower().replace(" ", "_")
     os.makedirs(options.out, exist_ok=True)
     base = os.path.join(options.out, f"latency_{stem}")
+    table = None
+    if options.latency_aware:
+        from keras_sfp.latency_table import LatencyTable
+
+        table = LatencyTable.for_device(options.cache_dir)
     rows = []
     for name in options.models:
-        rows.extend(measure_model(name, round_tos, batches, options.int8, options.runs))
+        rows.extend(
+            measure_model(
+                name,
+                round_tos,
+                batches,
+                options.int8,
+                options.runs,
+                table,
+                options.fold,
+            )
+        )
         result = {
             "device": device,
             "backend": keras.backend.backend(),
@@ -296,7 +426,7 @@ def main(argv):
         with open(base + ".json", "w") as f:
             json.dump(result, f, indent=1)
         with open(base + ".md", "w") as f:
-            f.write(markdown(rows, device))
+            f.write(markdown(rows, device) + "\n" + summary(rows))
     plot(rows, base + ".png", device)
     print(markdown(rows, device))
 

@@ -16,7 +16,9 @@ from keras_sfp import criteria, rules, schedules
 from keras_sfp.callback import SoftFilterPrune
 from keras_sfp.describe import describe
 from keras_sfp.flops import count_flops
+from keras_sfp.fold import fold_batch_norm
 from keras_sfp.graph import ChannelGraph
+from keras_sfp.latency_table import LatencyTable
 from keras_sfp.prune import prune_filters, strip_pruning
 from keras_sfp.rules import register_layer, unregister_layer
 from keras_sfp.shrink import shrink
@@ -34,12 +36,14 @@ __all__ = [
     "ChannelGraph",
     "ChannelMask",
     "FilterPruning",
+    "LatencyTable",
     "SoftFilterPrune",
     "count_flops",
     "criteria",
     "describe",
     "export_saved_model",
     "export_tflite",
+    "fold_batch_norm",
     "prune_filters",
     "register_layer",
     "rules",

@@ -67,6 +67,26 @@ def num_pruned(channels: int, rate: float) -> int:
     return min(pruned, channels - 1)
 
 
+def channel_form(graph: ChannelGraph, index: dict, tensor) -> tuple[float, dict]:
+    """A tensor's channels as `(constant, {group index: multiplier})`.
+
+    `index` maps the root set id of each varying group to its position in
+    the `kept` vectors; channels of other groups are constant.
+    """
+    info = graph.tensors.get(id(tensor))
+    if info is None:
+        return float(tensor.shape[-1]), {}
+    scale = info.spatial or 1
+    constant, coefs = 0.0, {}
+    for set_id, length in info.segments:
+        group = index.get(graph.find(set_id))
+        if group is None:
+            constant += scale * length
+        else:
+            coefs[group] = coefs.get(group, 0.0) + scale
+    return constant, coefs
+
+
 class MacModel:
     """A model's MACs as a function of the channels each group keeps.
 
@@ -94,8 +114,8 @@ class MacModel:
             if not terms:
                 constant += flops.node_macs(node.layer, node)  # nested models
                 continue
-            cin = self._count(graph, index, node.inputs[0])
-            cout = self._count(graph, index, node.outputs[0])
+            cin = channel_form(graph, index, node.inputs[0])
+            cout = channel_form(graph, index, node.outputs[0])
             for coef, a, b in terms:
                 rows.append((coef, cin, cout, a, b))
         n = len(groups)
@@ -103,22 +123,6 @@ class MacModel:
         self._coef = np.array([r[0] for r in rows], dtype=np.float64)
         self._in = self._linear([r[1] if r[3] else (1.0, {}) for r in rows], n)
         self._out = self._linear([r[2] if r[4] else (1.0, {}) for r in rows], n)
-
-    @staticmethod
-    def _count(graph, index, tensor) -> tuple[float, dict]:
-        """A tensor's channels as `(constant, {group index: multiplier})`."""
-        info = graph.tensors.get(id(tensor))
-        if info is None:
-            return float(tensor.shape[-1]), {}
-        scale = info.spatial or 1
-        constant, coefs = 0.0, {}
-        for set_id, length in info.segments:
-            group = index.get(graph.find(set_id))
-            if group is None:
-                constant += scale * length
-            else:
-                coefs[group] = coefs.get(group, 0.0) + scale
-        return constant, coefs
 
     @staticmethod
     def _linear(counts, n) -> tuple[np.ndarray, np.ndarray]:
@@ -142,9 +146,13 @@ class MacModel:
         return float(self.macs(self.lengths))
 
 
-def exact_kept(lengths, rate: float) -> np.ndarray:
-    """Channels each group keeps at `rate` without rounding."""
-    return np.array([n - num_pruned(int(n), rate) for n in lengths], dtype=np.int64)
+def exact_kept(lengths, rate) -> np.ndarray:
+    """Channels each group keeps at `rate` (one, or one per group) unrounded."""
+    rates = np.broadcast_to(np.asarray(rate, dtype=np.float64), np.shape(lengths))
+    return np.array(
+        [n - num_pruned(int(n), float(r)) for n, r in zip(lengths, rates)],
+        dtype=np.int64,
+    )
 
 
 def _options(length: int, exact: int, round_to: int, blocks: int = 1) -> np.ndarray:
@@ -196,7 +204,7 @@ def balanced_kept(
         mac_model: The `MacModel` of the groups, or None to round each group
             to its nearest multiple independently.
         lengths: Channels per group.
-        rate: The pruning rate.
+        rate: The pruning rate, or one per group.
         round_to: The multiple, >= 1.
         target: MACs to approach. Defaults to the MACs of the unrounded
             counts.
@@ -292,3 +300,87 @@ def rate_for_macs(mac_model: MacModel, target_macs: float, round_to: int = 1) ->
         else:
             low = middle
     return float(high)
+
+
+def count_options(length: int, round_to: int, blocks: int = 1) -> np.ndarray:
+    """Every count a group may keep: `_options`'s multiples, or any count
+    where the group is not rounded (`round_to=1`, or at most `round_to`
+    channels)."""
+    options = _options(int(length), int(length), round_to, int(blocks))
+    if len(options) == 1:
+        options = np.arange(int(blocks), int(length) + 1, int(blocks))
+    return options
+
+
+def latency_kept(
+    cost, lengths, target: float, round_to: int, blocks=None, lost=None
+) -> np.ndarray:
+    """Kept counts that reach a latency `target` removing the least importance.
+
+    HALP's greedy allocation (Shen et al., NeurIPS 2022): from every channel,
+    one option at a time (`count_options`: one multiple of `round_to`), the
+    group whose next smaller count saves the most predicted latency per unit
+    of importance removed gives it up, until the prediction is at most
+    `target`. Groups where a step saves no time are cut only when no other
+    step saves any.
+
+    Args:
+        cost: `kept (..., groups) -> latency`, such as a
+            `keras_sfp.latency_table.LatencyModel`.
+        lengths: Channels per group.
+        target: The latency to reach, in `cost`'s unit.
+        round_to: The multiple kept counts are made of.
+        blocks: Blocks per group that keep equal counts. Defaults to 1 each.
+        lost: Per group, an array whose entry `k` is the importance removed
+            when the group keeps `k` channels (`k = 0..length`, falling as
+            `k` grows, 0 at `length`). Defaults to the fraction of the
+            group's channels removed.
+
+    Returns:
+        An int64 array of kept channels per group.
+
+    Raises:
+        ValueError: If even the fewest counts predict more than `target`.
+
+    Example:
+    >>> cost = lambda kept: np.asarray(kept, float) @ [1.0, 3.0]  # ms per channel
+    >>> latency_kept(cost, [16, 16], 40.0, round_to=8).tolist()
+    [16, 8]
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    blocks = np.ones_like(lengths) if blocks is None else np.asarray(blocks)
+    if lost is None:
+        lost = [1.0 - np.arange(n + 1) / n for n in lengths]
+    options = [count_options(n, round_to, b) for n, b in zip(lengths, blocks)]
+    position = np.array([len(o) - 1 for o in options])
+    kept = lengths.copy()
+    current = float(cost(kept))
+    while current > target:
+        moves = [g for g in range(len(kept)) if position[g] > 0]
+        if not moves:
+            fewest = float(cost(np.array([o[0] for o in options])))
+            raise ValueError(
+                f"The latency target is below what pruning can reach: the fewest "
+                f"channels per group (round_to={round_to}) still predict "
+                f"{fewest:.4g}. Received: target={target:.4g}"
+            )
+        candidates = np.repeat(kept[None, :], len(moves), axis=0)
+        for row, g in enumerate(moves):
+            candidates[row, g] = options[g][position[g] - 1]
+        costs = np.asarray(cost(candidates), dtype=np.float64)
+        saved = current - costs
+        removed = np.array(
+            [
+                lost[g][candidates[row, g]] - lost[g][kept[g]]
+                for row, g in enumerate(moves)
+            ]
+        )
+        if np.any(saved > 0):
+            ratio = np.where(saved > 0, saved / np.maximum(removed, 1e-12), -np.inf)
+            best = int(np.argmax(ratio))
+        else:
+            best = int(np.argmax(saved))
+        g = moves[best]
+        position[g] -= 1
+        kept, current = candidates[best], float(costs[best])
+    return kept

@@ -187,6 +187,11 @@ class SoftFilterPrune(keras.callbacks.Callback):
             "wrappers": wrapped,
             "config": first,
             "schedule": schedules_lib.get(first.schedule, first.rate),
+            # Final rates per unit where groups prune at different rates
+            # (`prune_filters(target_latency=...)`), else None.
+            "unit_rates": None
+            if all(w.channel_rates is None for w in wrapped)
+            else np.array([unit[0][0].channel_rate(unit[0][1]) for unit in units]),
         }
 
     def _soft_epochs(self) -> int | None:
@@ -260,10 +265,14 @@ class SoftFilterPrune(keras.callbacks.Callback):
         """Channels each unit keeps at `rate` (`allocation.balanced_kept`)."""
         cache = self._plan["kept"]
         if rate not in cache:
+            rates = self._plan["unit_rates"]
+            final = self._plan["config"].rate
+            if rates is not None:  # each unit's final rate, scaled like `rate`
+                rates = rates * (rate / final) if final > 0 else rates * 0.0
             cache[rate] = allocation.balanced_kept(
                 self._plan["mac_model"],
                 self._plan["lengths"],
-                rate,
+                rate if rates is None else rates,
                 round_to,
                 blocks=self._plan["blocks"],
             )

@@ -32,6 +32,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_sfp import fold
 from keras_sfp._tensorflow import (
     import_tensorflow,
     quiet_info_logs,
@@ -170,6 +171,7 @@ def export_saved_model(
     warmup_inputs: np.ndarray | Sequence[np.ndarray] | None = None,
     input_name: str = "images",
     output_name: str = "logits",
+    fold_batch_norm: bool = True,
 ) -> str:
     """Writes `model` as a SavedModel version in the layout TF Serving loads.
 
@@ -196,6 +198,11 @@ def export_saved_model(
             None.
         input_name: The signature's input name. Defaults to `"images"`.
         output_name: The signature's output name. Defaults to `"logits"`.
+        fold_batch_norm: Fold every BatchNormalization that follows a linear
+            convolution or dense layer into it (`keras_sfp.fold`): the same
+            outputs up to float rounding, fewer kernels per request. A model
+            with nothing to fold, or with pruning wrappers, is exported as
+            it is. Defaults to True.
 
     Returns:
         The path of the version directory, `<export_dir>/<version>`.
@@ -222,6 +229,11 @@ def export_saved_model(
     """
     _check_name("input_name", input_name)
     _check_name("output_name", output_name)
+    if not isinstance(fold_batch_norm, bool):
+        raise ValueError(
+            "`fold_batch_norm` must be True or False. "
+            f"Received: fold_batch_norm={fold_batch_norm!r}"
+        )
     spec = _serving_spec(model, input_name)
     if version is not None and (
         isinstance(version, bool) or not isinstance(version, int) or version < 1
@@ -244,6 +256,8 @@ def export_saved_model(
             "never overwritten: pass version=None for the next free one. "
             f"Received: version={version!r}"
         )
+    if fold_batch_norm and fold.can_fold(model):
+        model = fold.fold_batch_norm(model)
     staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
     try:
         _write_saved_model(model, staging, spec, output_name)

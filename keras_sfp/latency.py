@@ -21,7 +21,8 @@ import keras
 import numpy as np
 
 
-def _check_count(name: str, value, low: int) -> None:
+def check_count(name: str, value, low: int) -> None:
+    """Raises a ValueError unless `value` is an integer >= `low`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(
             f"`{name}` must be an integer >= {low}. Received: {name}={value!r}"
@@ -76,8 +77,8 @@ def time_alternately(
     >>> sorted(times), all(t >= 0 for t in times.values())
     (['a', 'b'], True)
     """
-    _check_count("runs", runs, 1)
-    _check_count("warmup", warmup, 0)
+    check_count("runs", runs, 1)
+    check_count("warmup", warmup, 0)
     for run in runners.values():
         for _ in range(warmup):
             run()

@@ -7,13 +7,14 @@ import numbers
 import keras
 import numpy as np
 
-from keras_sfp import _keras_graph, allocation, distributed
+from keras_sfp import _keras_graph, allocation, criteria, distributed
 from keras_sfp.graph import ChannelGraph
 from keras_sfp.wrapper import (
     PRUNABLE_TYPES,
     ChannelMask,
     FilterPruning,
     check_prune_args,
+    num_outputs,
     output_kernel,
     unwrap,
 )
@@ -72,29 +73,86 @@ def _maskable_offset_layers(graph: ChannelGraph) -> list:
     return layers
 
 
-def check_target_macs(target_macs, rate, coupling) -> None:
-    """Validates `target_macs` with the `rate` and `coupling` it comes with."""
-    if target_macs is None:
+def check_target(name: str, value, rate, coupling) -> None:
+    """Validates `target_macs` or `target_latency` with `rate` and `coupling`."""
+    if value is None:
         return
     if (
-        isinstance(target_macs, bool)
-        or not isinstance(target_macs, numbers.Real)
-        or not 0.0 < target_macs <= 1.0
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 < value <= 1.0
     ):
         raise ValueError(
-            "`target_macs` must be a fraction in (0, 1]. "
-            f"Received: target_macs={target_macs!r}"
+            f"`{name}` must be a fraction in (0, 1]. Received: {name}={value!r}"
         )
     if rate is not None:
         raise ValueError(
-            "Pass `rate` or `target_macs`, not both. "
-            f"Received: rate={rate!r}, target_macs={target_macs!r}"
+            f"Pass `rate` or `{name}`, not both. "
+            f"Received: rate={rate!r}, {name}={value!r}"
         )
     if coupling != "group":
         raise ValueError(
-            "`target_macs` needs coupling='group' (with 'layer', pruned residual "
+            f"`{name}` needs coupling='group' (with 'layer', pruned residual "
             f"channels are not removed). Received: coupling={coupling!r}"
         )
+
+
+def check_target_macs(target_macs, rate, coupling) -> None:
+    """Validates `target_macs` with the `rate` and `coupling` it comes with."""
+    check_target("target_macs", target_macs, rate, coupling)
+
+
+def _importance_lost(groups, criterion) -> list[np.ndarray]:
+    """Per group, the importance removed when it keeps `k` channels (`k` = 0..n).
+
+    Each member layer's filter scores (`criterion`, without BatchNormalization
+    factors) are normalised to sum to 1, so every layer weighs the same, and
+    summed over the group's members; keeping `k` channels removes the lowest
+    `n - k` of them.
+    """
+    lost = []
+    for group in groups:
+        total = np.zeros(group.length)
+        for layer, start, length in group.members:
+            kernel = keras.ops.convert_to_numpy(output_kernel(unwrap(layer)))
+            scores = criteria.score(criterion, kernel[..., start : start + length])
+            norm = float(np.sum(scores))
+            total += scores / norm if norm > 0 else np.full(length, 1.0 / length)
+        removed = np.concatenate([[0.0], np.cumsum(np.sort(total))])
+        lost.append(removed[::-1])  # entry k: the lowest n - k removed
+    return lost
+
+
+def latency_rates(graph, groups, table, target_latency, round_to, criterion):
+    """Per-group rates reaching `target_latency` of the predicted latency.
+
+    Returns `(rates, kept, predicted)`: the groups' rates, kept counts, and
+    the predicted latency (ms) with all channels and with `kept`.
+    """
+    from keras_sfp import latency_table
+
+    lengths = np.array([g.length for g in groups], dtype=np.int64)
+    blocks = np.array([g.blocks for g in groups], dtype=np.int64)
+    fewest = [
+        allocation.count_options(n, round_to, b)[0] for n, b in zip(lengths, blocks)
+    ]
+    cost = latency_table.LatencyModel(graph, groups, table, fewest, round_to)
+    full = float(cost(lengths))
+    try:
+        kept = allocation.latency_kept(
+            cost,
+            lengths,
+            target_latency * full,
+            round_to,
+            blocks,
+            _importance_lost(groups, criterion),
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"`target_latency` is below what pruning can reach ({error}). "
+            f"Received: target_latency={target_latency!r}"
+        ) from None
+    return (lengths - kept) / lengths, kept, (full, float(cost(kept)))
 
 
 def prune_filters(
@@ -106,6 +164,8 @@ def prune_filters(
     round_to: int = 8,
     skip=None,
     target_macs: float | None = None,
+    target_latency: float | None = None,
+    latency_table=None,
 ) -> keras.Model:
     """Prepares a model for Soft Filter Pruning.
 
@@ -165,6 +225,21 @@ def prune_filters(
             `schedule`); the balanced multiples of `round_to` then keep it to
             within about one `round_to` step of one group. Needs
             `coupling="group"`. Defaults to None.
+        target_latency: Fraction of the model's latency to keep, in (0, 1),
+            instead of a `rate`: HALP's latency-aware allocation. Each
+            convolution and dense layer is timed alone at a grid of channel
+            counts on this device (`latency_table`), and, from all channels,
+            the group whose next multiple of `round_to` down saves the most
+            predicted time per unit of filter importance lost (`criterion`
+            scores, each layer weighing the same) gives it up, until the
+            predicted latency is at most this fraction. Groups then prune at
+            different rates (stored per channel in the wrappers; the largest
+            is the schedule's final rate). Needs `coupling="group"`.
+            Defaults to None.
+        latency_table: The `keras_sfp.latency_table.LatencyTable` that
+            `target_latency` reads and fills (saved afterwards when it has a
+            path). Defaults to the table cached for this device and runtime
+            at batch size 1 (`LatencyTable.for_device()`).
 
     Returns:
         A new model of the same kind (functional if `model` nests models
@@ -190,7 +265,26 @@ def prune_filters(
     'FilterPruning'
     """
     distributed.check_strategy()
-    check_target_macs(target_macs, rate, coupling)
+    check_target("target_macs", target_macs, rate, coupling)
+    check_target("target_latency", target_latency, rate, coupling)
+    if target_macs is not None and target_latency is not None:
+        raise ValueError(
+            "Pass `target_macs` or `target_latency`, not both. Received: "
+            f"target_macs={target_macs!r}, target_latency={target_latency!r}"
+        )
+    if target_latency == 1.0:
+        raise ValueError(
+            "`target_latency` must be below 1 (1 keeps every channel: nothing "
+            "to prune). Received: target_latency=1.0"
+        )
+    if latency_table is not None and (
+        target_latency is None or not hasattr(latency_table, "lookup")
+    ):
+        raise ValueError(
+            "`latency_table` must be a keras_sfp.latency_table.LatencyTable, "
+            "passed with `target_latency`. Received: "
+            f"latency_table={latency_table!r}, target_latency={target_latency!r}"
+        )
     check_prune_args(
         DEFAULT_RATE if rate is None else rate, criterion, coupling, round_to, schedule
     )
@@ -213,6 +307,26 @@ def prune_filters(
         rate = allocation.rate_for_macs(
             allocation.MacModel(graph, groups), target_macs, round_to
         )
+    channel_rates = {}
+    if target_latency is not None:
+        from keras_sfp.latency_table import LatencyTable
+
+        table = latency_table or LatencyTable.for_device()
+        groups = allocation.pruned_groups(graph, lambda p: id(p) in targets)
+        try:
+            rates, _, _ = latency_rates(
+                graph, groups, table, target_latency, round_to, criterion
+            )
+        finally:  # keep what was measured, even if the target is out of reach
+            if table.measured and table.path:
+                table.save()
+        rate = float(np.max(rates))
+        for group, group_rate in zip(groups, rates):
+            for layer, start, length in group.members:
+                values = channel_rates.setdefault(
+                    id(layer), np.full(num_outputs(unwrap(layer)), rate)
+                )
+                values[start : start + length] = group_rate
     elif rate is None:
         rate = DEFAULT_RATE
     masked = {id(layer) for layer in _maskable_offset_layers(graph)}
@@ -228,6 +342,7 @@ def prune_filters(
                 schedule=schedule,
                 coupling=coupling,
                 round_to=round_to,
+                channel_rates=channel_rates.get(id(layer)),
                 name=WRAPPER_PREFIX + layer.name,
             )
         elif id(layer) in masked:

@@ -60,6 +60,24 @@ def _channel_values(name: str, value, channels: int) -> np.ndarray:
     return array
 
 
+def _channel_rates(value, rate: float, channels: int) -> np.ndarray | None:
+    """`channel_rates` validated: None, or `channels` rates in [0, `rate`]."""
+    if value is None:
+        return None
+    array = np.asarray(value, dtype=np.float64)
+    if (
+        array.shape != (channels,)
+        or not np.all(array >= 0.0)
+        or not np.all(array <= rate)
+    ):
+        raise ValueError(
+            f"`channel_rates` must be {channels} rates in [0, rate={rate}]. "
+            f"Received: channel_rates of shape {array.shape}: {array.tolist()!r}"
+        )
+    array.flags.writeable = False
+    return array
+
+
 class _HostState:
     """Saved state of the wrappers, held on the host as NumPy values.
 
@@ -141,6 +159,12 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
         round_to: Kept filter counts are multiples of this, rounded up or
             down and balanced across groups (see `prune_filters`). Defaults
             to 8.
+        channel_rates: None (every group prunes `rate`), or one rate per
+            output channel: the final rate of the group the channel belongs
+            to, when groups prune at different rates (`prune_filters` with
+            `target_latency`). Each must be at most `rate`, the schedule's
+            final rate, which scales them at earlier events. Defaults to
+            None.
         **kwargs: Passed to `keras.layers.Wrapper`.
 
     Raises:
@@ -162,6 +186,7 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
         schedule=None,
         coupling: str = "group",
         round_to: int = 8,
+        channel_rates=None,
         **kwargs,
     ):
         if type(layer) not in PRUNABLE_TYPES:
@@ -177,6 +202,7 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
         self.schedule = schedule
         self.coupling = coupling
         self.round_to = int(round_to)
+        self.channel_rates = _channel_rates(channel_rates, rate, num_outputs(layer))
         self._hard = False
         self._mask = _channel_values(
             "mask", np.ones(num_outputs(layer)), num_outputs(layer)
@@ -266,9 +292,18 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
                 else None,
                 "coupling": self.coupling,
                 "round_to": self.round_to,
+                "channel_rates": None
+                if self.channel_rates is None
+                else self.channel_rates.tolist(),
             }
         )
         return config
+
+    def channel_rate(self, channel: int) -> float:
+        """The final rate of the group output `channel` belongs to."""
+        if self.channel_rates is None:
+            return self.rate
+        return float(self.channel_rates[channel])
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

@@ -32,3 +32,32 @@ def test_rows_compare_every_variant_with_the_original_on_each_runtime(tiny, tmp_
     assert table.count("\n| tiny |") == len(rows)
     bench.plot(rows, str(tmp_path / "plot.png"), "CPU")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_latency_aware_and_folded_variants(tiny):
+    from keras_sfp.latency_table import LatencyTable
+
+    table = LatencyTable(timer=lambda layer, shape: 1e-3 * shape[-1])
+    rows = bench.measure_model(
+        tiny, round_tos=[8], batches=[1], runs=2, table=table, fold=True
+    )
+    keras_runtime = f"keras-{keras.backend.backend()}"
+    by_key = {(r["runtime"], r["variant"]): r for r in rows}
+    for variant in ("round_to=8", "latency", "original folded", "round_to=8 folded"):
+        assert (keras_runtime, variant) in by_key
+    assert not any(
+        r["variant"].endswith("folded") for r in rows if r["runtime"] == "tflite"
+    )
+    # Folding removes no MACs; the latency variant reaches the table's target.
+    assert by_key[keras_runtime, "original folded"]["macs_ratio"] == 1.0
+    assert by_key[keras_runtime, "latency"]["macs_ratio"] > 1.2
+    assert table.measured > 0
+    summary = bench.summary(rows)
+    line = next(
+        x
+        for x in summary.splitlines()
+        if x.startswith(f"| tiny | {keras_runtime} | 1 |")
+    )
+    latency = by_key[keras_runtime, "latency"]
+    assert f"{latency['speedup']:.2f}x (MACs {latency['macs_ratio']:.2f}x)" in line
+    assert line.count("|") == 4 + 4 + 1  # model, runtime, batch, ratio, 4 variants

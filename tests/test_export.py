@@ -457,6 +457,7 @@ def test_export_tflite_refuses_to_overwrite_unless_asked(trained, tmp_path):
         ({"warmup_inputs": np.zeros((0, 28, 28, 1))}, r"shape \(0, 28, 28, 1\)"),
         ({"warmup_inputs": []}, "Received: 0 batches"),
         ({"output_name": ""}, "output_name=''"),
+        ({"fold_batch_norm": "yes"}, "fold_batch_norm='yes'"),
     ],
 )
 def test_export_saved_model_rejects_bad_arguments(trained, tmp_path, kwargs, match):
@@ -495,3 +496,32 @@ def test_quiet_info_logs_drops_info_records_inside_the_block_only(caplog):
     assert "tf info inside" not in messages and "absl info inside" not in messages
     assert "tf warning inside" in messages and "tf info after" in messages
     assert "absl info after" in messages
+
+
+def test_saved_model_folds_batch_norm_by_default_with_the_same_outputs(tmp_path):
+    from conftest import tiny_resnet
+
+    model = tiny_resnet((8, 8, 3), widths=(8, 16))
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0.0, 0.3, n))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n))
+    x = rng.random((4, 8, 8, 3), dtype=np.float32)
+    expected = model.predict(x, verbose=0)
+    has_rsqrt = {}
+    for fold in (True, False):
+        path = export_lib.export_saved_model(
+            model, tmp_path / f"fold_{fold}", fold_batch_norm=fold
+        )
+        signature = tf.saved_model.load(path).signatures["serving_default"]
+        got = signature(images=tf.constant(x))["logits"]
+        np.testing.assert_allclose(got.numpy(), expected, atol=1e-5, rtol=0)
+        graph = signature.graph.as_graph_def()
+        nodes = list(graph.node) + [
+            node for function in graph.library.function for node in function.node_def
+        ]
+        has_rsqrt[fold] = any(node.op == "Rsqrt" for node in nodes)
+    # Folded: no BatchNormalization arithmetic (its 1/sqrt(var + eps)) left.
+    assert has_rsqrt == {True: False, False: True}

@@ -252,6 +252,12 @@ def test_flag_defaults_are_the_config_defaults():
         ({"target_macs": 0.0}, "target_macs=0.0"),
         ({"target_macs": True}, "target_macs=True"),
         ({"rate": 0.3, "target_macs": 0.5}, "rate=0.3, target_macs=0.5"),
+        ({"target_latency": 1.5}, "target_latency=1.5"),
+        (
+            {"target_macs": 0.5, "target_latency": 0.5},
+            "target_macs=0.5, target_latency=0.5",
+        ),
+        ({"latency_table": "t.json"}, "latency_table='t.json', target_latency=None"),
     ],
 )
 def test_invalid_config_says_what_was_received(kwargs, message):
@@ -500,3 +506,26 @@ def test_fine_tuning_from_a_trained_model_runs_end_to_end(run, tmp_path):
     assert tuned["original"]["macs"] == results["shrunk"]["macs"]
     assert tuned["shrunk"]["macs"] < tuned["original"]["macs"]
     assert tuned["shrunk"]["accuracy"] == tuned["soft_masked"]["accuracy"]
+
+
+def test_target_latency_builds_from_the_named_table(tmp_path, monkeypatch):
+    from keras_sfp import latency_table
+
+    # A fake device (1 microsecond per input channel): no timing in tests.
+    monkeypatch.setattr(
+        latency_table, "_time_layer", lambda layer, shape, runs: 1e-3 * shape[-1]
+    )
+    path = str(tmp_path / "table.json")
+    config = train.TrainConfig(target_latency=0.7, latency_table=path)
+    original, pruned = train.initial_models(config, _Data)
+    table = keras_sfp.LatencyTable.load(path)  # written by prune_filters
+    assert table.entries
+    rates = {
+        float(r) for w in keras_sfp.prune.wrappers(pruned) for r in w.channel_rates
+    }
+    assert len(rates) > 1 and max(rates) > 0
+    # The second run reads the file and measures nothing.
+    monkeypatch.setattr(latency_table, "_time_layer", None)
+    _, again = train.initial_models(config, _Data)
+    for a, b in zip(keras_sfp.prune.wrappers(pruned), keras_sfp.prune.wrappers(again)):
+        np.testing.assert_array_equal(a.channel_rates, b.channel_rates)

@@ -1,0 +1,207 @@
+"""Latency-aware allocation: the per-layer table, its cache, `target_latency`."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sfp
+from conftest import assert_shrink_exact, random_data, tiny_resnet
+from keras_sfp import allocation
+from keras_sfp.graph import ChannelGraph
+from keras_sfp.latency_table import LatencyModel, LatencyTable, LayerSpec
+
+L = keras.layers
+NS_PER_MAC = 1e-6  # the fake device: 1 ns per multiply-accumulate, in ms
+
+
+class MacTimer:
+    """A fake device whose layers take exactly their MACs' time."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, layer, input_shape):
+        self.calls += 1
+        inputs = keras.Input(batch_shape=input_shape)
+        model = keras.Model(inputs, layer(inputs))
+        return NS_PER_MAC * keras_sfp.count_flops(model)
+
+
+def _latency_model(model, table, round_to=8):
+    graph = ChannelGraph(model)
+    groups = [g for g in graph.groups() if g.prunable and g.members]
+    fewest = [allocation.count_options(g.length, round_to, g.blocks)[0] for g in groups]
+    return LatencyModel(graph, groups, table, fewest, round_to), groups
+
+
+def test_table_round_trips_through_its_cache_file(tmp_path):
+    model = tiny_resnet(widths=(16, 32))
+    timer = MacTimer()
+    table = LatencyTable.for_device(str(tmp_path), timer=timer)
+    cost, groups = _latency_model(model, table)
+    lengths = np.array([g.length for g in groups])
+    predicted = cost(lengths)
+    assert timer.calls == table.measured == len(table.entries) > 10
+    path = table.save()
+    assert path.startswith(str(tmp_path)) and "keras-" in path and "_b1" in path
+
+    # A new session: the same file, nothing measured again, same numbers.
+    again = MacTimer()
+    loaded = LatencyTable.for_device(str(tmp_path), timer=again)
+    assert loaded.path == path
+    assert loaded.entries == table.entries
+    assert (loaded.device, loaded.runtime, loaded.batch_size) == (
+        table.device,
+        table.runtime,
+        1,
+    )
+    cost_again, _ = _latency_model(model, loaded)
+    assert cost_again(lengths) == predicted
+    assert again.calls == loaded.measured == 0
+    # Another batch size is another table.
+    assert LatencyTable.for_device(str(tmp_path), batch_size=8).entries == {}
+
+
+def test_prediction_interpolates_exactly_what_the_table_holds():
+    """With layers that take their MACs' time (bilinear in the channel
+    counts), the model's prediction moves with its MACs at every candidate,
+    including counts between the measured grid points."""
+    model = tiny_resnet(widths=(16, 64))
+    table = LatencyTable(timer=MacTimer())
+    cost, groups = _latency_model(model, table, round_to=8)
+    graph = ChannelGraph(model)
+    macs = allocation.MacModel(graph, groups)
+    lengths = np.array([g.length for g in groups])
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        kept = np.array([rng.integers(1, n // 8 + 1) * 8 for n in lengths])
+        np.testing.assert_allclose(
+            cost(lengths) - cost(kept),
+            NS_PER_MAC * (macs.macs(lengths) - macs.macs(kept)),
+            rtol=1e-9,
+        )
+
+
+def test_a_table_from_another_device_is_read_but_never_extended(tmp_path):
+    spec = LayerSpec(L.Conv2D(8, 3), (1, 6, 6, 4))
+    table = LatencyTable(str(tmp_path / "t.json"), timer=lambda layer, shape: 0.5)
+    table.lookup(spec, 4, 8)
+    table.save()
+    with open(table.path) as f:
+        data = json.load(f)
+    data["device"] = "Pixel 8"
+    with open(table.path, "w") as f:
+        json.dump(data, f)
+    phone = LatencyTable.load(table.path)
+    assert phone.lookup(spec, 4, 8) == 0.5
+    with pytest.raises(ValueError, match="measured on Pixel 8"):
+        phone.lookup(spec, 4, 16)
+
+
+def test_layer_times_are_measured_without_the_call_overhead():
+    table = LatencyTable(runs=5)
+    spec = LayerSpec(L.Conv2D(64, 3, padding="same"), (1, 32, 32, 64))
+    small = table.lookup(spec, 8, 8)
+    large = table.lookup(spec, 64, 64)
+    assert table.measured == 2
+    assert 0.0 <= small < large  # 64x the MACs
+
+
+def test_target_latency_reaches_the_prediction_with_multiples(tmp_path):
+    model = tiny_resnet(widths=(16, 64))
+    table = LatencyTable(str(tmp_path / "table.json"), timer=MacTimer())
+    pruned = keras_sfp.prune_filters(
+        model, target_latency=0.5, latency_table=table, criterion="l1"
+    )
+    assert table.measured and (tmp_path / "table.json").exists()  # cached
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
+    callback.set_model(pruned)
+    callback.prune(0)
+    small = keras_sfp.shrink(pruned)
+    # Every counted layer here has channels that vary, so the fake device's
+    # latency is the MACs: the target is met, and not by much more.
+    fraction = keras_sfp.count_flops(small) / keras_sfp.count_flops(model)
+    assert 0.40 < fraction <= 0.5, fraction
+    for wrapper in keras_sfp.prune.wrappers(pruned):
+        kept = int(wrapper.mask.sum())
+        assert kept % 8 == 0 or kept == len(wrapper.mask), (wrapper.name, kept)
+    rates = {
+        float(r) for w in keras_sfp.prune.wrappers(pruned) for r in w.channel_rates
+    }
+    assert len(rates) > 1  # groups prune at different rates
+    x, _ = random_data(model, n=4)
+    assert_shrink_exact(pruned, x)
+
+    # The rates are part of the saved model; a resumed callback keeps them.
+    path = str(tmp_path / "pruned.keras")
+    pruned.save(path)
+    restored = keras.saving.load_model(path)
+    for a, b in zip(
+        keras_sfp.prune.wrappers(pruned), keras_sfp.prune.wrappers(restored)
+    ):
+        np.testing.assert_array_equal(a.channel_rates, b.channel_rates)
+    again = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
+    again.set_model(restored)
+    again.prune(0)
+    for a, b in zip(
+        keras_sfp.prune.wrappers(pruned), keras_sfp.prune.wrappers(restored)
+    ):
+        np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_schedules_scale_each_groups_rate():
+    model = tiny_resnet(widths=(16, 64))
+    pruned = keras_sfp.prune_filters(
+        model,
+        target_latency=0.5,
+        latency_table=LatencyTable(timer=MacTimer()),
+        schedule="asymptotic",
+    )
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0)
+    callback.set_model(pruned)
+    callback._prepare()
+    rate = keras_sfp.prune.wrappers(pruned)[0].rate
+    final = callback._kept(rate, 8)
+    halfway = callback._kept(0.5 * rate, 8)
+    lengths = np.array(callback._plan["lengths"])
+    assert np.all(halfway >= final) and np.any(halfway > final)
+    # Each unit at its own final rate, halved: counts near those.
+    rates = callback._plan["unit_rates"]
+    expected = lengths - np.floor(lengths * rates * 0.5 + 1e-9)
+    assert np.all(np.abs(halfway - expected) <= 8)
+
+
+def test_latency_kept_removes_the_least_importance_per_millisecond():
+    # Group 1 costs 3 ms per channel, group 0 1 ms: group 1 goes first,
+    # unless its filters matter much more.
+    cost = lambda kept: np.asarray(kept, float) @ [1.0, 3.0]  # noqa: E731
+    assert allocation.latency_kept(cost, [16, 16], 40, 8).tolist() == [16, 8]
+    lost = [1.0 - np.arange(17) / 16, 10 * (1.0 - np.arange(17) / 16)]
+    assert allocation.latency_kept(cost, [16, 16], 56, 8, lost=lost).tolist() == [8, 16]
+    with pytest.raises(ValueError, match="still predict 32"):
+        allocation.latency_kept(cost, [16, 16], 20, 8)
+
+
+def test_latency_arguments_are_checked_before_anything_changes():
+    model = tiny_resnet()
+    table = LatencyTable(timer=MacTimer())
+    with pytest.raises(ValueError, match=r"Received: rate=0.3, target_latency=0.5"):
+        keras_sfp.prune_filters(model, rate=0.3, target_latency=0.5)
+    with pytest.raises(ValueError, match="target_macs=0.5, target_latency=0.5"):
+        keras_sfp.prune_filters(model, target_macs=0.5, target_latency=0.5)
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(ValueError, match="target_latency="):
+            keras_sfp.prune_filters(model, target_latency=bad, latency_table=table)
+    with pytest.raises(ValueError, match="nothing to prune"):
+        keras_sfp.prune_filters(model, target_latency=1.0, latency_table=table)
+    with pytest.raises(ValueError, match="latency_table="):
+        keras_sfp.prune_filters(model, rate=0.3, latency_table=table)
+    with pytest.raises(ValueError, match="below what pruning can reach"):
+        keras_sfp.prune_filters(model, target_latency=0.01, latency_table=table)
+    assert table.measured  # measured before the target was found out of reach
+    with pytest.raises(ValueError, match="batch_size"):
+        LatencyTable(batch_size=0)
+    with pytest.raises(ValueError, match="channel_rates"):
+        keras_sfp.FilterPruning(L.Conv2D(4, 3), rate=0.3, channel_rates=[0.5] * 4)
