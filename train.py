@@ -282,6 +282,18 @@ class TrainConfig:
                 f"target_macs={self.target_macs!r}, "
                 f"target_latency={self.target_latency!r}"
             )
+        if self.target_latency == 1.0:
+            raise ValueError(
+                "`target_latency` must be below 1 (1 keeps every channel). "
+                "Received: target_latency=1.0"
+            )
+        if self.target_latency is not None and self.distribute == "multi_process":
+            raise ValueError(
+                "`target_latency` times layers in each process, which could "
+                "choose different channels per process; prune with a rate or "
+                "`target_macs` across processes. Received: target_latency="
+                f"{self.target_latency!r}, distribute='multi_process'"
+            )
         if self.latency_table and self.target_latency is None:
             raise ValueError(
                 "`latency_table` is read for `target_latency` only. Received: "

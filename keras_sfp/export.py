@@ -31,6 +31,7 @@ from typing import Any
 
 import keras
 import numpy as np
+from absl import logging
 
 from keras_sfp import fold
 from keras_sfp._tensorflow import (
@@ -201,8 +202,9 @@ def export_saved_model(
         fold_batch_norm: Fold every BatchNormalization that follows a linear
             convolution or dense layer into it (`keras_sfp.fold`): the same
             outputs up to float rounding, fewer kernels per request. A model
-            with nothing to fold, or with pruning wrappers, is exported as
-            it is. Defaults to True.
+            with nothing to fold, with pruning wrappers, or of a `Model`
+            subclass (whose own `call` a rebuild would lose) is exported as
+            it is (logged). Defaults to True.
 
     Returns:
         The path of the version directory, `<export_dir>/<version>`.
@@ -258,6 +260,13 @@ def export_saved_model(
         )
     if fold_batch_norm and fold.can_fold(model):
         model = fold.fold_batch_norm(model)
+    elif fold_batch_norm:
+        logging.info(
+            "export_saved_model: nothing to fold in %r (no foldable "
+            "BatchNormalization, pruning wrappers, or a Model subclass); "
+            "exported as it is.",
+            model.name,
+        )
     staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
     try:
         _write_saved_model(model, staging, spec, output_name)

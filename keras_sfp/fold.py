@@ -38,15 +38,24 @@ def _bn_last_axis(bn, rank: int) -> bool:
     return axis is not None and axis in (-1, rank - 1)
 
 
+def _training_flag(node):
+    """The `training` argument a call fixes (None if it does not)."""
+    arguments = node.node.arguments
+    if "training" in arguments.kwargs:
+        return arguments.kwargs["training"]
+    return arguments.args[1] if len(arguments.args) > 1 else None
+
+
 def _pairs(graph_nodes, outputs) -> dict:
     """`{id(linear node): BatchNormalization node}` for every foldable pair."""
     calls, consumers = {}, {}
     for node in graph_nodes:
-        if node.is_input or node.is_alias:
+        if node.is_input:
             continue
-        calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
-        for tensor in node.inputs:
+        for tensor in node.inputs:  # aliases (inlined models' edges) count
             consumers.setdefault(id(tensor), []).append(node)
+        if not node.is_alias:
+            calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
     producer = {
         id(t): node
         for node in graph_nodes
@@ -60,6 +69,8 @@ def _pairs(graph_nodes, outputs) -> dict:
             continue
         bn = node.operation
         if type(bn) is not L.BatchNormalization or calls[id(bn)] != 1:
+            continue
+        if _training_flag(node) is True:  # batch statistics: not an affine map
             continue
         source = producer.get(id(node.inputs[0]))
         if source is None:
@@ -112,9 +123,19 @@ def _folded_layer(node, bn_node):
     return _keras_graph.WeightsOnBuild(new, [w.astype(dtype) for w in new_weights])
 
 
+def _wrapped(model) -> bool:
+    return bool(prune_lib.wrappers(model)) or any(
+        type(layer).__name__ == "ChannelMask" for layer in model.layers
+    )
+
+
 def can_fold(model: keras.Model) -> bool:
-    """Whether `fold_batch_norm(model)` has something to fold."""
-    if prune_lib.wrappers(model):
+    """Whether `fold_batch_norm(model)` has something to fold.
+
+    False for a model with pruning wrappers, and for a subclass of the
+    functional `keras.Model` (a rebuilt graph would lose its own `call`).
+    """
+    if not type(model).__module__.startswith("keras.") or _wrapped(model):
         return False
     return bool(_pairs(_keras_graph.nodes(model), model.outputs))
 
@@ -152,9 +173,7 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
     ['InputLayer', 'Conv2D', 'ReLU']
     """
     _keras_graph.check_graph_model(model)
-    if prune_lib.wrappers(model) or any(
-        type(layer).__name__ == "ChannelMask" for layer in model.layers
-    ):
+    if _wrapped(model):
         raise ValueError(
             "`model` still has pruning wrappers: fold the result of "
             "keras_sfp.shrink (or strip_pruning). "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import keras
 import numpy as np
@@ -277,6 +278,13 @@ def prune_filters(
             "`target_latency` must be below 1 (1 keeps every channel: nothing "
             "to prune). Received: target_latency=1.0"
         )
+    if target_latency is not None and schedule not in (None, "constant", "asymptotic"):
+        raise ValueError(
+            "`target_latency` scales each group's own rate with the schedule, "
+            "so the schedule must be None, 'constant' or 'asymptotic' (a "
+            "schedule object carries a final rate of its own). Received: "
+            f"schedule={schedule!r}"
+        )
     if latency_table is not None and (
         target_latency is None or not hasattr(latency_table, "lookup")
     ):
@@ -319,7 +327,14 @@ def prune_filters(
             )
         finally:  # keep what was measured, even if the target is out of reach
             if table.measured and table.path:
-                table.save()
+                try:
+                    table.save()
+                except OSError as error:
+                    warnings.warn(
+                        f"The latency table could not be saved to "
+                        f"{table.path!r} ({error}): it will be measured again.",
+                        stacklevel=2,
+                    )
         rate = float(np.max(rates))
         for group, group_rate in zip(groups, rates):
             for layer, start, length in group.members:

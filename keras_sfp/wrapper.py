@@ -64,7 +64,7 @@ def _channel_rates(value, rate: float, channels: int) -> np.ndarray | None:
     """`channel_rates` validated: None, or `channels` rates in [0, `rate`]."""
     if value is None:
         return None
-    array = np.asarray(value, dtype=np.float64)
+    array = np.array(value, dtype=np.float64)  # a copy: made read-only below
     if (
         array.shape != (channels,)
         or not np.all(array >= 0.0)

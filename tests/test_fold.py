@@ -93,3 +93,39 @@ def test_nothing_to_fold_says_so():
     model = keras.Model(inputs, L.Conv2D(2, 3)(inputs))
     with pytest.raises(ValueError, match="no BatchNormalization to fold"):
         fold_batch_norm(model)
+
+
+def test_batch_norm_in_training_mode_or_beside_another_use_stays():
+    inner_in = keras.Input((6, 6, 3))
+    conv = L.Conv2D(4, 3, use_bias=False)(inner_in)
+    inner = keras.Model(inner_in, [L.BatchNormalization()(conv), conv])
+    inputs = keras.Input((6, 6, 3))
+    normalized, raw = inner(inputs)  # the nested model also returns `conv`
+    x = L.Add()([normalized, raw])
+    y = L.Conv2D(4, 1, use_bias=False)(x)
+    y = L.BatchNormalization()(y, training=True)  # batch statistics
+    model = _randomize_batch_norms(keras.Model(inputs, L.Add()([x, y])))
+    for layer in inner.layers:
+        if isinstance(layer, L.BatchNormalization):
+            _randomize_batch_norms(inner)
+    with pytest.raises(ValueError, match="no BatchNormalization to fold"):
+        fold_batch_norm(model)
+
+
+def test_export_does_not_fold_a_model_subclass_whose_call_it_would_lose():
+    from keras_sfp.fold import can_fold
+
+    def graph():
+        inputs = keras.Input((6, 6, 3))
+        x = L.BatchNormalization()(L.Conv2D(4, 3, use_bias=False)(inputs))
+        return inputs, x
+
+    class Scaled(keras.Model):
+        def __init__(self):
+            super().__init__(*graph())
+
+        def call(self, inputs, training=None):
+            return 2.0 * super().call(inputs, training=training)
+
+    assert can_fold(keras.Model(*graph()))
+    assert not can_fold(Scaled())

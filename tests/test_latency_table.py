@@ -201,6 +201,13 @@ def test_latency_arguments_are_checked_before_anything_changes():
     with pytest.raises(ValueError, match="below what pruning can reach"):
         keras_sfp.prune_filters(model, target_latency=0.01, latency_table=table)
     assert table.measured  # measured before the target was found out of reach
+    with pytest.raises(ValueError, match="schedule="):
+        keras_sfp.prune_filters(
+            model,
+            target_latency=0.5,
+            latency_table=table,
+            schedule=keras_sfp.schedules.Asymptotic(0.5),
+        )
     with pytest.raises(ValueError, match="batch_size"):
         LatencyTable(batch_size=0)
     with pytest.raises(ValueError, match="channel_rates"):

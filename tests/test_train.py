@@ -258,6 +258,11 @@ def test_flag_defaults_are_the_config_defaults():
             "target_macs=0.5, target_latency=0.5",
         ),
         ({"latency_table": "t.json"}, "latency_table='t.json', target_latency=None"),
+        ({"target_latency": 1.0}, "target_latency=1.0"),
+        (
+            {"target_latency": 0.5, "distribute": "multi_process"},
+            "distribute='multi_process'",
+        ),
     ],
 )
 def test_invalid_config_says_what_was_received(kwargs, message):
