@@ -272,21 +272,9 @@ class TrainConfig:
             )
         if self.rate is not None and not 0.0 <= self.rate < 1.0:
             raise ValueError(f"`rate` must be in [0, 1). Received: rate={self.rate!r}")
-        keras_sfp.prune.check_target_macs(self.target_macs, self.rate, self.coupling)
-        keras_sfp.prune.check_target(
-            "target_latency", self.target_latency, self.rate, self.coupling
+        keras_sfp.prune.check_targets(
+            self.target_macs, self.target_latency, self.rate, self.coupling
         )
-        if self.target_macs is not None and self.target_latency is not None:
-            raise ValueError(
-                "Pass `target_macs` or `target_latency`, not both. Received: "
-                f"target_macs={self.target_macs!r}, "
-                f"target_latency={self.target_latency!r}"
-            )
-        if self.target_latency == 1.0:
-            raise ValueError(
-                "`target_latency` must be below 1 (1 keeps every channel). "
-                "Received: target_latency=1.0"
-            )
         if self.target_latency is not None and self.distribute == "multi_process":
             raise ValueError(
                 "`target_latency` times layers in each process, which could "

@@ -140,28 +140,26 @@ def variants(
         result[f"round_to={q}"] = _shrunk(
             keras_sfp.prune_filters(model, rate=rate, round_to=q)
         )
-    if latency_aware:
-        from keras_sfp.latency_table import predicted_ms
-
+    if latency_aware or fold:
         default = result.get("round_to=8") or _shrunk(
             keras_sfp.prune_filters(model, rate=rate)
         )
-        start = time.perf_counter()
+    if latency_aware:
+        from keras_sfp.latency_table import predicted_ms
+
+        start, measured = time.perf_counter(), table.measured
         fraction = predicted_ms(default, table) / predicted_ms(model, table)
         pruned = keras_sfp.prune_filters(
             model, target_latency=fraction, latency_table=table
         )
         print(
             f"{name}: latency allocation for target {fraction:.3f} in "
-            f"{time.perf_counter() - start:.0f} s ({table.measured} entries "
-            f"measured, {len(table.entries)} in the table)",
+            f"{time.perf_counter() - start:.0f} s ({table.measured - measured} "
+            f"entries measured, {len(table.entries)} in the table)",
             flush=True,
         )
         result["latency"] = _shrunk(pruned)
     if fold:
-        default = result.get("round_to=8") or _shrunk(
-            keras_sfp.prune_filters(model, rate=rate)
-        )
         result["original folded"] = keras_sfp.fold_batch_norm(model)
         result["round_to=8 folded"] = keras_sfp.fold_batch_norm(default)
     return result

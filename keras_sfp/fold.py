@@ -48,7 +48,7 @@ def _training_flag(node):
 
 def _pairs(graph_nodes, outputs) -> dict:
     """`{id(linear node): BatchNormalization node}` for every foldable pair."""
-    calls, consumers = {}, {}
+    calls, consumers, producer = {}, {}, {}
     for node in graph_nodes:
         if node.is_input:
             continue
@@ -56,12 +56,7 @@ def _pairs(graph_nodes, outputs) -> dict:
             consumers.setdefault(id(tensor), []).append(node)
         if not node.is_alias:
             calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
-    producer = {
-        id(t): node
-        for node in graph_nodes
-        if not node.is_input and not node.is_alias
-        for t in node.outputs
-    }
+            producer.update((id(t), node) for t in node.outputs)
     output_ids = {id(t) for t in outputs}
     pairs = {}
     for node in graph_nodes:

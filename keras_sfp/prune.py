@@ -98,9 +98,20 @@ def check_target(name: str, value, rate, coupling) -> None:
         )
 
 
-def check_target_macs(target_macs, rate, coupling) -> None:
-    """Validates `target_macs` with the `rate` and `coupling` it comes with."""
+def check_targets(target_macs, target_latency, rate, coupling) -> None:
+    """Validates `target_macs` and `target_latency` (`prune_filters`, train.py)."""
     check_target("target_macs", target_macs, rate, coupling)
+    check_target("target_latency", target_latency, rate, coupling)
+    if target_macs is not None and target_latency is not None:
+        raise ValueError(
+            "Pass `target_macs` or `target_latency`, not both. Received: "
+            f"target_macs={target_macs!r}, target_latency={target_latency!r}"
+        )
+    if target_latency == 1.0:
+        raise ValueError(
+            "`target_latency` must be below 1 (1 keeps every channel: nothing "
+            "to prune). Received: target_latency=1.0"
+        )
 
 
 def _importance_lost(groups, criterion) -> list[np.ndarray]:
@@ -125,11 +136,7 @@ def _importance_lost(groups, criterion) -> list[np.ndarray]:
 
 
 def latency_rates(graph, groups, table, target_latency, round_to, criterion):
-    """Per-group rates reaching `target_latency` of the predicted latency.
-
-    Returns `(rates, kept, predicted)`: the groups' rates, kept counts, and
-    the predicted latency (ms) with all channels and with `kept`.
-    """
+    """Per-group rates reaching `target_latency` of the predicted latency."""
     from keras_sfp import latency_table
 
     lengths = np.array([g.length for g in groups], dtype=np.int64)
@@ -153,7 +160,7 @@ def latency_rates(graph, groups, table, target_latency, round_to, criterion):
             f"`target_latency` is below what pruning can reach ({error}). "
             f"Received: target_latency={target_latency!r}"
         ) from None
-    return (lengths - kept) / lengths, kept, (full, float(cost(kept)))
+    return (lengths - kept) / lengths
 
 
 def prune_filters(
@@ -266,18 +273,7 @@ def prune_filters(
     'FilterPruning'
     """
     distributed.check_strategy()
-    check_target("target_macs", target_macs, rate, coupling)
-    check_target("target_latency", target_latency, rate, coupling)
-    if target_macs is not None and target_latency is not None:
-        raise ValueError(
-            "Pass `target_macs` or `target_latency`, not both. Received: "
-            f"target_macs={target_macs!r}, target_latency={target_latency!r}"
-        )
-    if target_latency == 1.0:
-        raise ValueError(
-            "`target_latency` must be below 1 (1 keeps every channel: nothing "
-            "to prune). Received: target_latency=1.0"
-        )
+    check_targets(target_macs, target_latency, rate, coupling)
     if target_latency is not None and schedule not in (None, "constant", "asymptotic"):
         raise ValueError(
             "`target_latency` scales each group's own rate with the schedule, "
@@ -322,7 +318,7 @@ def prune_filters(
         table = latency_table or LatencyTable.for_device()
         groups = allocation.pruned_groups(graph, lambda p: id(p) in targets)
         try:
-            rates, _, _ = latency_rates(
+            rates = latency_rates(
                 graph, groups, table, target_latency, round_to, criterion
             )
         finally:  # keep what was measured, even if the target is out of reach
