@@ -49,12 +49,18 @@ Keras's 0.99: with 0.99 the moving statistics of a 128-step run lag the
 weights so far that a ResNet-20 with 87 % training accuracy scored 34 % on the
 test set, whatever the pruning.
 
-    python bench/accuracy.py                    # reduced: ~2.5 hours on 2 CPU cores
-    KERAS_BACKEND=jax python bench/accuracy.py --setting=full   # a GPU
+    python bench/accuracy.py              # reduced: ~35 minutes on 2 CPU cores
+    python bench/accuracy.py --only=all   # every configuration: ~2.2 hours
+    KERAS_BACKEND=jax python bench/accuracy.py --setting=full --workers=12 \
+        --deadline_minutes=60             # a GPU
 
-Results go to `bench/results/accuracy_<setting>.{md,json,png}`; finished runs
-are kept in `runs/accuracy/<setting>/runs.jsonl`, so an interrupted benchmark
-resumes where it stopped.
+Results go to `bench/results/accuracy_<setting>.{md,json,png}` (with each
+configuration's paired differences from its baselines); finished runs are
+kept in `runs/accuracy/<setting>/runs.jsonl`, so an interrupted benchmark
+resumes where it stopped, and `--report_only` rewrites the tables from it.
+`--workers` runs that many jobs at once, each in its own process: one small
+ResNet leaves a GPU mostly idle (on one H200, 12 processes sharing it through
+MPS ran 15-epoch runs in 108-206 s each).
 """
 
 from __future__ import annotations
@@ -78,7 +84,10 @@ import train  # noqa: E402
 from bench import tfmot_baseline  # noqa: E402
 
 SETTINGS = {
-    # 2 CPU cores: 4,000 training images, short schedules.
+    # 2 CPU cores, about 35 minutes (7 configurations x 3 seeds, measured):
+    # 4,000 training images, short schedules, the comparisons that choose the
+    # defaults. `--only=all` adds every other configuration and the rate
+    # sweep (about 2.2 hours).
     "reduced": dict(
         train_limit=4000,
         test_limit=2000,
@@ -86,8 +95,17 @@ SETTINGS = {
         finetune_epochs=2,
         rates=(0.3,),
         sweep_rates=(0.5, 0.7),
-        sweep=("sfp_v1", "scratch_arch"),
+        sweep=(("scratch", "sfp_v1"), ("scratch", "scratch_arch")),
         bn_momentum=0.9,
+        only=(
+            "scratch/unpruned",
+            "scratch/scratch_arch",
+            "scratch/sfp_v1",
+            "scratch/sfp_l2bn",
+            "trained/unpruned",
+            "trained/hard_once",
+            "trained/sfp_v1",
+        ),
     ),
     # Minutes: checks that the benchmark runs end to end.
     "smoke": dict(
@@ -97,19 +115,36 @@ SETTINGS = {
         finetune_epochs=2,
         rates=(0.3,),
         sweep_rates=(0.5,),
-        sweep=("sfp_v1", "scratch_arch", "uniform"),
+        sweep=(
+            ("scratch", "sfp_v1"),
+            ("scratch", "scratch_arch"),
+            ("scratch", "uniform"),
+        ),
         bn_momentum=0.9,
+        only=None,
     ),
-    # A GPU: the full data, every configuration at every rate.
+    # A GPU: the full data, every configuration at every rate, in priority
+    # order (the comparisons that choose the defaults, then the curves of the
+    # main configurations, then the rest), so that a run cut short by
+    # `--deadline_minutes` still answers the main questions.
     "full": dict(
         train_limit=0,
         test_limit=0,
-        epochs=30,
-        finetune_epochs=10,
+        epochs=15,
+        finetune_epochs=5,
         rates=(0.3, 0.5, 0.7),
-        sweep_rates=(),
-        sweep=(),
+        sweep_rates=(0.5, 0.7),
+        sweep=(
+            ("scratch", "scratch_arch"),
+            ("scratch", "sfp_v1"),
+            ("trained", "hard_once"),
+            ("trained", "sfp_v1"),
+            ("scratch", "uniform"),
+            ("scratch", "sfp_l2bn"),
+            ("trained", "sfp_l2bn"),
+        ),
         bn_momentum=0.99,
+        only=None,
     ),
 }
 
@@ -159,9 +194,35 @@ REFERENCE = "sfp_v1"
 
 _SETTING = flags.DEFINE_enum("setting", "reduced", list(SETTINGS), "Setting.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these `start/name` configurations.")
+_ONLY = flags.DEFINE_list(
+    "only",
+    [],
+    "Run only these `start/name` configurations (`all`: every one; empty: the "
+    "setting's `only`).",
+)
 _ROOT = flags.DEFINE_string("root", "runs/accuracy", "Where runs are written.")
 _RESULTS = flags.DEFINE_string("results", "bench/results", "Where tables go.")
+_WORKERS = flags.DEFINE_integer(
+    "workers",
+    1,
+    "Jobs run at once, each in its own process (several fill a GPU that one "
+    "small ResNet leaves mostly idle).",
+    lower_bound=1,
+)
+_DEADLINE = flags.DEFINE_float(
+    "deadline_minutes",
+    0.0,
+    "With --workers > 1: finish within this many minutes (0: no limit), "
+    "starting a job only if the jobs like it so far say it ends in time; the "
+    "tables report what finished.",
+    lower_bound=0.0,
+)
+_JOB = flags.DEFINE_string(
+    "job", None, "Run only this `start/name/r<rate>/s<seed>` job (a worker)."
+)
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Write the tables from the logged runs; train nothing."
+)
 
 
 def _width_for(kept_fraction: float, input_shape, num_classes) -> float:
@@ -213,20 +274,32 @@ def _summary(results: dict, full_macs: int) -> dict:
     }
 
 
+def _device() -> str:
+    from keras_sfp import latency
+
+    return f"Keras {keras.backend.backend()} on {latency.device_name()}"
+
+
 class Runner:
-    def __init__(self, setting: str, root: str):
+    def __init__(self, setting: str, root: str, data_dir: str | None = None):
         self.setting = setting
         self.params = SETTINGS[setting]
         self.root = os.path.join(root, setting)
         os.makedirs(self.root, exist_ok=True)
         self.log = os.path.join(self.root, "runs.jsonl")
+        self.data_dir = data_dir
+        self.data = None
+        self.reload()
+
+    def reload(self) -> None:
+        """Reads the finished runs from the log (other processes append)."""
         self.done = {}
         if os.path.exists(self.log):
             with open(self.log) as f:
                 for line in f:
-                    row = json.loads(line)
-                    self.done[row["key"]] = row
-        self.data = None
+                    if line.strip():
+                        row = json.loads(line)
+                        self.done[row["key"]] = row
 
     def key(self, start, name, rate, seed) -> str:
         return f"{start}/{name}/r{rate}/s{seed}"
@@ -246,6 +319,7 @@ class Runner:
             init_from=init_from,
             latency_runs=0,
             export="",
+            data_dir=self.data_dir,
             verbose=0,
             output_dir=os.path.join(self.root, key.replace("/", "_")),
             **overrides,
@@ -256,6 +330,7 @@ class Runner:
         return p["finetune_epochs"] if start == "trained" else p["epochs"]
 
     def _append(self, row) -> dict:
+        # One write of one line: appends from parallel jobs do not interleave.
         with open(self.log, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.done[row["key"]] = row
@@ -283,6 +358,7 @@ class Runner:
             "options": {k: v for k, v in overrides.items()},
             "output_dir": config.resolved_output_dir(),
             "wall_seconds": time.perf_counter() - began,
+            "device": _device(),
             **_summary(results, self.full_macs()),
         }
         return self._append(row)
@@ -324,6 +400,7 @@ class Runner:
             },
             "output_dir": config.resolved_output_dir(),
             "wall_seconds": time.perf_counter() - began,
+            "device": _device(),
             # The stripped model is the full ResNet-20 with zeros in it.
             "kept_macs": 1.0,
             "macs": self.full_macs(),
@@ -360,12 +437,16 @@ class Runner:
         if self.data is None:
             from keras_sfp import data as data_lib
 
-            self.data = data_lib.load_dataset("fashion_mnist", pipeline="numpy")
+            self.data = data_lib.load_dataset(
+                "fashion_mnist", data_dir=self.data_dir, pipeline="numpy"
+            )
         return self.data
 
 
-def _wanted(start, name) -> bool:
-    return not _ONLY.value or f"{start}/{name}" in _ONLY.value
+def _wanted(params, start, name, only=()) -> bool:
+    """Whether `only` (`--only`; empty: the setting's `only`) wants it."""
+    only = list(only or params["only"] or ())
+    return not only or only == ["all"] or f"{start}/{name}" in only
 
 
 def _init_for(runner: Runner, start: str, name: str, rate: float, seed: int) -> str:
@@ -407,59 +488,200 @@ def _init_for(runner: Runner, start: str, name: str, rate: float, seed: int) -> 
 
 
 def jobs(params) -> tuple[list, list]:
-    """Two phases of `(start, name, rate)`: the comparisons that choose the
-    defaults, then the other baselines and the sweep."""
+    """Two phases of `(start, name, rate)`, in priority order: the comparisons
+    that choose the defaults at the first rate; then the rate sweep of the
+    `sweep` configurations, then every other configuration at every rate
+    (tfmot after its SFP reference)."""
+    main = params["rates"][0]
     first = [
         ("scratch", "unpruned", 0.0),
-        ("scratch", REFERENCE, None),
-        ("scratch", "scratch_arch", None),
-        ("scratch", "sfp_paper", None),
-        ("scratch", "sfp_l2bn", None),
+        ("scratch", REFERENCE, main),
+        ("scratch", "scratch_arch", main),
+        ("scratch", "sfp_paper", main),
+        ("scratch", "sfp_l2bn", main),
         ("trained", "unpruned", 0.0),
-        ("trained", "hard_once", None),
-        ("trained", "sfp_v1", None),
-        ("trained", "sfp_l2bn", None),
+        ("trained", "hard_once", main),
+        ("trained", "sfp_v1", main),
+        ("trained", "sfp_l2bn", main),
     ]
-    order = []
+    order = [
+        (start, name, rate)
+        for rate in params["sweep_rates"]
+        for start, name in params["sweep"]
+    ]
     for rate in params["rates"]:
-        order += [(s, n, rate if r is None else r) for s, n, r in first]
         order += [("scratch", n, 0.0 if n == "unpruned" else rate) for n in SCRATCH]
         order += [("trained", n, rate) for n in TRAINED if n != "unpruned"]
         order += [("scratch", TFMOT, rate), ("trained", TFMOT, rate)]
-    for rate in params["sweep_rates"]:
-        order += [("scratch", n, rate) for n in params["sweep"]]
     rest = []
     for job in order:
-        if job not in rest and job not in order[: len(first)]:
+        if job not in rest and job not in first:
             rest.append(job)
-    return order[: len(first)], rest
+    return first, rest
 
 
-def run_all(runner: Runner, seeds) -> None:
-    skipped = set()
-    # Every seed of the first phase before any of the second.
+def _needs(start: str, name: str, rate: float) -> list:
+    """The `(start, name, rate)` runs whose results job's start file needs."""
+    if name == TFMOT:
+        return [(start, REFERENCE, rate)] + _needs(start, REFERENCE, rate)
+    if start == "trained":
+        return [("scratch", "unpruned", 0.0)]
+    if name in ("scratch_arch", "uniform"):
+        return [("scratch", REFERENCE, rate)]
+    return []
+
+
+def _ordered_jobs(runner: Runner, seeds, only=()) -> tuple[list, set]:
+    """Every wanted job as `(start, name, rate, seed)` in priority order (each
+    phase before the next), and the `start/name` of the
+    tfmot jobs left out because this process lacks what they need."""
+    ordered, skipped = [], set()
     for phase in jobs(runner.params):
-        for seed in seeds:
-            for start, name, rate in phase:
-                if not _wanted(start, name):
+        # Every seed of a job before the next job, so that a run cut short
+        # leaves whole rows (mean and std over seeds), not more rows of one seed.
+        for start, name, rate in phase:
+            for seed in seeds:
+                if not _wanted(runner.params, start, name, only):
                     continue
-                if name == TFMOT:
-                    if tfmot_baseline.missing():
-                        skipped.add(f"{start}/{name}")
-                        continue
-                    runner.run_tfmot(start, rate, seed)
+                if name == TFMOT and tfmot_baseline.missing():
+                    skipped.add(f"{start}/{name}")
                     continue
-                overrides = CONFIGURATIONS[start][name]
-                init_from = _init_for(runner, start, name, rate, seed)
-                runner.run(start, name, rate, seed, overrides, init_from)
+                ordered.append((start, name, rate, seed))
+    return ordered, skipped
+
+
+def _skipped_message(skipped) -> str:
+    return (
+        f"Not run: {', '.join(sorted(skipped))} (this process has no "
+        f"{tfmot_baseline.missing()}: the tfmot baseline needs TensorFlow, "
+        "tf_keras and tensorflow-model-optimization, the `bench` extra). "
+        "Run them where TensorFlow is installed; runs.jsonl merges them."
+    )
+
+
+def run_job(runner: Runner, start: str, name: str, rate: float, seed: int) -> dict:
+    """Runs one job (and, in one process, what it depends on)."""
+    if name == TFMOT:
+        return runner.run_tfmot(start, rate, seed)
+    overrides = CONFIGURATIONS[start][name]
+    init_from = _init_for(runner, start, name, rate, seed)
+    return runner.run(start, name, rate, seed, overrides, init_from)
+
+
+def run_all(runner: Runner, seeds, only=()) -> None:
+    ordered, skipped = _ordered_jobs(runner, seeds, only)
+    for job in ordered:
+        run_job(runner, *job)
     if skipped:
+        print(_skipped_message(skipped), flush=True)
+
+
+def _launch_worker(flags_for_job, key: str, log):
+    """Starts `key` in its own process (`--job`), writing to `log`."""
+    import subprocess
+
+    command = [sys.executable, os.path.abspath(__file__)]
+    command += [*flags_for_job, f"--job={key}"]
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_parallel(
+    runner: Runner,
+    seeds,
+    workers: int,
+    deadline_s: float,
+    flags_for_job,
+    only=(),
+    launch=None,
+    poll_s: float = 1.0,
+) -> None:
+    """Runs the wanted jobs in `workers` processes at once, each job in its
+    own process (`--job`), a job starting once the runs it needs are logged.
+
+    This process writes every start file (initial, trained and narrower
+    models) before the jobs that read them start, so the workers never race
+    on one. A job starts only if the median time of the jobs of its start
+    (`scratch` or `trained`) finished so far says it ends within `deadline_s`
+    seconds; the ones running are waited for. A job that fails is reported
+    with the end of its log and the jobs that need it are dropped.
+    `launch(key, log)` starts a job and returns its `subprocess.Popen`
+    (default: this script with `--job=key` and `flags_for_job`).
+    """
+    launch = launch or functools.partial(_launch_worker, flags_for_job)
+    ordered, skipped = _ordered_jobs(runner, seeds, only)
+    # The runs a wanted job needs run too (first), even if not wanted.
+    keys, needed_first = {runner.key(*job) for job in ordered}, []
+    for start, name, rate, seed in ordered:
+        for need in _needs(start, name, rate):
+            key = runner.key(*need, seed)
+            if key not in keys and key not in runner.done:
+                keys.add(key)
+                needed_first.append((*need, seed))
+    ordered = needed_first + ordered
+    for seed in seeds:
+        runner.initial(seed)
+    logs = os.path.join(runner.root, "logs")
+    os.makedirs(logs, exist_ok=True)
+    began = time.perf_counter()
+    pending = [j for j in ordered if runner.key(*j) not in runner.done]
+    running, failed, late = {}, set(), set()
+    took = {"scratch": [], "trained": []}  # seconds from start to logged
+    while pending or running:
+        for key, (process, log, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[key]
+            log.close()
+            runner.reload()
+            elapsed = time.perf_counter() - began
+            if key in runner.done:
+                row = runner.done[key]
+                took[row["start"]].append(time.perf_counter() - started)
+                print(
+                    f"[{elapsed:5.0f} s] {key}: deployed {row['deployed']:.4f}, "
+                    f"{row['wall_seconds']:.0f} s, {len(running)} running",
+                    flush=True,
+                )
+            else:
+                failed.add(key)
+                with open(log.name) as f:
+                    tail = f.read()[-2000:]
+                print(f"{key} failed (exit {process.returncode}):\n{tail}", flush=True)
+        left = deadline_s - (time.perf_counter() - began)
+        for job in list(pending):
+            if len(running) >= workers:
+                break
+            start, name, rate, seed = job
+            needed = [runner.key(*n, seed) for n in _needs(start, name, rate)]
+            if (took[start] and np.median(took[start]) > left) or any(
+                n in late for n in needed
+            ):
+                pending.remove(job)
+                late.add(runner.key(*job))
+                continue
+            if any(n in failed for n in needed):
+                pending.remove(job)
+                failed.add(runner.key(*job))
+                print(f"{runner.key(*job)} dropped: {needed} failed", flush=True)
+                continue
+            if not all(n in runner.done for n in needed):
+                continue
+            pending.remove(job)
+            _init_for(runner, start, name, rate, seed)  # writes it here
+            key = runner.key(*job)
+            log = open(os.path.join(logs, key.replace("/", "_") + ".log"), "w")
+            running[key] = (launch(key, log), log, time.perf_counter())
+        if pending and not running:  # what is left waits for nothing that runs
+            print(f"Not started (their needs did not run): {pending}", flush=True)
+            break
+        time.sleep(poll_s)
+    if late:
         print(
-            f"Not run: {', '.join(sorted(skipped))} (this process has no "
-            f"{tfmot_baseline.missing()}: the tfmot baseline needs TensorFlow, "
-            "tf_keras and tensorflow-model-optimization, the `bench` extra). "
-            "Run them where TensorFlow is installed; runs.jsonl merges them.",
+            f"Deadline: {len(late)} jobs not started (not enough time left).",
             flush=True,
         )
+    if skipped:
+        print(_skipped_message(skipped), flush=True)
 
 
 def aggregate(rows) -> list[dict]:
@@ -564,6 +786,82 @@ def tfmot_comparison(rows) -> list[dict]:
     return table
 
 
+# Per start, the baselines each configuration is paired with (same seed).
+BASELINES = {
+    "scratch": ("scratch_arch", "unpruned"),
+    "trained": ("hard_once", "unpruned"),
+}
+
+
+def paired_differences(rows) -> list[dict]:
+    """Each configuration minus its baselines, seed by seed, in points.
+
+    From scratch against `scratch_arch` (equal MACs, same rate) and the
+    unpruned network; from a trained network against `hard_once` (same rate)
+    and the fine-tuned unpruned network. Mean and sample standard deviation
+    of the paired differences over the seeds both ran.
+    """
+    by_key = {}
+    for row in rows:
+        rate = 0.0 if row["name"] == "unpruned" else row["rate"]
+        by_key[row["start"], row["name"], rate, row["seed"]] = row
+    groups = {}
+    for (start, name, rate, seed), row in by_key.items():
+        if name in ("unpruned", TFMOT):
+            continue
+        for baseline in BASELINES[start]:
+            other = by_key.get(
+                (start, baseline, 0.0 if baseline == "unpruned" else rate, seed)
+            )
+            if name != baseline and other is not None:
+                difference = 100 * (row["deployed"] - other["deployed"])
+                groups.setdefault((start, name, rate, baseline), []).append(difference)
+    order = {start: list(names) for start, names in CONFIGURATIONS.items()}
+    table = []
+    for (start, name, rate, baseline), differences in sorted(
+        groups.items(),
+        key=lambda g: (
+            g[0][0] != "scratch",
+            g[0][2],
+            g[0][3] == "unpruned",
+            order[g[0][0]].index(g[0][1]),
+        ),
+    ):
+        mean, std = _mean_std(differences)
+        table.append(
+            {
+                "start": start,
+                "name": name,
+                "rate": rate,
+                "baseline": baseline,
+                "seeds": len(differences),
+                "mean": mean,
+                "std": std,
+            }
+        )
+    return table
+
+
+def _paired_markdown(paired) -> list[str]:
+    lines = [
+        "",
+        "## Paired differences",
+        "",
+        "Deployed accuracy minus the baseline's, seed by seed (same initial or "
+        "trained weights), in points: mean +- standard deviation over the seeds "
+        "both ran.",
+        "",
+        "| start | configuration | rate | baseline | seeds | difference |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for p in paired:
+        lines.append(
+            f"| {p['start']} | {p['name']} | {p['rate']:.1f} | {p['baseline']} | "
+            f"{p['seeds']} | {p['mean']:+.2f} +- {p['std']:.2f} |"
+        )
+    return lines
+
+
 def _comparison_markdown(comparison) -> list[str]:
     lines = [
         "",
@@ -597,7 +895,10 @@ def _comparison_markdown(comparison) -> list[str]:
     return lines
 
 
-def markdown(table, setting, params, device, comparison=()) -> str:
+def markdown(
+    table, setting, params, device, comparison=(), paired=(), planned=None
+) -> str:
+    logged = sum(r["seeds"] for r in table)
     lines = [
         f"# Accuracy at equal MACs ({setting} setting, {device})",
         "",
@@ -607,7 +908,12 @@ def markdown(table, setting, params, device, comparison=()) -> str:
         f"network {params['finetune_epochs']} epochs at lr "
         f"{train.FINE_TUNE_LEARNING_RATE} (cosine). Accuracy in %, mean +- "
         "standard deviation over seeds. `revived`: filters pruned at one event and "
-        "kept at the next, summed over the run (the churn of the pruned set).",
+        "kept at the next, summed over the run (the churn of the pruned set)."
+        + (
+            f" Runs: {logged} of the {planned} of every configuration."
+            if planned
+            else ""
+        ),
         "",
         "| start | configuration | rate | seeds | deployed acc | soft-masked acc "
         "| soft - deployed | MACs kept | revived | train s |",
@@ -620,6 +926,8 @@ def markdown(table, setting, params, device, comparison=()) -> str:
             f"{r['soft_mean']:.2f} | {r['gap']:+.2f} | {100 * r['kept_macs']:.1f}% | "
             f"{r['revived']:.1f} | {r['seconds']:.0f} |"
         )
+    if paired:
+        lines += _paired_markdown(paired)
     if comparison:
         lines += _comparison_markdown(comparison)
     return "\n".join(lines) + "\n"
@@ -644,6 +952,27 @@ def plot(table, path: str) -> None:
             y = [r["deployed_mean"] for r in rows]
             e = [r["deployed_std"] for r in rows]
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=name)
+        # Collapsed runs would flatten the rest: the axis shows the top 8
+        # points and names what falls below it.
+        values = [r["deployed_mean"] for r in table if r["start"] == start]
+        if values and max(values) - min(values) > 8:
+            floor = max(values) - 8
+            ax.set_ylim(bottom=floor, top=max(values) + 1)
+            below = sorted(
+                {
+                    f"{r['name']} {100 * r['kept_macs']:.0f}%"
+                    for r in table
+                    if r["start"] == start and r["deployed_mean"] < floor
+                }
+            )
+            ax.text(
+                0.01,
+                0.01,
+                "below the axis: " + ", ".join(below),
+                transform=ax.transAxes,
+                fontsize=7,
+                wrap=True,
+            )
         ax.set_title(
             f"from {start}" if start == "scratch" else "from a trained network"
         )
@@ -656,20 +985,41 @@ def plot(table, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv):
-    del argv
-    setting = _SETTING.value
-    runner = Runner(setting, _ROOT.value)
-    run_all(runner, [int(s) for s in _SEEDS.value])
-    from keras_sfp import latency
+def _parse_job(key: str) -> tuple:
+    """`start/name/r<rate>/s<seed>` as `(start, name, rate, seed)`."""
+    try:
+        start, name, rate, seed = key.split("/")
+        job = (start, name, float(rate[1:]), int(seed[1:]))
+        known = name == TFMOT or name in CONFIGURATIONS[start]
+    except (KeyError, ValueError):
+        known = False
+    if not known or not rate.startswith("r") or not seed.startswith("s"):
+        raise ValueError(
+            "`job` must be `start/name/r<rate>/s<seed>` with a known "
+            f"configuration. Received: job={key!r}"
+        )
+    return job
 
+
+def report(runner: Runner, results_dir: str, seeds=(0, 1, 2)) -> None:
+    """Writes `accuracy_<setting>.{md,json,png}` from the logged runs."""
+    planned = len(_ordered_jobs(runner, seeds, ["all"])[0])
     table = aggregate(runner.done.values())
     comparison = tfmot_comparison(runner.done.values())
-    device = f"Keras {keras.backend.backend()} on {latency.device_name()}"
-    os.makedirs(_RESULTS.value, exist_ok=True)
-    base = os.path.join(_RESULTS.value, f"accuracy_{setting}")
+    paired = paired_differences(runner.done.values())
+    # Where the runs trained (logged with each run since the GPU runs), else
+    # this process's device.
+    device = ", ".join(
+        sorted({row.get("device") or _device() for row in runner.done.values()})
+        or [_device()]
+    )
+    os.makedirs(results_dir, exist_ok=True)
+    base = os.path.join(results_dir, f"accuracy_{runner.setting}")
+    text = markdown(
+        table, runner.setting, runner.params, device, comparison, paired, planned
+    )
     with open(base + ".md", "w") as f:
-        f.write(markdown(table, setting, runner.params, device, comparison))
+        f.write(text)
     with open(base + ".json", "w") as f:
         json.dump(
             {
@@ -677,13 +1027,37 @@ def main(argv):
                 "setting": runner.params,
                 "table": table,
                 "tfmot_comparison": comparison,
+                "paired_differences": paired,
                 "runs": list(runner.done.values()),
             },
             f,
             indent=1,
         )
     plot(table, base + ".png")
-    print(markdown(table, setting, runner.params, device, comparison))
+    print(text)
+
+
+def main(argv):
+    del argv
+    # `--data_dir` is train.py's flag (the Fashion-MNIST IDX directory).
+    setting = _SETTING.value
+    runner = Runner(setting, _ROOT.value, flags.FLAGS.data_dir)
+    if _JOB.value:
+        run_job(runner, *_parse_job(_JOB.value))
+        return
+    seeds = [int(s) for s in _SEEDS.value]
+    if _REPORT_ONLY.value:
+        pass
+    elif _WORKERS.value > 1:
+        job_flags = [f"--setting={setting}", f"--root={_ROOT.value}"]
+        if flags.FLAGS.data_dir:
+            job_flags.append(f"--data_dir={flags.FLAGS.data_dir}")
+        deadline = _DEADLINE.value * 60 or float("inf")
+        run_parallel(runner, seeds, _WORKERS.value, deadline, job_flags, _ONLY.value)
+        runner.reload()
+    else:
+        run_all(runner, seeds, _ONLY.value)
+    report(runner, _RESULTS.value, seeds)
 
 
 if __name__ == "__main__":

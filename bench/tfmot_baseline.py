@@ -42,7 +42,7 @@ import keras
 import numpy as np
 
 import train
-from keras_sfp import deploy, export, latency
+from keras_sfp import latency
 
 NAME = "tfmot_plm"
 """The configuration's name in the benchmark's keys (`scratch/tfmot_plm/...`)."""
@@ -435,6 +435,10 @@ def train_and_evaluate(
             "Only the cosine learning rate is reproduced in tf_keras. "
             f"Received: config.lr_schedule={config.lr_schedule!r}"
         )
+    # TensorFlow-only modules, imported here so that the benchmark imports
+    # this module on a backend without TensorFlow (`missing()` says why not).
+    from keras_sfp import deploy, export
+
     k = _tf_keras()
     sparsity = _tfmot_sparsity()
     os.makedirs(output_dir, exist_ok=True)

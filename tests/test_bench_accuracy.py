@@ -59,6 +59,51 @@ def test_markdown_and_plot_are_written(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_paired_differences_pair_each_seed_with_its_baselines():
+    rows = [
+        _row("scratch", "sfp_v1", 0.3, 0, 0.80),
+        _row("scratch", "sfp_v1", 0.3, 1, 0.82),
+        _row("scratch", "scratch_arch", 0.3, 0, 0.79),
+        _row("scratch", "scratch_arch", 0.3, 1, 0.83),
+        _row("scratch", "scratch_arch", 0.5, 0, 0.70),  # another rate: unpaired
+        _row("scratch", "unpruned", 0.0, 0, 0.90),
+        _row("trained", "sfp_v1", 0.3, 0, 0.85),
+        _row("trained", "hard_once", 0.3, 0, 0.86),
+        _row("trained", "unpruned", 0.0, 0, 0.88),
+    ]
+    paired = {
+        (p["start"], p["name"], p["rate"], p["baseline"]): p
+        for p in accuracy.paired_differences(rows)
+    }
+    v1 = paired["scratch", "sfp_v1", 0.3, "scratch_arch"]
+    assert v1["seeds"] == 2
+    np.testing.assert_allclose([v1["mean"], v1["std"]], [0.0, np.sqrt(2)], atol=1e-9)
+    np.testing.assert_allclose(
+        paired["scratch", "sfp_v1", 0.3, "unpruned"]["mean"], -10
+    )
+    np.testing.assert_allclose(
+        paired["scratch", "scratch_arch", 0.5, "unpruned"]["mean"], -20
+    )
+    np.testing.assert_allclose(
+        paired["trained", "sfp_v1", 0.3, "hard_once"]["mean"], -1
+    )
+    np.testing.assert_allclose(
+        paired["trained", "hard_once", 0.3, "unpruned"]["mean"], -2
+    )
+    assert ("scratch", "scratch_arch", 0.3, "scratch_arch") not in paired
+    assert not any(p["name"] == "unpruned" for p in paired.values())
+    text = accuracy.markdown(
+        accuracy.aggregate(rows),
+        "smoke",
+        accuracy.SETTINGS["smoke"],
+        "CPU",
+        paired=accuracy.paired_differences(rows),
+        planned=40,
+    )
+    assert "| scratch | sfp_v1 | 0.3 | scratch_arch | 2 | +0.00 +- 1.41 |" in text
+    assert "Runs: 9 of the 40 of every configuration." in text
+
+
 def test_jobs_run_the_default_choosing_comparisons_first_without_repeats():
     first, rest = accuracy.jobs(accuracy.SETTINGS["reduced"])
     assert ("scratch", "unpruned", 0.0) == first[0]
@@ -75,6 +120,128 @@ def test_jobs_run_the_default_choosing_comparisons_first_without_repeats():
     assert both.index(("trained", accuracy.TFMOT, 0.3)) > both.index(
         ("trained", accuracy.REFERENCE, 0.3)
     )
+
+
+def test_reduced_setting_runs_the_deciding_subset_and_only_all_runs_every_one():
+    params = accuracy.SETTINGS["reduced"]
+    first, rest = accuracy.jobs(params)
+    wanted = {(s, n) for s, n, _ in first + rest if accuracy._wanted(params, s, n)}
+    assert wanted == {tuple(o.split("/")) for o in params["only"]}
+    assert ("scratch", "sfp_l2bn") in wanted and ("trained", "hard_once") in wanted
+    assert not accuracy._wanted(params, "scratch", "fpgm")
+    assert accuracy._wanted(params, "scratch", "fpgm", ["all"])
+    assert accuracy._wanted(params, "trained", "fpgm", ["trained/fpgm"])
+    assert not accuracy._wanted(params, "scratch", "sfp_v1", ["trained/fpgm"])
+
+
+def test_parallel_jobs_wait_for_the_runs_their_start_files_need():
+    needs = accuracy._needs
+    assert needs("scratch", "sfp_l2bn", 0.5) == []
+    assert needs("scratch", "scratch_arch", 0.5) == [("scratch", "sfp_v1", 0.5)]
+    assert needs("scratch", "uniform", 0.7) == [("scratch", "sfp_v1", 0.7)]
+    assert needs("trained", "hard_once", 0.3) == [("scratch", "unpruned", 0.0)]
+    assert needs("trained", accuracy.TFMOT, 0.3) == [
+        ("trained", "sfp_v1", 0.3),
+        ("scratch", "unpruned", 0.0),
+    ]
+    assert accuracy._parse_job("trained/asfp/r0.5/s2") == ("trained", "asfp", 0.5, 2)
+    for bad in ("trained/asfp/0.5/s2", "scratch/hard_once/r0.3/s0", "a/b"):
+        with pytest.raises(ValueError, match=f"Received: job='{bad}'"):
+            accuracy._parse_job(bad)
+
+
+class _FakeRunner:
+    """What `run_parallel` uses of a `Runner`; jobs "log" through `logged`."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        self.params = dict(accuracy.SETTINGS["smoke"], sweep_rates=())
+        self.done, self.logged = {}, {}
+
+    def key(self, start, name, rate, seed):
+        return f"{start}/{name}/r{rate}/s{seed}"
+
+    def initial(self, seed):
+        pass
+
+    def reload(self):
+        self.done = dict(self.logged)
+
+
+class _FakeJob:
+    """Finishes at its second poll; fails if its key is in `failing`."""
+
+    def __init__(self, runner, key, failing):
+        self.runner, self.key, self.failing = runner, key, failing
+        self.returncode, self.polls = None, 0
+
+    def poll(self):
+        self.polls += 1
+        if self.polls >= 2 and self.returncode is None:
+            self.returncode = 1 if self.key in self.failing else 0
+            if not self.returncode:
+                start = self.key.split("/")[0]
+                self.runner.logged[self.key] = {
+                    "key": self.key,
+                    "start": start,
+                    "deployed": 0.5,
+                    "wall_seconds": 1.0,
+                }
+        return self.returncode
+
+
+def _run_fake(tmp_path, monkeypatch, deadline_s, failing=(), only=()):
+    monkeypatch.setattr(accuracy, "_init_for", lambda *args: None)
+    monkeypatch.setattr(accuracy.tfmot_baseline, "missing", lambda: "tensorflow")
+    runner, jobs = _FakeRunner(tmp_path), {}
+
+    def launch(key, log):
+        start, name, rate, seed = accuracy._parse_job(key)
+        for need in accuracy._needs(start, name, rate):
+            assert runner.key(*need, seed) in runner.logged, (key, need)
+        assert sum(j.returncode is None for j in jobs.values()) < 3
+        jobs[key] = _FakeJob(runner, key, failing)
+        return jobs[key]
+
+    accuracy.run_parallel(
+        runner, [0, 1], 3, deadline_s, [], only, launch=launch, poll_s=0.001
+    )
+    return runner, jobs
+
+
+def test_parallel_runs_start_after_their_needs_and_drop_what_a_failure_needs(
+    tmp_path, monkeypatch, capsys
+):
+    failing = {"scratch/sfp_v1/r0.3/s0"}
+    runner, jobs = _run_fake(tmp_path, monkeypatch, float("inf"), failing)
+    ordered, _ = accuracy._ordered_jobs(runner, [0, 1])
+    dropped = {"scratch/scratch_arch/r0.3/s0", "scratch/uniform/r0.3/s0"}
+    assert set(jobs) == {runner.key(*job) for job in ordered} - dropped
+    assert set(runner.done) == set(jobs) - failing
+    out = capsys.readouterr().out
+    assert "scratch/sfp_v1/r0.3/s0 failed (exit 1)" in out
+    assert all(f"{key} dropped" in out for key in dropped)
+
+
+def test_parallel_runs_also_run_what_a_wanted_job_needs(tmp_path, monkeypatch):
+    _, jobs = _run_fake(tmp_path, monkeypatch, float("inf"), only=["trained/hard_once"])
+    assert sorted(jobs) == [
+        "scratch/unpruned/r0.0/s0",
+        "scratch/unpruned/r0.0/s1",
+        "trained/hard_once/r0.3/s0",
+        "trained/hard_once/r0.3/s1",
+    ]
+
+
+def test_parallel_runs_start_nothing_that_would_end_after_the_deadline(
+    tmp_path, monkeypatch, capsys
+):
+    runner, jobs = _run_fake(tmp_path, monkeypatch, deadline_s=0.0)
+    # The first 3 jobs of each start (`scratch`, `trained`) start before any
+    # job like them has a duration; nothing after them.
+    assert [key.split("/")[0] for key in jobs] == ["scratch"] * 3 + ["trained"] * 3
+    assert set(runner.done) == set(jobs)
+    assert "Deadline: " in capsys.readouterr().out
 
 
 def test_uniform_width_matches_the_requested_macs_fraction():
@@ -214,7 +381,9 @@ def test_layer_sparsities_stay_near_uniform_and_check_the_target():
 
 def test_tfmot_jobs_are_skipped_with_a_message_without_tensorflow(monkeypatch, capsys):
     monkeypatch.setattr(accuracy.tfmot_baseline, "missing", lambda: "tensorflow")
-    monkeypatch.setattr(accuracy, "_wanted", lambda start, name: name == accuracy.TFMOT)
+    monkeypatch.setattr(
+        accuracy, "_wanted", lambda params, start, name, only: name == accuracy.TFMOT
+    )
 
     class Runner:
         params = accuracy.SETTINGS["smoke"]
