@@ -60,7 +60,9 @@ kept in `runs/accuracy/<setting>/runs.jsonl`, so an interrupted benchmark
 resumes where it stopped, and `--report_only` rewrites the tables from it.
 `--workers` runs that many jobs at once, each in its own process: one small
 ResNet leaves a GPU mostly idle (on one H200, 12 processes sharing it through
-MPS ran 15-epoch runs in 108-206 s each).
+MPS ran 15-epoch runs in 108-206 s each). Start NVIDIA's MPS daemon first
+(`nvidia-cuda-mps-control -d`) so that their kernels run side by side; JAX's
+memory preallocation is turned off here so that the processes fit.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# On JAX, each process would otherwise reserve 75% of the GPU's memory, and
+# `--workers` processes (and this one) share one GPU.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -297,9 +302,13 @@ class Runner:
         if os.path.exists(self.log):
             with open(self.log) as f:
                 for line in f:
-                    if line.strip():
+                    try:
                         row = json.loads(line)
-                        self.done[row["key"]] = row
+                    except json.JSONDecodeError:
+                        # A line cut short (a process killed while writing):
+                        # that run is not finished.
+                        continue
+                    self.done[row["key"]] = row
 
     def key(self, start, name, rate, seed) -> str:
         return f"{start}/{name}/r{rate}/s{seed}"
@@ -531,7 +540,9 @@ def _needs(start: str, name: str, rate: float) -> list:
     return []
 
 
-def _ordered_jobs(runner: Runner, seeds, only=()) -> tuple[list, set]:
+def _ordered_jobs(
+    runner: Runner, seeds, only=(), skip_missing=True
+) -> tuple[list, set]:
     """Every wanted job as `(start, name, rate, seed)` in priority order (each
     phase before the next), and the `start/name` of the
     tfmot jobs left out because this process lacks what they need."""
@@ -543,7 +554,7 @@ def _ordered_jobs(runner: Runner, seeds, only=()) -> tuple[list, set]:
             for seed in seeds:
                 if not _wanted(runner.params, start, name, only):
                     continue
-                if name == TFMOT and tfmot_baseline.missing():
+                if skip_missing and name == TFMOT and tfmot_baseline.missing():
                     skipped.add(f"{start}/{name}")
                     continue
                 ordered.append((start, name, rate, seed))
@@ -625,56 +636,74 @@ def run_parallel(
     began = time.perf_counter()
     pending = [j for j in ordered if runner.key(*j) not in runner.done]
     running, failed, late = {}, set(), set()
-    took = {"scratch": [], "trained": []}  # seconds from start to logged
-    while pending or running:
-        for key, (process, log, started) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[key]
-            log.close()
-            runner.reload()
-            elapsed = time.perf_counter() - began
-            if key in runner.done:
-                row = runner.done[key]
-                took[row["start"]].append(time.perf_counter() - started)
-                print(
-                    f"[{elapsed:5.0f} s] {key}: deployed {row['deployed']:.4f}, "
-                    f"{row['wall_seconds']:.0f} s, {len(running)} running",
-                    flush=True,
-                )
-            else:
-                failed.add(key)
-                with open(log.name) as f:
-                    tail = f.read()[-2000:]
-                print(f"{key} failed (exit {process.returncode}):\n{tail}", flush=True)
-        left = deadline_s - (time.perf_counter() - began)
-        for job in list(pending):
-            if len(running) >= workers:
+    # Seconds from start to logged, per start; seeded with the logged runs of
+    # this device, so that a resumed run knows them from the start.
+    took = {"scratch": [], "trained": []}
+    for row in runner.done.values():
+        if row.get("device") == _device() and row["name"] != TFMOT:
+            took[row["start"]].append(row["wall_seconds"])
+    try:
+        while pending or running:
+            for key, (process, log, started) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[key]
+                log.close()
+                runner.reload()
+                elapsed = time.perf_counter() - began
+                if key in runner.done:
+                    row = runner.done[key]
+                    took[row["start"]].append(time.perf_counter() - started)
+                    print(
+                        f"[{elapsed:5.0f} s] {key}: deployed {row['deployed']:.4f}, "
+                        f"{row['wall_seconds']:.0f} s, {len(running)} running",
+                        flush=True,
+                    )
+                else:
+                    failed.add(key)
+                    with open(log.name) as f:
+                        tail = f.read()[-2000:]
+                    print(
+                        f"{key} failed (exit {process.returncode}):\n{tail}", flush=True
+                    )
+            left = deadline_s - (time.perf_counter() - began)
+            for job in list(pending):
+                if len(running) >= workers:
+                    break
+                start, name, rate, seed = job
+                needed = [runner.key(*n, seed) for n in _needs(start, name, rate)]
+                if (took[start] and np.median(took[start]) > left) or any(
+                    n in late for n in needed
+                ):
+                    pending.remove(job)
+                    late.add(runner.key(*job))
+                    continue
+                if any(n in failed for n in needed):
+                    pending.remove(job)
+                    failed.add(runner.key(*job))
+                    print(f"{runner.key(*job)} dropped: {needed} failed", flush=True)
+                    continue
+                if not all(n in runner.done for n in needed):
+                    continue
+                pending.remove(job)
+                key = runner.key(*job)
+                try:
+                    _init_for(runner, start, name, rate, seed)  # writes it here
+                    log = open(os.path.join(logs, key.replace("/", "_") + ".log"), "w")
+                    running[key] = (launch(key, log), log, time.perf_counter())
+                except Exception as error:  # noqa: BLE001 - reported, job dropped
+                    failed.add(key)
+                    print(f"{key} failed to start: {error!r}", flush=True)
+            if pending and not running:  # what is left waits for nothing that runs
+                print(f"Not started (their needs did not run): {pending}", flush=True)
                 break
-            start, name, rate, seed = job
-            needed = [runner.key(*n, seed) for n in _needs(start, name, rate)]
-            if (took[start] and np.median(took[start]) > left) or any(
-                n in late for n in needed
-            ):
-                pending.remove(job)
-                late.add(runner.key(*job))
-                continue
-            if any(n in failed for n in needed):
-                pending.remove(job)
-                failed.add(runner.key(*job))
-                print(f"{runner.key(*job)} dropped: {needed} failed", flush=True)
-                continue
-            if not all(n in runner.done for n in needed):
-                continue
-            pending.remove(job)
-            _init_for(runner, start, name, rate, seed)  # writes it here
-            key = runner.key(*job)
-            log = open(os.path.join(logs, key.replace("/", "_") + ".log"), "w")
-            running[key] = (launch(key, log), log, time.perf_counter())
-        if pending and not running:  # what is left waits for nothing that runs
-            print(f"Not started (their needs did not run): {pending}", flush=True)
-            break
-        time.sleep(poll_s)
+            time.sleep(poll_s)
+    finally:
+        # After an exception here: no worker runs on unwatched.
+        for process, log, _ in running.values():
+            process.terminate()
+            process.wait()
+            log.close()
     if late:
         print(
             f"Deadline: {len(late)} jobs not started (not enough time left).",
@@ -991,6 +1020,7 @@ def _parse_job(key: str) -> tuple:
         start, name, rate, seed = key.split("/")
         job = (start, name, float(rate[1:]), int(seed[1:]))
         known = name == TFMOT or name in CONFIGURATIONS[start]
+        known = known and start in CONFIGURATIONS
     except (KeyError, ValueError):
         known = False
     if not known or not rate.startswith("r") or not seed.startswith("s"):
@@ -1003,7 +1033,7 @@ def _parse_job(key: str) -> tuple:
 
 def report(runner: Runner, results_dir: str, seeds=(0, 1, 2)) -> None:
     """Writes `accuracy_<setting>.{md,json,png}` from the logged runs."""
-    planned = len(_ordered_jobs(runner, seeds, ["all"])[0])
+    planned = len(_ordered_jobs(runner, seeds, ["all"], skip_missing=False)[0])
     table = aggregate(runner.done.values())
     comparison = tfmot_comparison(runner.done.values())
     paired = paired_differences(runner.done.values())

@@ -1,6 +1,8 @@
 """The accuracy benchmark's bookkeeping: job order, statistics, table, plot;
 and its tfmot baseline (`bench/tfmot_baseline.py`)."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -242,6 +244,42 @@ def test_parallel_runs_start_nothing_that_would_end_after_the_deadline(
     assert [key.split("/")[0] for key in jobs] == ["scratch"] * 3 + ["trained"] * 3
     assert set(runner.done) == set(jobs)
     assert "Deadline: " in capsys.readouterr().out
+
+
+def test_parallel_runs_know_logged_durations_and_survive_a_cut_line(
+    tmp_path, monkeypatch, capsys
+):
+    # A resumed run: the log says a scratch job takes 500 s on this device.
+    runner = accuracy.Runner("smoke", str(tmp_path))
+    logged = {
+        "key": "scratch/sfp_paper/r0.3/s0",
+        "start": "scratch",
+        "name": "sfp_paper",
+        "wall_seconds": 500.0,
+        "device": accuracy._device(),
+    }
+    with open(runner.log, "w") as f:
+        f.write(json.dumps(logged) + "\n" + '{"key": "scratch/cut')  # killed
+    runner.reload()
+    assert list(runner.done) == [logged["key"]]
+    monkeypatch.setattr(accuracy, "_init_for", lambda *args: None)
+    monkeypatch.setattr(accuracy.tfmot_baseline, "missing", lambda: "tensorflow")
+    started = []
+    accuracy.run_parallel(
+        runner,
+        [0],
+        3,
+        100.0,
+        [],
+        ["scratch/sfp_v1", "trained/hard_once"],
+        launch=lambda key, log: started.append(key),
+        poll_s=0.001,
+    )
+    # No scratch job fits in 100 s; the trained one (no duration yet) would
+    # start, but needs a scratch run that did not.
+    assert started == []
+    # sfp_v1 at 0.3 and 0.5, the scratch/unpruned hard_once needs, hard_once.
+    assert "Deadline: 4 jobs not started" in capsys.readouterr().out
 
 
 def test_uniform_width_matches_the_requested_macs_fraction():
