@@ -11,7 +11,7 @@ from tensorflow_model_optimization.sparsity import keras as tfmot_sparsity
 
 import keras_sfp
 import models
-from bench import accuracy, tfmot_baseline
+from bench import accuracy, accuracy_report, tfmot_baseline
 
 
 def _row(start, name, rate, seed, deployed, soft=None, revived=(0, 0, 0)):
@@ -35,7 +35,10 @@ def test_aggregate_reports_mean_and_sample_std_over_seeds():
         _row("scratch", "sfp_v1", 0.3, 2, 0.84),
         _row("scratch", "unpruned", 0.0, 0, 0.90),
     ]
-    table = {(r["start"], r["name"]): r for r in accuracy.aggregate(rows)}
+    table = {
+        (r["start"], r["name"]): r
+        for r in accuracy_report.aggregate(rows, accuracy.ORDER)
+    }
     v1 = table["scratch", "sfp_v1"]
     assert v1["seeds"] == 3
     np.testing.assert_allclose(v1["deployed_mean"], 82.0)
@@ -53,11 +56,11 @@ def test_markdown_and_plot_are_written(tmp_path):
         for rate in (0.3, 0.5)
         for seed in (0, 1)
     ]
-    table = accuracy.aggregate(rows)
-    text = accuracy.markdown(table, "smoke", accuracy.SETTINGS["smoke"], "CPU")
+    table = accuracy_report.aggregate(rows, accuracy.ORDER)
+    text = accuracy_report.markdown(table, "smoke", accuracy.SETTINGS["smoke"], "CPU")
     assert "| scratch | sfp_v1 | 0.3 | 2 | 80.50 +- 0.71 |" in text
     path = tmp_path / "plot.png"
-    accuracy.plot(table, str(path))
+    accuracy_report.plot(table, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -75,7 +78,9 @@ def test_paired_differences_pair_each_seed_with_its_baselines():
     ]
     paired = {
         (p["start"], p["name"], p["rate"], p["baseline"]): p
-        for p in accuracy.paired_differences(rows)
+        for p in accuracy_report.paired_differences(
+            rows, accuracy.BASELINES, accuracy.ORDER
+        )
     }
     v1 = paired["scratch", "sfp_v1", 0.3, "scratch_arch"]
     assert v1["seeds"] == 2
@@ -94,12 +99,14 @@ def test_paired_differences_pair_each_seed_with_its_baselines():
     )
     assert ("scratch", "scratch_arch", 0.3, "scratch_arch") not in paired
     assert not any(p["name"] == "unpruned" for p in paired.values())
-    text = accuracy.markdown(
-        accuracy.aggregate(rows),
+    text = accuracy_report.markdown(
+        accuracy_report.aggregate(rows, accuracy.ORDER),
         "smoke",
         accuracy.SETTINGS["smoke"],
         "CPU",
-        paired=accuracy.paired_differences(rows),
+        paired=accuracy_report.paired_differences(
+            rows, accuracy.BASELINES, accuracy.ORDER
+        ),
         planned=40,
     )
     assert "| scratch | sfp_v1 | 0.3 | scratch_arch | 2 | +0.00 +- 1.41 |" in text
@@ -315,7 +322,7 @@ def test_tfmot_comparison_pairs_each_run_with_its_sfp_reference():
     rows = _tfmot_row("scratch", 0, 0.80, 0.83, 2.0, 1.0) + _tfmot_row(
         "scratch", 1, 0.84, 0.83, 4.0, 1.5
     )
-    (c,) = accuracy.tfmot_comparison(rows)
+    (c,) = accuracy_report.tfmot_comparison(rows)
     np.testing.assert_allclose(c["tfmot_mean"], 82.0)
     np.testing.assert_allclose(c["sfp_mean"], 83.0)
     # Paired: (80 - 83, 84 - 83) -> mean -1, std of (-3, 1).
@@ -323,9 +330,12 @@ def test_tfmot_comparison_pairs_each_run_with_its_sfp_reference():
     np.testing.assert_allclose(c["diff_std"], np.std([-3, 1], ddof=1))
     np.testing.assert_allclose([c["gzip_kb"], c["sfp_gzip_kb"]], [2.0, 1.25])
     np.testing.assert_allclose([c["tflite_ms"], c["sfp_tflite_ms"]], [3.0, 1.25])
-    table = accuracy.aggregate(rows)
-    text = accuracy.markdown(table, "smoke", accuracy.SETTINGS["smoke"], "CPU", [c])
+    table = accuracy_report.aggregate(rows, accuracy.ORDER)
+    text = accuracy_report.markdown(
+        table, "smoke", accuracy.SETTINGS["smoke"], "CPU", [c], reference="sfp_v1"
+    )
     assert "| scratch | tfmot_plm | 0.3 | 2 | 82.00 +- 2.83 |" in text
+    assert "against SFP's deployed model (sfp_v1)" in text
     assert "| scratch | 0.3 | 2 | 82.00 +- 2.83 | 83.00 +- 0.00 | -1.00 +- 2.83 |" in (
         text
     )
