@@ -646,9 +646,9 @@ def run_parallel(
     running, failed, late = {}, set(), set()
     # Seconds from start to logged, per start; seeded with the logged runs of
     # this device, so that a resumed run knows them from the start.
-    took = {"scratch": [], "trained": []}
+    took, device = {"scratch": [], "trained": []}, _device()
     for row in runner.done.values():
-        if row.get("device") == _device() and row["name"] != TFMOT:
+        if row.get("device") == device and row["name"] != TFMOT:
             took[row["start"]].append(row["wall_seconds"])
     try:
         while pending or running:
@@ -747,9 +747,9 @@ def report(runner: Runner, results_dir: str, seeds=(0, 1, 2)) -> None:
     paired = accuracy_report.paired_differences(rows, BASELINES, ORDER)
     # Where the runs trained (logged with each run since the GPU runs), else
     # this process's device.
+    here = _device()
     device = ", ".join(
-        sorted({row.get("device") or _device() for row in runner.done.values()})
-        or [_device()]
+        sorted({row.get("device") or here for row in runner.done.values()}) or [here]
     )
     os.makedirs(results_dir, exist_ok=True)
     base = os.path.join(results_dir, f"accuracy_{runner.setting}")

@@ -43,6 +43,7 @@ import numpy as np
 
 import train
 from keras_sfp import latency
+from models import resnet
 
 NAME = "tfmot_plm"
 """The configuration's name in the benchmark's keys (`scratch/tfmot_plm/...`)."""
@@ -118,49 +119,15 @@ def tf_keras_resnet(
         A functional `tf_keras.Model`.
     """
     k = _tf_keras()
-    regularizer = k.regularizers.L2(weight_decay) if weight_decay > 0 else None
-
-    def conv_bn(x, filters, size, strides, name, bn_name):
-        x = k.layers.Conv2D(
-            filters,
-            size,
-            strides=strides,
-            padding="same",
-            use_bias=False,
-            kernel_regularizer=regularizer,
-            name=name,
-        )(x)
-        return k.layers.BatchNormalization(
-            momentum=bn_momentum, epsilon=bn_epsilon, name=bn_name
-        )(x)
-
-    inputs = k.Input(shape=tuple(input_shape), name="image")
-    x = conv_bn(inputs, stage_filters[0], 3, 1, "stem_conv", "stem_bn")
-    x = k.layers.Activation("relu", name="stem_relu")(x)
-    for stage, filters in enumerate(stage_filters, start=1):
-        for block in range(blocks_per_stage):
-            prefix = f"stage{stage}_block{block}"
-            strides = 2 if stage > 1 and block == 0 else 1
-            y = conv_bn(x, filters, 3, strides, f"{prefix}_conv1", f"{prefix}_bn1")
-            y = k.layers.Activation("relu", name=f"{prefix}_relu1")(y)
-            y = conv_bn(y, filters, 3, 1, f"{prefix}_conv2", f"{prefix}_bn2")
-            shortcut = x
-            if strides != 1 or x.shape[-1] != filters:
-                shortcut = conv_bn(
-                    x,
-                    filters,
-                    1,
-                    strides,
-                    f"{prefix}_shortcut_conv",
-                    f"{prefix}_shortcut_bn",
-                )
-            y = k.layers.Add(name=f"{prefix}_add")([y, shortcut])
-            x = k.layers.Activation("relu", name=f"{prefix}_relu2")(y)
-    x = k.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    outputs = k.layers.Dense(
-        num_classes, kernel_regularizer=regularizer, name="logits"
-    )(x)
-    return k.Model(inputs, outputs, name=f"resnet{6 * blocks_per_stage + 2}")
+    return resnet.resnet_graph(
+        k,
+        blocks_per_stage,
+        stage_filters,
+        input_shape,
+        num_classes,
+        k.regularizers.L2(weight_decay) if weight_decay > 0 else None,
+        dict(momentum=bn_momentum, epsilon=bn_epsilon),
+    )
 
 
 def tf_keras_copy(model: keras.Model, check_batch: np.ndarray | None = None):

@@ -21,53 +21,82 @@ STAGE_FILTERS = (16, 32, 64)
 """Number of filters in the three stages."""
 
 
-def _conv_bn(
-    x: keras.KerasTensor,
-    filters: int,
-    kernel_size: int,
-    strides: int,
-    name: str,
-    bn_name: str,
-    regularizer: keras.regularizers.Regularizer | None,
-) -> keras.KerasTensor:
-    x = keras.layers.Conv2D(
-        filters,
-        kernel_size,
-        strides=strides,
-        padding="same",
-        use_bias=False,
+def resnet_graph(
+    k,
+    blocks_per_stage: int,
+    stage_filters: Sequence[int],
+    input_shape: Sequence[int],
+    num_classes: int,
+    regularizer=None,
+    batch_norm: dict | None = None,
+):
+    """The CIFAR ResNet graph of `cifar_resnet`, built with the Keras module `k`.
+
+    `k` is `keras` or `tf_keras` (the same layer API and names), so the tfmot
+    baseline builds its `tf_keras` twin from this one definition. Arguments
+    are not validated (`cifar_resnet` does).
+
+    Args:
+        k: The Keras module whose layers build the model.
+        blocks_per_stage: Basic blocks per stage (`(depth - 2) / 6`).
+        stage_filters: Filters of the three stages.
+        input_shape: Image shape `(height, width, channels)`.
+        num_classes: Number of output logits.
+        regularizer: Kernel regularizer of every convolution and the dense
+            layer (from `k`), or None. Defaults to None.
+        batch_norm: Keyword arguments of every BatchNormalization (e.g.
+            `momentum`, `epsilon`). Defaults to None (Keras's defaults).
+
+    Returns:
+        A functional `k.Model` named `resnet{6 * blocks_per_stage + 2}`.
+    """
+    batch_norm = batch_norm or {}
+
+    def conv_bn(x, filters, kernel_size, strides, name, bn_name):
+        x = k.layers.Conv2D(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            kernel_regularizer=regularizer,
+            name=name,
+        )(x)
+        return k.layers.BatchNormalization(name=bn_name, **batch_norm)(x)
+
+    def basic_block(x, filters, strides, prefix):
+        shortcut = x
+        y = conv_bn(x, filters, 3, strides, f"{prefix}_conv1", f"{prefix}_bn1")
+        y = k.layers.Activation("relu", name=f"{prefix}_relu1")(y)
+        y = conv_bn(y, filters, 3, 1, f"{prefix}_conv2", f"{prefix}_bn2")
+        if strides != 1 or x.shape[-1] != filters:
+            shortcut = conv_bn(
+                x,
+                filters,
+                1,
+                strides,
+                f"{prefix}_shortcut_conv",
+                f"{prefix}_shortcut_bn",
+            )
+        y = k.layers.Add(name=f"{prefix}_add")([y, shortcut])
+        return k.layers.Activation("relu", name=f"{prefix}_relu2")(y)
+
+    inputs = k.Input(shape=tuple(input_shape), name="image")
+    x = conv_bn(inputs, stage_filters[0], 3, 1, "stem_conv", "stem_bn")
+    x = k.layers.Activation("relu", name="stem_relu")(x)
+    for stage, filters in enumerate(stage_filters, start=1):
+        for block in range(blocks_per_stage):
+            strides = 2 if stage > 1 and block == 0 else 1
+            x = basic_block(x, filters, strides, f"stage{stage}_block{block}")
+    x = k.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    outputs = k.layers.Dense(
+        num_classes,
         kernel_initializer="he_normal",
         kernel_regularizer=regularizer,
-        name=name,
+        name="logits",
     )(x)
-    return keras.layers.BatchNormalization(name=bn_name)(x)
-
-
-def _basic_block(
-    x: keras.KerasTensor,
-    filters: int,
-    strides: int,
-    prefix: str,
-    regularizer: keras.regularizers.Regularizer | None,
-) -> keras.KerasTensor:
-    shortcut = x
-    y = _conv_bn(
-        x, filters, 3, strides, f"{prefix}_conv1", f"{prefix}_bn1", regularizer
-    )
-    y = keras.layers.Activation("relu", name=f"{prefix}_relu1")(y)
-    y = _conv_bn(y, filters, 3, 1, f"{prefix}_conv2", f"{prefix}_bn2", regularizer)
-    if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv_bn(
-            x,
-            filters,
-            1,
-            strides,
-            f"{prefix}_shortcut_conv",
-            f"{prefix}_shortcut_bn",
-            regularizer,
-        )
-    y = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
-    return keras.layers.Activation("relu", name=f"{prefix}_relu2")(y)
+    return k.Model(inputs, outputs, name=f"resnet{6 * blocks_per_stage + 2}")
 
 
 def cifar_resnet(
@@ -142,20 +171,6 @@ def cifar_resnet(
     regularizer = l2_regularizer(weight_decay)
     blocks_per_stage = (depth - 2) // 6
 
-    inputs = keras.Input(shape=shape, name="image")
-    x = _conv_bn(inputs, stage_filters[0], 3, 1, "stem_conv", "stem_bn", regularizer)
-    x = keras.layers.Activation("relu", name="stem_relu")(x)
-    for stage, filters in enumerate(stage_filters, start=1):
-        for block in range(blocks_per_stage):
-            strides = 2 if stage > 1 and block == 0 else 1
-            x = _basic_block(
-                x, filters, strides, f"stage{stage}_block{block}", regularizer
-            )
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    outputs = keras.layers.Dense(
-        num_classes,
-        kernel_initializer="he_normal",
-        kernel_regularizer=regularizer,
-        name="logits",
-    )(x)
-    return keras.Model(inputs, outputs, name=f"resnet{depth}")
+    return resnet_graph(
+        keras, blocks_per_stage, stage_filters, shape, num_classes, regularizer
+    )
