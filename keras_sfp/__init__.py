@@ -13,8 +13,10 @@ when first used, so `import keras_sfp` works without it.
 """
 
 from keras_sfp import criteria, rules, schedules
+from keras_sfp.batch_norm import recalibrate_batch_norm
 from keras_sfp.callback import SoftFilterPrune
 from keras_sfp.describe import describe
+from keras_sfp.distill import distiller
 from keras_sfp.flops import count_flops
 from keras_sfp.fold import fold_batch_norm
 from keras_sfp.graph import ChannelGraph
@@ -41,10 +43,12 @@ __all__ = [
     "count_flops",
     "criteria",
     "describe",
+    "distiller",
     "export_saved_model",
     "export_tflite",
     "fold_batch_norm",
     "prune_filters",
+    "recalibrate_batch_norm",
     "register_layer",
     "rules",
     "schedules",

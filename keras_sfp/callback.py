@@ -7,10 +7,11 @@ import warnings
 import keras
 import numpy as np
 
-from keras_sfp import allocation, distributed
-from keras_sfp import criteria as criteria_lib
+from keras_sfp import _checks, allocation, distributed, importance
+from keras_sfp import batch_norm as batch_norm_lib
 from keras_sfp import prune as prune_lib
 from keras_sfp import schedules as schedules_lib
+from keras_sfp import sparsity as sparsity_lib
 from keras_sfp.graph import ChannelGraph
 from keras_sfp.wrapper import FilterPruning, unwrap
 
@@ -62,6 +63,34 @@ class SoftFilterPrune(keras.callbacks.Callback):
     `tf.distribute` strategy: masks are computed on the host from the
     weights, so every replica receives the same ones.
 
+    BatchNormalization statistics follow the network that is deployed. Its
+    moving averages would otherwise still hold statistics of the network
+    before the last event: with Keras's default momentum (0.99), 21 % of them
+    remain 157 steps later, enough to turn a fine-tune at 85 % training
+    accuracy into a deployed model at 50 %. With `reset_batch_norm=True` the
+    moving statistics restart from zero at the first hard epoch and are read
+    with their bias corrected (`keras_sfp.batch_norm.FreshStatistics`): they
+    describe only steps taken with the final masks, and validation, the end
+    of training and the epoch-end callbacks after this one (checkpoints,
+    backups) see them corrected; callbacks that read the model in the
+    middle of an epoch see the raw average. With
+    `recalibration_data`, they are also re-estimated from that data when
+    training ends (`keras_sfp.recalibrate_batch_norm`), on the final weights.
+    When the last event is not followed by a hard epoch (`hard_epochs=0`, or
+    a `fit` stopped before them) and no data is given, a warning says that
+    the statistics predate it.
+
+    With `sparse_epochs`, the first epochs of a model never pruned train with
+    a group lasso on every channel group (`keras_sfp.sparsity`: the L2 norm
+    of each channel's filters across all the layers that share it, weighted
+    by `sparsity`) and without prune events; the first event, at the end of
+    the last sparse epoch, then removes channels the penalty drove toward
+    zero (DepGraph; Fang et al., CVPR 2023).
+
+    The model may be the student of a `keras.distillation.Distiller` (its
+    `student` prepared by `prune_filters`): the callback prunes the student
+    and the distiller trains it.
+
     Each event adds to the epoch `logs` (History, CSVLogger and TensorBoard see
     them when this callback comes before them in the list):
     `sfp_rate`, `sfp_pruned` (filters pruned) and `sfp_revived` (filters
@@ -85,6 +114,19 @@ class SoftFilterPrune(keras.callbacks.Callback):
             Adam moments) of the filters each event prunes, so the next steps
             start them from rest instead of the velocity of the weights just
             removed. Defaults to False.
+        reset_batch_norm: Restart the BatchNormalization moving statistics at
+            the first hard epoch and correct their bias (see above). Defaults
+            to True.
+        recalibration_data: Data to re-estimate the BatchNormalization
+            statistics from when training ends (`recalibrate_batch_norm`):
+            training inputs as arrays, an `(x, y)` tuple, a `PyDataset`, a
+            `tf.data.Dataset` or an iterable of batches. Defaults to None.
+        recalibration_steps: Batches of `recalibration_data` to use at most.
+            Defaults to 100.
+        sparse_epochs: First epochs of a never-pruned model trained with the
+            group lasso and no prune event; `sparse_epochs + hard_epochs` must
+            not exceed the epochs of the `fit` call. Defaults to 0.
+        sparsity: Weight of the group lasso in the loss. Defaults to 1e-4.
         verbose: 1 prints a line per event. Defaults to 0.
 
     Raises:
@@ -110,18 +152,18 @@ class SoftFilterPrune(keras.callbacks.Callback):
         *,
         prune_at_start=True,
         reset_momentum: bool = False,
+        reset_batch_norm: bool = True,
+        recalibration_data=None,
+        recalibration_steps: int = 100,
+        sparse_epochs: int = 0,
+        sparsity: float = 1e-4,
         verbose: int = 0,
     ):
         super().__init__()
-        if (
-            isinstance(hard_epochs, bool)
-            or not isinstance(hard_epochs, int)
-            or hard_epochs < 0
-        ):
-            raise ValueError(
-                "`hard_epochs` must be an integer >= 0. "
-                f"Received: hard_epochs={hard_epochs!r}"
-            )
+        hard_epochs = _checks.int_at_least("hard_epochs", hard_epochs, 0)
+        recalibration_steps = _checks.positive_int(
+            "recalibration_steps", recalibration_steps
+        )
         if not (isinstance(prune_at_start, bool) or prune_at_start == "auto"):
             raise ValueError(
                 "`prune_at_start` must be 'auto', True or False. "
@@ -132,9 +174,31 @@ class SoftFilterPrune(keras.callbacks.Callback):
                 "`reset_momentum` must be a bool. "
                 f"Received: reset_momentum={reset_momentum!r}"
             )
+        sparse_epochs = _checks.int_at_least("sparse_epochs", sparse_epochs, 0)
+        if isinstance(sparsity, bool) or not (
+            isinstance(sparsity, (int, float, np.floating)) and sparsity > 0
+        ):
+            raise ValueError(
+                f"`sparsity` must be a positive number. Received: sparsity={sparsity!r}"
+            )
+        if not isinstance(reset_batch_norm, bool):
+            raise ValueError(
+                "`reset_batch_norm` must be a bool. "
+                f"Received: reset_batch_norm={reset_batch_norm!r}"
+            )
         self.hard_epochs = hard_epochs
         self.prune_at_start = prune_at_start
         self.reset_momentum = reset_momentum
+        if recalibration_data is not None:
+            batch_norm_lib.check_data(recalibration_data, "recalibration_data")
+        self.reset_batch_norm = reset_batch_norm
+        self.recalibration_data = recalibration_data
+        self.recalibration_steps = recalibration_steps
+        self.sparse_epochs = sparse_epochs
+        self.sparsity = float(sparsity)
+        self._lasso = None
+        self._statistics = None
+        self._stale_statistics = False
         self.verbose = verbose
         self._plan = None
         self._hard = None
@@ -147,15 +211,22 @@ class SoftFilterPrune(keras.callbacks.Callback):
         super().set_model(model)
         self._plan = None
 
-    def _prepare(self):
-        model = self.model
-        wrapped = prune_lib.wrappers(model)
-        if not wrapped:
+    @property
+    def pruned(self) -> keras.Model:
+        """The model prepared by `prune_filters`: the model, or its student."""
+        model = prune_lib.pruned_model(self.model)
+        if model is None:
             raise ValueError(
                 "SoftFilterPrune needs a model prepared by "
-                "keras_sfp.prune_filters (no FilterPruning layer found). "
-                f"Received: model {model.name!r}"
+                "keras_sfp.prune_filters, or a keras.distillation.Distiller "
+                "whose student is one (no FilterPruning layer found). "
+                f"Received: model {self.model.name!r}"
             )
+        return model
+
+    def _prepare(self):
+        model = self.pruned
+        wrapped = prune_lib.wrappers(model)
         graph = ChannelGraph(model)
         first = wrapped[0]
         # Units: lists of (wrapper, start, length) slices of output channels
@@ -180,7 +251,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
             mac_model = allocation.MacModel(graph, groups) if groups else None
         self._plan = {
             "graph": graph,
-            "batch_norms": _batch_norms_after(graph),
+            "batch_norms": importance.batch_norms_after(graph),
             "units": units,
             "lengths": [unit[0][2] for unit in units],
             "blocks": blocks,  # equal-count blocks per unit (grouped convs)
@@ -225,22 +296,6 @@ class SoftFilterPrune(keras.callbacks.Callback):
         return rate
 
     # -- events ------------------------------------------------------------
-    def _score(self, member, criterion) -> np.ndarray:
-        wrapper, start, length = member
-        kernel = keras.ops.convert_to_numpy(wrapper.kernel)
-        bn_scale = None
-        bn = self._plan["batch_norms"].get(id(wrapper))
-        if bn is not None and criteria_lib.is_bn_aware(criterion):
-            gamma = bn.gamma if bn.scale else None
-            bn_scale = criteria_lib.batch_norm_scale(
-                None if gamma is None else keras.ops.convert_to_numpy(gamma),
-                keras.ops.convert_to_numpy(bn.moving_variance),
-                bn.epsilon,
-            )[start : start + length]
-        return criteria_lib.score(
-            criterion, kernel[..., start : start + length], bn_scale
-        )
-
     def _reset_slots(self, changed: list) -> None:
         """Zeroes the optimizer slots of the pruned filters of `changed`."""
         optimizer = getattr(self.model, "optimizer", None)
@@ -297,7 +352,9 @@ class SoftFilterPrune(keras.callbacks.Callback):
             previous = wrapper.mask[start:stop]
             first_event = wrapper.last_event < -1
             if rescore:
-                scores = sum(self._score(m, config.criterion) for m in unit)
+                scores = importance.group_scores(
+                    unit, config.criterion, self._plan["batch_norms"]
+                )
                 mask = _lowest_masked(scores, len(scores) - int(unit_kept), blocks)
             else:
                 mask = previous.astype("float32")
@@ -332,8 +389,14 @@ class SoftFilterPrune(keras.callbacks.Callback):
             self._reset_slots(list(masks.values()))
         if changed and self._plan["wrappers"][0].hard:
             # The hard forward pass was traced with the old masks.
-            prune_lib.set_hard(self.model, True, self._plan["graph"])
+            prune_lib.set_hard(self.pruned, True, self._plan["graph"], self.model)
+        if rescore:
+            self._stale_statistics = True
         return {"sfp_rate": rate, "sfp_pruned": pruned, "sfp_revived": revived}
+
+    def _first_hard_epoch(self) -> int:
+        epochs = (self.params or {}).get("epochs") or 0
+        return max(epochs - self.hard_epochs, 0)
 
     def _is_hard_epoch(self, epoch: int) -> bool:
         epochs = (self.params or {}).get("epochs")
@@ -344,7 +407,22 @@ class SoftFilterPrune(keras.callbacks.Callback):
         self._prepare()
         self._hard = None
         self._last_epoch = None
+        self._statistics = None
+        self._stale_statistics = False
         wrapped = self._plan["wrappers"]
+        epochs = (self.params or {}).get("epochs")
+        _check_loss_keeps_regularizers(self.model, self.sparse_epochs)
+        if (
+            self.sparse_epochs
+            and wrapped[0].last_event < -1
+            and epochs is not None
+            and self.sparse_epochs + self.hard_epochs > epochs
+        ):
+            raise ValueError(
+                "`sparse_epochs + hard_epochs` must be at most the epochs of "
+                f"the fit call. Received: sparse_epochs={self.sparse_epochs}, "
+                f"hard_epochs={self.hard_epochs}, epochs={epochs}"
+            )
         if wrapped[0].last_event >= -1 and self._is_hard_epoch(0):
             epochs = (self.params or {}).get("epochs")
             warnings.warn(
@@ -359,12 +437,29 @@ class SoftFilterPrune(keras.callbacks.Callback):
             for w in wrapped:
                 w.last_event = -1.0
 
+    def _is_sparse_epoch(self, epoch: int) -> bool:
+        """Whether `epoch` trains with the group lasso (before any event)."""
+        return epoch < self.sparse_epochs and self._plan["wrappers"][0].last_event < -1
+
+    def _set_lasso(self, on: bool) -> None:
+        if on == (self._lasso is not None):
+            return
+        if on:
+            self._lasso = sparsity_lib.attach(self._plan["units"], self.sparsity)
+        else:
+            sparsity_lib.detach(self._lasso)
+            self._lasso = None
+        if getattr(self.model, "train_function", None) is not None:
+            self.model.make_train_function(force=True)  # the loss changed
+
     def _prunes_at_start(self) -> bool:
         if self._is_hard_epoch(0):
             return True  # the hard epoch needs masks to enforce
+        if self.sparse_epochs:
+            return False  # the sparse epochs come first
         if self.prune_at_start != "auto":
             return self.prune_at_start
-        layers = [unwrap(layer) for layer in self.model.layers]
+        layers = [unwrap(layer) for layer in self.pruned.layers]
         batch_norms = [
             layer
             for layer in layers
@@ -379,17 +474,51 @@ class SoftFilterPrune(keras.callbacks.Callback):
         # The state is part of the traced forward pass. `set_hard` rebuilds
         # the compiled functions, so it is called only when the model's
         # functions may have been traced with another state.
+        self._set_lasso(self._is_sparse_epoch(epoch))
         hard = self._is_hard_epoch(epoch)
         if hard != self._hard:
-            if not prune_lib.has_state(self.model, hard):
-                prune_lib.set_hard(self.model, hard, self._plan["graph"])
+            if not prune_lib.has_state(self.pruned, hard, self.model):
+                prune_lib.set_hard(self.pruned, hard, self._plan["graph"], self.model)
             self._hard = hard
+        if not hard:
+            return
+        # From here on the masks are final: training steps update the
+        # statistics of the deployed network (which `reset_batch_norm=False`
+        # leaves mixed with older ones, as Keras would).
+        self._stale_statistics = False
+        if not self.reset_batch_norm:
+            return
+        if self._statistics is None:
+            self._statistics = batch_norm_lib.FreshStatistics(
+                batch_norm_lib.batch_norm_layers(self.pruned), self.model.optimizer
+            )
+            first = self._first_hard_epoch()
+            steps = (self.params or {}).get("steps")
+            if epoch > first and steps:
+                # Resumed after hard epochs whose corrected statistics were
+                # saved at their end: continue their average.
+                self._statistics.resume((epoch - first) * steps)
+            else:
+                self._statistics.start()
+        else:
+            self._statistics.rebias()
+
+    def on_test_begin(self, logs=None):
+        # Validation inside `fit` runs after the epoch's training steps.
+        if self._statistics is not None:
+            self._statistics.unbias()
 
     def on_epoch_end(self, epoch, logs=None):
         # The event after the last soft epoch fixes the masks that the hard
         # epochs then enforce.
-        entries = self.prune(epoch, rescore=not self._is_hard_epoch(epoch))
+        if self._is_sparse_epoch(epoch) and epoch < self.sparse_epochs - 1:
+            entries = {"sfp_rate": 0.0, "sfp_pruned": 0, "sfp_revived": 0}
+        else:
+            entries = self.prune(epoch, rescore=not self._is_hard_epoch(epoch))
         self._last_epoch = epoch
+        if self._statistics is not None:
+            # Before checkpoints and backups (callbacks after this one) read them.
+            self._statistics.unbias()
         if logs is not None:
             logs.update(entries)
         if self.verbose:
@@ -403,11 +532,31 @@ class SoftFilterPrune(keras.callbacks.Callback):
         # mid-epoch): prune once more so the model ends consistent with masks.
         # Frozen (hard) masks, or a fit that ended no epoch, are re-applied
         # as they are rather than re-scored.
+        if self._lasso is not None:
+            sparsity_lib.detach(self._lasso)
+            self._lasso = None
+            self.model.train_function = None  # rebuilt without it by a next fit
         hard = self._plan["wrappers"][0].hard
         if self._last_epoch is None:
             self.prune(0, rescore=False)
         else:
             self.prune(self._last_epoch, rescore=not hard)
+        if self._statistics is not None:
+            self._statistics.finish()
+            self._statistics = None
+        if self.recalibration_data is not None:
+            batch_norm_lib.recalibrate_batch_norm(
+                self.pruned, self.recalibration_data, self.recalibration_steps
+            )
+        elif self._stale_statistics and batch_norm_lib.batch_norm_layers(self.pruned):
+            warnings.warn(
+                "SoftFilterPrune: the last pruning event was not followed by a "
+                "hard epoch, so the BatchNormalization statistics describe the "
+                "network before it and the deployed model may score well below "
+                "its training accuracy. Pass `recalibration_data` (or call "
+                "keras_sfp.recalibrate_batch_norm), or use hard_epochs >= 1.",
+                stacklevel=2,
+            )
 
 
 def _lowest_masked(scores, n: int, blocks: int = 1) -> np.ndarray:
@@ -436,24 +585,15 @@ def _slots(optimizer, weight) -> list:
     ]
 
 
-def _batch_norms_after(graph: ChannelGraph) -> dict:
-    """`id(wrapper)` -> the BatchNormalization that normalises its output.
-
-    Only a channels-last BatchNormalization called directly on the output of
-    a `FilterPruning` layer counts: its scale then applies to exactly the
-    filters of that layer.
-    """
-    found = {}
-    for node in graph.nodes:
-        layer = unwrap(node.layer) if node.layer is not None else None
-        if not isinstance(layer, keras.layers.BatchNormalization) or not node.inputs:
-            continue
-        axis = layer.axis if isinstance(layer.axis, int) else None
-        rank = len(node.inputs[0].shape)
-        if axis not in (-1, rank - 1):
-            continue
-        history = getattr(node.inputs[0], "_keras_history", None)
-        producer = history.operation if history else None
-        if isinstance(producer, FilterPruning):
-            found[id(producer)] = layer
-    return found
+def _check_loss_keeps_regularizers(model, sparse_epochs: int) -> None:
+    """Keras's Distiller leaves regularization losses out of its loss."""
+    distillation = getattr(keras, "distillation", None)
+    if not sparse_epochs or distillation is None:
+        return
+    if type(model).compute_loss is distillation.Distiller.compute_loss:
+        raise ValueError(
+            "`sparse_epochs` adds its group lasso as a regularization loss, which "
+            "keras.distillation.Distiller leaves out of its loss: build the "
+            "distiller with keras_sfp.distiller (or add `self.losses` in "
+            f"compute_loss). Received: model of type {type(model).__name__}"
+        )

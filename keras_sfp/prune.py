@@ -8,7 +8,8 @@ import warnings
 import keras
 import numpy as np
 
-from keras_sfp import _keras_graph, allocation, criteria, distributed
+from keras_sfp import _keras_graph, distributed, importance
+from keras_sfp import allocation as allocation_lib
 from keras_sfp.graph import ChannelGraph
 from keras_sfp.wrapper import (
     PRUNABLE_TYPES,
@@ -114,27 +115,6 @@ def check_targets(target_macs, target_latency, rate, coupling) -> None:
         )
 
 
-def _importance_lost(groups, criterion) -> list[np.ndarray]:
-    """Per group, the importance removed when it keeps `k` channels (`k` = 0..n).
-
-    Each member layer's filter scores (`criterion`, without BatchNormalization
-    factors) are normalised to sum to 1, so every layer weighs the same, and
-    summed over the group's members; keeping `k` channels removes the lowest
-    `n - k` of them.
-    """
-    lost = []
-    for group in groups:
-        total = np.zeros(group.length)
-        for layer, start, length in group.members:
-            kernel = keras.ops.convert_to_numpy(output_kernel(unwrap(layer)))
-            scores = criteria.score(criterion, kernel[..., start : start + length])
-            norm = float(np.sum(scores))
-            total += scores / norm if norm > 0 else np.full(length, 1.0 / length)
-        removed = np.concatenate([[0.0], np.cumsum(np.sort(total))])
-        lost.append(removed[::-1])  # entry k: the lowest n - k removed
-    return lost
-
-
 def latency_rates(graph, groups, table, target_latency, round_to, criterion):
     """Per-group rates reaching `target_latency` of the predicted latency."""
     from keras_sfp import latency_table
@@ -142,18 +122,20 @@ def latency_rates(graph, groups, table, target_latency, round_to, criterion):
     lengths = np.array([g.length for g in groups], dtype=np.int64)
     blocks = np.array([g.blocks for g in groups], dtype=np.int64)
     fewest = [
-        allocation.count_options(n, round_to, b)[0] for n, b in zip(lengths, blocks)
+        allocation_lib.count_options(n, round_to, b)[0] for n, b in zip(lengths, blocks)
     ]
     cost = latency_table.LatencyModel(graph, groups, table, fewest, round_to)
     full = float(cost(lengths))
     try:
-        kept = allocation.latency_kept(
+        kept = allocation_lib.latency_kept(
             cost,
             lengths,
             target_latency * full,
             round_to,
             blocks,
-            _importance_lost(groups, criterion),
+            importance.importance_lost(
+                groups, criterion, importance.batch_norms_after(graph)
+            ),
         )
     except ValueError as error:
         raise ValueError(
@@ -161,6 +143,78 @@ def latency_rates(graph, groups, table, target_latency, round_to, criterion):
             f"Received: target_latency={target_latency!r}"
         ) from None
     return (lengths - kept) / lengths
+
+
+def global_rates(graph, groups, rate, target_macs, round_to, criterion):
+    """Per-group rates of `allocation="global"` (see `prune_filters`).
+
+    The MACs budget is `target_macs` of the model's MACs, or what `rate`'s
+    uniform, unrounded counts keep.
+    """
+    mac_model = allocation_lib.MacModel(graph, groups)
+    total = mac_model.total
+    if target_macs is None:
+        goal = float(mac_model.macs(allocation_lib.exact_kept(mac_model.lengths, rate)))
+    else:
+        goal = target_macs * total
+    lost = importance.importance_lost(
+        groups, criterion, importance.batch_norms_after(graph)
+    )
+    try:
+        kept = allocation_lib.latency_kept(
+            mac_model.macs, mac_model.lengths, goal, round_to, mac_model.blocks, lost
+        )
+    except ValueError:
+        fewest = allocation_lib.fewest_kept(
+            mac_model.lengths, round_to, mac_model.blocks
+        )
+        name = "rate" if target_macs is None else "target_macs"
+        raise ValueError(
+            f"`{name}` asks for fewer MACs than pruning can reach: keeping the "
+            f"fewest channels per prunable group (round_to={round_to}) still "
+            f"leaves {float(mac_model.macs(fewest)) / total:.3f} of the MACs. "
+            f"Received: {name}={rate if target_macs is None else target_macs!r}"
+        ) from None
+    return (mac_model.lengths - kept) / mac_model.lengths
+
+
+def _per_channel(channel_rates: dict, groups, rates) -> float:
+    """Fills `channel_rates` (`id(layer)` -> per-channel rates) from per-group
+    `rates`; returns the largest, the wrappers' (and schedule's) final rate."""
+    rate = float(np.max(rates))
+    for group, group_rate in zip(groups, rates):
+        for layer, start, length in group.members:
+            values = channel_rates.setdefault(
+                id(layer), np.full(num_outputs(unwrap(layer)), rate)
+            )
+            values[start : start + length] = group_rate
+    return rate
+
+
+ALLOCATIONS = ("uniform", "global")
+"""The values of `prune_filters(allocation=...)`."""
+
+
+def _check_allocation(allocation, target_latency, coupling) -> str:
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise ValueError(
+            f"`allocation` must be one of {ALLOCATIONS} or None. "
+            f"Received: allocation={allocation!r}"
+        )
+    if target_latency is not None:
+        if allocation == "uniform":
+            raise ValueError(
+                "`target_latency` allocates channels globally by latency: "
+                "allocation='uniform' cannot be combined with it. Received: "
+                f"allocation={allocation!r}, target_latency={target_latency!r}"
+            )
+        return "global"
+    if allocation == "global" and coupling != "group":
+        raise ValueError(
+            "allocation='global' needs coupling='group' (with 'layer', pruned "
+            f"residual channels are not removed). Received: coupling={coupling!r}"
+        )
+    return allocation or "uniform"
 
 
 def prune_filters(
@@ -174,6 +228,7 @@ def prune_filters(
     target_macs: float | None = None,
     target_latency: float | None = None,
     latency_table=None,
+    allocation: str | None = None,
 ) -> keras.Model:
     """Prepares a model for Soft Filter Pruning.
 
@@ -248,6 +303,20 @@ def prune_filters(
             `target_latency` reads and fills (saved afterwards when it has a
             path). Defaults to the table cached for this device and runtime
             at batch size 1 (`LatencyTable.for_device()`).
+        allocation: How the channels to prune are shared among groups:
+            `"uniform"` (each group prunes the same fraction, the paper) or
+            `"global"`: one ranking of all groups' channels by importance
+            (`keras_sfp.importance.importance_lost`, criterion scores
+            normalised per layer, with the weights the model has now) under
+            the MACs budget (that of `rate`'s uniform counts, or
+            `target_macs`): the group whose next multiple of `round_to` down
+            saves the most MACs per unit of importance lost gives it up,
+            until the budget is met (as `target_latency` does with
+            latency). Groups then prune at different rates, as with
+            `target_latency`. Meant for trained networks (a new network's
+            weights carry no importance). Needs `coupling="group"`. None
+            means `"uniform"`, or `"global"` with `target_latency` (which
+            allocates globally by latency). Defaults to None.
 
     Returns:
         A new model of the same kind (functional if `model` nests models
@@ -274,12 +343,17 @@ def prune_filters(
     """
     distributed.check_strategy()
     check_targets(target_macs, target_latency, rate, coupling)
-    if target_latency is not None and schedule not in (None, "constant", "asymptotic"):
+    allocation_mode = _check_allocation(allocation, target_latency, coupling)
+    if allocation_mode == "global" and schedule not in (
+        None,
+        "constant",
+        "asymptotic",
+    ):
         raise ValueError(
-            "`target_latency` scales each group's own rate with the schedule, "
-            "so the schedule must be None, 'constant' or 'asymptotic' (a "
-            "schedule object carries a final rate of its own). Received: "
-            f"schedule={schedule!r}"
+            "`target_latency` and allocation='global' scale each group's own "
+            "rate with the schedule, so the schedule must be None, 'constant' "
+            "or 'asymptotic' (a schedule object carries a final rate of its "
+            f"own). Received: schedule={schedule!r}"
         )
     if latency_table is not None and (
         target_latency is None or not hasattr(latency_table, "lookup")
@@ -306,17 +380,28 @@ def prune_filters(
             f"{[type(layer).__name__ for layer in model.layers]}"
         )
 
-    if target_macs is not None:
-        groups = allocation.pruned_groups(graph, lambda p: id(p) in targets)
-        rate = allocation.rate_for_macs(
-            allocation.MacModel(graph, groups), target_macs, round_to
-        )
     channel_rates = {}
+    if allocation_mode == "global" and target_latency is None:
+        groups = allocation_lib.pruned_groups(graph, lambda p: id(p) in targets)
+        rates = global_rates(
+            graph,
+            groups,
+            DEFAULT_RATE if rate is None and target_macs is None else rate,
+            target_macs,
+            round_to,
+            criterion,
+        )
+        rate = _per_channel(channel_rates, groups, rates)
+    elif target_macs is not None:
+        groups = allocation_lib.pruned_groups(graph, lambda p: id(p) in targets)
+        rate = allocation_lib.rate_for_macs(
+            allocation_lib.MacModel(graph, groups), target_macs, round_to
+        )
     if target_latency is not None:
         from keras_sfp.latency_table import LatencyTable
 
         table = latency_table or LatencyTable.for_device()
-        groups = allocation.pruned_groups(graph, lambda p: id(p) in targets)
+        groups = allocation_lib.pruned_groups(graph, lambda p: id(p) in targets)
         try:
             rates = latency_rates(
                 graph, groups, table, target_latency, round_to, criterion
@@ -331,13 +416,7 @@ def prune_filters(
                         f"{table.path!r} ({error}): it will be measured again.",
                         stacklevel=2,
                     )
-        rate = float(np.max(rates))
-        for group, group_rate in zip(groups, rates):
-            for layer, start, length in group.members:
-                values = channel_rates.setdefault(
-                    id(layer), np.full(num_outputs(unwrap(layer)), rate)
-                )
-                values[start : start + length] = group_rate
+        rate = _per_channel(channel_rates, groups, rates)
     elif rate is None:
         rate = DEFAULT_RATE
     masked = {id(layer) for layer in _maskable_offset_layers(graph)}
@@ -420,6 +499,20 @@ def wrappers(model) -> list[FilterPruning]:
     return [layer for layer in model.layers if isinstance(layer, FilterPruning)]
 
 
+def pruned_model(model):
+    """The model prepared by `prune_filters` that `model` trains, or None.
+
+    `model` itself, or the `student` of a `keras.distillation.Distiller` (or
+    of any model that trains a `student` attribute, as distillers do).
+    """
+    if wrappers(model):
+        return model
+    student = getattr(model, "student", None)
+    if isinstance(student, keras.Model) and wrappers(student):
+        return student
+    return None
+
+
 def _stateful_wrappers(model) -> list:
     """The `FilterPruning` and `ChannelMask` layers of `model`."""
     return [
@@ -436,7 +529,9 @@ def _producer_zero(layer) -> np.ndarray:
     return filters_are_zero(layer)
 
 
-def set_hard(model, hard: bool, graph: ChannelGraph | None = None) -> None:
+def set_hard(
+    model, hard: bool, graph: ChannelGraph | None = None, trainer=None
+) -> None:
     """Switches a model prepared by `prune_filters` to the hard or soft state.
 
     Hard: each `FilterPruning` multiplies its kernel and bias by its mask, and
@@ -454,6 +549,9 @@ def set_hard(model, hard: bool, graph: ChannelGraph | None = None) -> None:
         model: A model prepared by `prune_filters`.
         hard: The state.
         graph: `ChannelGraph(model)`, if already built. Defaults to None.
+        trainer: The model whose compiled functions run `model`'s forward
+            pass (a `keras.distillation.Distiller` whose student is `model`).
+            Defaults to `model`.
     """
     if hard:
         graph = graph or ChannelGraph(model)
@@ -468,23 +566,26 @@ def set_hard(model, hard: bool, graph: ChannelGraph | None = None) -> None:
     for layer in _stateful_wrappers(model):
         layer.set_hard(hard)
     # Compiled functions keep the forward pass they were traced with.
-    if getattr(model, "train_function", None) is not None:
-        model.make_train_function(force=True)
-    model.test_function = None
-    model.predict_function = None
-    model._keras_sfp_hard = bool(hard)
+    for owner in {id(m): m for m in (model, trainer or model)}.values():
+        if getattr(owner, "train_function", None) is not None:
+            owner.make_train_function(force=True)
+        owner.test_function = None
+        owner.predict_function = None
+        owner._keras_sfp_hard = bool(hard)
 
 
-def has_state(model, hard: bool) -> bool:
+def has_state(model, hard: bool, trainer=None) -> bool:
     """True if `model`'s wrappers, and its compiled functions, are all `hard`.
 
     The functions are known to match only after `set_hard` rebuilt them; a
-    model loaded or restored from a file has none traced yet.
+    model loaded or restored from a file has none traced yet. `trainer` is
+    the model whose functions run `model` (see `set_hard`).
     """
     same = all(layer.hard == hard for layer in _stateful_wrappers(model))
-    traced = getattr(model, "_keras_sfp_hard", None)
+    trainer = trainer or model
+    traced = getattr(trainer, "_keras_sfp_hard", None)
     untraced = all(
-        getattr(model, f"{kind}_function", None) is None
+        getattr(trainer, f"{kind}_function", None) is None
         for kind in ("train", "test", "predict")
     )
     return same and (traced == hard or untraced)

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 import keras_sfp
-from conftest import assert_shrink_exact, prune_once, random_data, tiny_resnet
+from conftest import (
+    assert_shrink_exact,
+    calibrate_batch_norm,
+    prune_once,
+    random_data,
+    tiny_resnet,
+)
 from keras_sfp import allocation
 from keras_sfp.graph import ChannelGraph
 
@@ -162,3 +168,89 @@ def test_an_event_that_rounding_leaves_empty_warns():
     callback.set_model(pruned)
     callback.prune(0)
     assert keras_sfp.prune.wrappers(pruned)[0].mask.sum() == 12
+
+
+def _two_groups():
+    """Two parallel conv branches of equal cost: A's filters are half near
+    zero, B's all alike (unit norms)."""
+    inputs = keras.Input((8, 8, 4))
+    a = L.ReLU()(L.Conv2D(16, 3, padding="same", name="conv_a")(inputs))
+    b = L.ReLU()(L.Conv2D(16, 3, padding="same", name="conv_b")(inputs))
+    x = L.GlobalAveragePooling2D()(L.Concatenate()([a, b]))
+    model = keras.Model(inputs, L.Dense(3, name="logits")(x))
+    rng = np.random.default_rng(0)
+    for name in ("conv_a", "conv_b"):
+        conv = model.get_layer(name)
+        kernel = rng.normal(size=conv.kernel.shape)
+        kernel /= np.linalg.norm(kernel.reshape(-1, 16), axis=0)
+        if name == "conv_a":
+            kernel[..., 8:] *= 0.01
+        conv.kernel.assign(kernel)
+    return model
+
+
+def _kept(pruned):
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0)
+    callback.set_model(pruned)
+    callback.prune(0)
+    return {w.name: int(w.mask.sum()) for w in keras_sfp.prune.wrappers(pruned)}
+
+
+def test_global_allocation_keeps_more_of_the_important_group():
+    model = _two_groups()
+    uniform = _kept(_prune_uniform(model))
+    assert uniform == {"sfp_conv_a": 12, "sfp_conv_b": 12}
+    pruned = keras_sfp.prune_filters(model, rate=0.3, round_to=1, allocation="global")
+    # conv_a's 8 near-zero filters go first, and they are the whole budget.
+    assert _kept(pruned) == {"sfp_conv_a": 8, "sfp_conv_b": 16}
+    np.testing.assert_array_equal(
+        pruned.get_layer("sfp_conv_a").mask, [1.0] * 8 + [0.0] * 8
+    )
+    # The MACs budget is the uniform rate's.
+    assert keras_sfp.count_flops(keras_sfp.shrink(pruned)) == keras_sfp.count_flops(
+        keras_sfp.shrink(_prune_uniform(model))
+    )
+    x, _ = random_data(pruned, n=4)
+    assert_shrink_exact(pruned, x)
+
+
+def _prune_uniform(model):
+    pruned = keras_sfp.prune_filters(model, rate=0.3, round_to=1)
+    _kept(pruned)
+    return pruned
+
+
+def test_global_allocation_meets_target_macs_in_multiples_of_round_to():
+    model = calibrate_batch_norm(tiny_resnet(widths=(16, 32)))
+    full = keras_sfp.count_flops(model)
+    for target in (0.5, 0.25):
+        pruned = keras_sfp.prune_filters(
+            model, target_macs=target, round_to=4, allocation="global"
+        )
+        kept = _kept(pruned)
+        assert all(k % 4 == 0 for k in kept.values()), kept
+        rates = {
+            float(r) for w in keras_sfp.prune.wrappers(pruned) for r in w.channel_rates
+        }
+        assert len(rates) > 1  # groups prune at different rates
+        got = keras_sfp.count_flops(keras_sfp.shrink(pruned)) / full
+        assert target - 0.08 <= got <= target + 1e-9, (target, got)
+        x, _ = random_data(pruned, n=4)
+        assert_shrink_exact(pruned, x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(allocation="best"), "allocation='best'"),
+        (dict(allocation="uniform", target_latency=0.5), "target_latency"),
+        (dict(allocation="global", coupling="layer"), "coupling='layer'"),
+        (
+            dict(allocation="global", schedule=keras_sfp.schedules.Asymptotic(0.3)),
+            "allocation='global' scale",
+        ),
+    ],
+)
+def test_allocation_refuses_bad_combinations(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keras_sfp.prune_filters(tiny_resnet(), **kwargs)

@@ -247,6 +247,9 @@ def test_flag_defaults_are_the_config_defaults():
         ({"prune_at_start": "sometimes"}, "prune_at_start='sometimes'"),
         ({"hard_epochs": -1}, "hard_epochs=-1"),
         ({"reset_momentum": "yes"}, "reset_momentum='yes'"),
+        ({"recalibration_steps": -1}, "recalibration_steps=-1"),
+        ({"distill": "yes"}, "distill='yes'"),
+        ({"distill": None}, "distill=None"),
         ({"init_from": "missing.keras"}, "init_from='missing.keras'"),
         ({"learning_rate": -1.0}, "learning_rate=-1.0"),
         ({"target_macs": 0.0}, "target_macs=0.0"),
@@ -503,6 +506,7 @@ def test_fine_tuning_from_a_trained_model_runs_end_to_end(run, tmp_path):
         verbose=0,
         export="",
         output_dir=str(tmp_path),
+        distill=True,
     )
     tuned = train.train_and_evaluate(config)
     assert tuned["config"]["learning_rate"] == train.FINE_TUNE_LEARNING_RATE
@@ -511,6 +515,9 @@ def test_fine_tuning_from_a_trained_model_runs_end_to_end(run, tmp_path):
     assert tuned["original"]["macs"] == results["shrunk"]["macs"]
     assert tuned["shrunk"]["macs"] < tuned["original"]["macs"]
     assert tuned["shrunk"]["accuracy"] == tuned["soft_masked"]["accuracy"]
+    # Distilled from the loaded model (keras.distillation).
+    assert tuned["config"]["distill"] is True
+    assert "distillation_loss" in tuned["history"]
 
 
 def test_target_latency_builds_from_the_named_table(tmp_path, monkeypatch):

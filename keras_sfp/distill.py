@@ -1,0 +1,146 @@
+"""Knowledge distillation from the unpruned network, with Keras's own API.
+
+Pruning a trained network and fine-tuning it on labels alone loses accuracy
+that distilling from the network before pruning recovers (prune, then
+distill: NVIDIA Model Optimizer; Hinton et al., 2015). Keras 3 has the
+training loop (`keras.distillation.Distiller`); `SoftFilterPrune` prunes a
+distiller's student, so this module only builds the common case.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from keras_sfp import prune as prune_lib
+
+_KerasDistiller = getattr(getattr(keras, "distillation", None), "Distiller", None)
+
+if _KerasDistiller is not None:
+
+    @keras.saving.register_keras_serializable(package="keras_sfp")
+    class Distiller(_KerasDistiller):
+        """`keras.distillation.Distiller` whose loss keeps the model's own losses.
+
+        Keras's Distiller computes the student and distillation losses only:
+        the student's regularization losses (`kernel_regularizer` weight
+        decay, `SoftFilterPrune(sparse_epochs=...)`'s group lasso) and
+        `add_loss` terms would be dropped. This one adds them, as
+        `Model.compute_loss` does. Everything else is Keras's.
+        """
+
+        def compute_loss(
+            self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+        ):
+            total = super().compute_loss(
+                x=x,
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=training,
+            )
+            for loss in self.losses:
+                total = total + keras.ops.sum(keras.ops.cast(loss, total.dtype))
+            return total
+
+
+def distiller(
+    teacher: keras.Model,
+    student: keras.Model,
+    *,
+    temperature: float = 4.0,
+    student_loss_weight: float = 0.5,
+    **kwargs,
+):
+    """A `keras.distillation.Distiller` that trains a pruned `student`.
+
+    The student (a model prepared by `prune_filters`) learns from the labels
+    and from the logits of `teacher` (usually the network before pruning)
+    softened by `temperature` (`keras.distillation.LogitsDistillation`, KL
+    divergence scaled by `temperature ** 2`), and from its own
+    regularization losses (weight decay, sparse training's group lasso),
+    which Keras's Distiller leaves out (`keras_sfp.distill.Distiller`).
+    Compile it like the student (the loss is the student's supervised
+    loss), and fit it with
+    `SoftFilterPrune`, which prunes `distiller.student`; deploy
+    `shrink(distiller.student)`. The teacher is a frozen copy: the model
+    passed in is not changed.
+
+    Args:
+        teacher: The network to learn from, outputting logits like `student`.
+        student: A model prepared by `keras_sfp.prune_filters`.
+        temperature: Softmax temperature of the distillation loss. Defaults
+            to 4.0.
+        student_loss_weight: Weight of the supervised loss in [0, 1]; the
+            distillation loss gets the rest. Defaults to 0.5.
+        **kwargs: Passed to `keras.distillation.Distiller` (for example
+            `distillation_losses` to use others, such as
+            `FeatureDistillation`).
+
+    Returns:
+        An uncompiled, built `keras_sfp.distill.Distiller` (a
+        `keras.distillation.Distiller`).
+
+    Raises:
+        ValueError: If `student` was not prepared by `prune_filters`,
+            `teacher` is not a Keras model, `temperature` is not positive or
+            `student_loss_weight` not in [0, 1].
+        ImportError: If Keras has no `keras.distillation` (before 3.12).
+
+    Example:
+    >>> inputs = keras.Input((8, 8, 1))
+    >>> x = keras.layers.Conv2D(8, 3)(inputs)
+    >>> x = keras.layers.GlobalAveragePooling2D()(x)
+    >>> teacher = keras.Model(inputs, keras.layers.Dense(3)(x))
+    >>> d = distiller(teacher, prune_filters(teacher, rate=0.5, round_to=1))
+    >>> d.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> d.fit(np.ones((4, 8, 8, 1)), np.zeros(4), verbose=0,
+    ...       callbacks=[SoftFilterPrune()]).history["sfp_pruned"]
+    [4]
+    """
+    distillation = getattr(keras, "distillation", None)
+    if _KerasDistiller is None:
+        raise ImportError(
+            "keras_sfp.distiller needs keras.distillation (Keras 3.12 or "
+            f"newer). Installed: keras {keras.__version__}"
+        )
+    if not isinstance(teacher, keras.Model):
+        raise ValueError(
+            "`teacher` must be a keras.Model. "
+            f"Received: teacher of type {type(teacher).__name__}"
+        )
+    if prune_lib.pruned_model(student) is not student:
+        raise ValueError(
+            "`student` must be a model prepared by keras_sfp.prune_filters. "
+            f"Received: student {getattr(student, 'name', student)!r}"
+        )
+    if isinstance(temperature, bool) or not (
+        isinstance(temperature, (int, float)) and temperature > 0
+    ):
+        raise ValueError(
+            "`temperature` must be a positive number. "
+            f"Received: temperature={temperature!r}"
+        )
+    if isinstance(student_loss_weight, bool) or not (
+        isinstance(student_loss_weight, (int, float)) and 0 <= student_loss_weight <= 1
+    ):
+        raise ValueError(
+            "`student_loss_weight` must be a number in [0, 1]. "
+            f"Received: student_loss_weight={student_loss_weight!r}"
+        )
+    # The Distiller freezes its teacher (`trainable = False`): freeze a copy.
+    frozen = keras.models.clone_model(teacher)
+    frozen.set_weights(teacher.get_weights())
+    kwargs.setdefault(
+        "distillation_losses",
+        distillation.LogitsDistillation(temperature=float(temperature)),
+    )
+    result = Distiller(
+        teacher=frozen,
+        student=student,
+        student_loss_weight=float(student_loss_weight),
+        **kwargs,
+    )
+    # Built, as `BackupAndRestore` and `save_weights` need before `fit`.
+    shapes = [tensor.shape for tensor in student.inputs]
+    result.build(shapes[0] if len(shapes) == 1 else shapes)
+    return result
