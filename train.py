@@ -122,6 +122,11 @@ class TrainConfig:
         criterion: `"l2"`, `"l1"`, `"fpgm"` or `"l2_bn"` (see
             `keras_sfp.criteria`). Defaults to `"l2"`.
         coupling: `"group"` or `"layer"`. Defaults to `"group"`.
+        allocation: `prune_filters(allocation=...)`: `"uniform"`,
+            `"global"` (one importance ranking across groups under the MACs
+            budget; for `init_from`, as it reads the weights) or None
+            (uniform, or global by latency with `target_latency`). Defaults
+            to None.
         schedule: Pruning-rate schedule, `"constant"` or `"asymptotic"` (ASFP;
             it reaches `rate` at the last epoch whose masks are re-scored).
             Defaults to `"constant"`.
@@ -137,6 +142,10 @@ class TrainConfig:
         reset_momentum: `SoftFilterPrune(reset_momentum=...)`: zero the
             optimizer slots of the filters each event prunes. Defaults to
             False.
+        sparse_epochs: `SoftFilterPrune(sparse_epochs=...)`: first epochs
+            trained with a group lasso and no prune event. Defaults to 0.
+        sparsity: `SoftFilterPrune(sparsity=...)`, the group lasso's weight.
+            Defaults to 1e-4.
         recalibration_steps: Batches of training data from which
             `SoftFilterPrune` re-estimates the BatchNormalization statistics
             when training ends (`recalibrate_batch_norm`); 0 leaves them to
@@ -213,10 +222,13 @@ class TrainConfig:
     latency_table: str | None = None
     criterion: str = "l2"
     coupling: str = "group"
+    allocation: str | None = None
     schedule: str = "constant"
     hard_epochs: int | None = None
     prune_at_start: str = "true"
     reset_momentum: bool = False
+    sparse_epochs: int = 0
+    sparsity: float = 1e-4
     recalibration_steps: int = 100
     distill: bool = False
     init_from: str | None = None
@@ -286,6 +298,9 @@ class TrainConfig:
             raise ValueError(f"`rate` must be in [0, 1). Received: rate={self.rate!r}")
         keras_sfp.prune.check_targets(
             self.target_macs, self.target_latency, self.rate, self.coupling
+        )
+        keras_sfp.prune.check_allocation(
+            self.allocation, self.target_latency, self.coupling
         )
         if self.target_latency is not None and self.distribute == "multi_process":
             raise ValueError(
@@ -360,6 +375,20 @@ class TrainConfig:
                 f"Received: reset_momentum={self.reset_momentum!r}"
             )
         _checks.int_at_least("recalibration_steps", self.recalibration_steps, 0)
+        _checks.int_at_least("sparse_epochs", self.sparse_epochs, 0)
+        if self.sparse_epochs + self.resolved_hard_epochs() > self.epochs:
+            raise ValueError(
+                "`sparse_epochs` plus the hard epochs must be at most `epochs`. "
+                f"Received: sparse_epochs={self.sparse_epochs!r}, hard_epochs="
+                f"{self.resolved_hard_epochs()}, epochs={self.epochs!r}"
+            )
+        if isinstance(self.sparsity, bool) or not (
+            isinstance(self.sparsity, (int, float)) and self.sparsity > 0
+        ):
+            raise ValueError(
+                "`sparsity` must be a positive number. "
+                f"Received: sparsity={self.sparsity!r}"
+            )
         if not isinstance(self.distill, bool):
             raise ValueError(
                 f"`distill` must be a bool. Received: distill={self.distill!r}"
@@ -581,6 +610,8 @@ def _callbacks(
             reset_momentum=config.reset_momentum,
             recalibration_data=recalibration_data,
             recalibration_steps=max(config.recalibration_steps, 1),
+            sparse_epochs=config.sparse_epochs,
+            sparsity=config.sparsity,
             verbose=int(config.verbose > 0 and distributed.is_chief()),
         )
     ]
@@ -723,6 +754,7 @@ def initial_models(config: TrainConfig, data) -> tuple[keras.Model, keras.Model]
         schedule=pruning_schedule(config),
         coupling=config.coupling,
         round_to=config.round_to,
+        allocation=config.allocation,
     )
     return model, pruned
 
@@ -1047,6 +1079,19 @@ def _define_flags() -> None:
     )
     flags.DEFINE_enum("criterion", d.criterion, CRITERIA, "Filter criterion.")
     flags.DEFINE_enum("coupling", d.coupling, COUPLINGS, "Residual coupling.")
+    flags.DEFINE_enum(
+        "allocation",
+        d.allocation,
+        list(keras_sfp.prune.ALLOCATIONS),
+        "Channels per group: uniform rate, or global importance ranking.",
+    )
+    flags.DEFINE_integer(
+        "sparse_epochs",
+        d.sparse_epochs,
+        "First epochs trained with a group lasso, before pruning.",
+        lower_bound=0,
+    )
+    flags.DEFINE_float("sparsity", d.sparsity, "Weight of the group lasso.")
     flags.DEFINE_enum(
         "schedule", d.schedule, PRUNING_SCHEDULES, "Pruning-rate schedule."
     )

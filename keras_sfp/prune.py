@@ -195,7 +195,8 @@ ALLOCATIONS = ("uniform", "global")
 """The values of `prune_filters(allocation=...)`."""
 
 
-def _check_allocation(allocation, target_latency, coupling) -> str:
+def check_allocation(allocation, target_latency, coupling) -> str:
+    """Validates `allocation` (`prune_filters`, train.py); returns the mode used."""
     if allocation is not None and allocation not in ALLOCATIONS:
         raise ValueError(
             f"`allocation` must be one of {ALLOCATIONS} or None. "
@@ -343,7 +344,7 @@ def prune_filters(
     """
     distributed.check_strategy()
     check_targets(target_macs, target_latency, rate, coupling)
-    allocation_mode = _check_allocation(allocation, target_latency, coupling)
+    allocation_mode = check_allocation(allocation, target_latency, coupling)
     if allocation_mode == "global" and schedule not in (
         None,
         "constant",

@@ -200,6 +200,10 @@ def test_main_builds_config_from_flags(monkeypatch):
         "--augment",
         "--train_limit=100",
         "--output_dir=/tmp/out",
+        "--sparse_epochs=1",
+        "--sparsity=0.001",
+        "--recalibration_steps=5",
+        "--distill",
     ]
     try:
         remaining = train.FLAGS(argv)
@@ -222,6 +226,10 @@ def test_main_builds_config_from_flags(monkeypatch):
         augment=True,
         train_limit=100,
         output_dir="/tmp/out",
+        sparse_epochs=1,
+        sparsity=0.001,
+        recalibration_steps=5,
+        distill=True,
     )
 
 
@@ -250,6 +258,10 @@ def test_flag_defaults_are_the_config_defaults():
         ({"recalibration_steps": -1}, "recalibration_steps=-1"),
         ({"distill": "yes"}, "distill='yes'"),
         ({"distill": None}, "distill=None"),
+        ({"allocation": "best"}, "allocation='best'"),
+        ({"allocation": "global", "coupling": "layer"}, "coupling='layer'"),
+        ({"sparse_epochs": 4, "epochs": 4}, "sparse_epochs=4"),
+        ({"sparsity": 0}, "sparsity=0"),
         ({"init_from": "missing.keras"}, "init_from='missing.keras'"),
         ({"learning_rate": -1.0}, "learning_rate=-1.0"),
         ({"target_macs": 0.0}, "target_macs=0.0"),
