@@ -14,7 +14,10 @@ fine-tune with frozen masks, `hard_epochs` = all epochs):
   statistics left to Keras (the library's behaviour before restarting them;
   the short fine-tune that collapsed).
 - `sfp`, `hard_once`: the callback's defaults (statistics restarted at the
-  first hard epoch, bias corrected).
+  first hard epoch, averaged with momentum 0.9, bias corrected).
+- `sfp_bn099`, `hard_once_bn099`, `kd_hard_once_bn099`: restarted and bias
+  corrected, but averaged with the layers' own momentum (0.99;
+  `batch_norm_momentum=None`).
 - `sfp_recal`, `hard_once_recal`: also re-estimated from 100 training
   batches when training ends (`recalibration_data`).
 - `kd_hard_once`, `kd_sfp`: the same as `hard_once` and `sfp`, trained as the
@@ -26,6 +29,8 @@ fine-tune with frozen masks, `hard_epochs` = all epochs):
 - `sparse_kd_global`: `kd_global` whose first epoch trains with the group
   lasso (`sparse_epochs=1`, `sparsity=1e-4`) before the one prune event,
   then a hard epoch.
+- `*_recal`: the same with `recalibration_data` (as `train.py` does by
+  default): `global_recal`, `kd_recal`, `sparse_global_recal`.
 
 Each row reports the last epoch's training accuracy (a running average over
 the epoch, in training mode), the accuracy of the deployed `shrink`ed model
@@ -60,23 +65,35 @@ RECIPES = {
     "sfp_keras_bn": dict(hard_epochs=1, reset_batch_norm=False),
     "sfp": dict(hard_epochs=1),
     "hard_once": dict(hard_epochs="all"),
+    "sfp_bn099": dict(hard_epochs=1, batch_norm_momentum=None),
+    "hard_once_bn099": dict(hard_epochs="all", batch_norm_momentum=None),
     "sfp_recal": dict(hard_epochs=1, recalibrate=True),
     "hard_once_recal": dict(hard_epochs="all", recalibrate=True),
     "kd_hard_once": dict(hard_epochs="all", distill=True),
+    "kd_hard_once_bn099": dict(
+        hard_epochs="all", distill=True, batch_norm_momentum=None
+    ),
     "global_hard_once": dict(hard_epochs="all", allocation="global"),
+    "global_recal": dict(hard_epochs="all", allocation="global", recalibrate=True),
+    "kd_recal": dict(hard_epochs="all", distill=True, recalibrate=True),
     "kd_global": dict(hard_epochs="all", distill=True, allocation="global"),
     "kd_sfp": dict(hard_epochs=1, distill=True),
     "hard_once_keras_bn": dict(hard_epochs="all", reset_batch_norm=False),
     "sparse_kd_global": dict(
         hard_epochs=1, sparse_epochs=1, distill=True, allocation="global"
     ),
+    "sparse_global_recal": dict(
+        hard_epochs=1, sparse_epochs=1, allocation="global", recalibrate=True
+    ),
 }
 # Run in this order, each phase for every seed before the next phase, so a
 # run cut short still has whole rows for the comparisons that set defaults.
 PHASES = (
-    ("unpruned", "sfp_keras_bn", "sfp", "hard_once", "hard_once_recal", "kd_hard_once"),
-    ("global_hard_once", "kd_global", "sparse_kd_global", "sfp_recal"),
-    ("kd_sfp", "hard_once_keras_bn"),
+    ("unpruned", "sfp_keras_bn", "sfp_bn099", "hard_once_bn099", "hard_once_recal"),
+    ("sfp", "hard_once"),
+    ("global_recal", "kd_recal", "sparse_global_recal"),
+    ("kd_hard_once_bn099", "sfp_recal", "global_hard_once", "kd_global"),
+    ("sparse_kd_global", "kd_sfp", "kd_hard_once", "hard_once_keras_bn"),
 )
 
 SETTINGS = {
@@ -143,6 +160,7 @@ def fine_tune(name: str, trained: keras.Model, data, seed: int, rate: float, epo
     callback = keras_sfp.SoftFilterPrune(
         hard_epochs=epochs if hard == "all" else hard,
         reset_batch_norm=recipe.get("reset_batch_norm", True),
+        batch_norm_momentum=recipe.get("batch_norm_momentum", 0.9),
         sparse_epochs=recipe.get("sparse_epochs", 0),
         recalibration_data=x if recipe.get("recalibrate") else None,
     )

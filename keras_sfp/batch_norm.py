@@ -215,20 +215,42 @@ class FreshStatistics:
     epoch-end callbacks, the end of training) and the raw average while
     training steps run; `unbias` and `rebias` switch.
 
+    With `momentum`, each layer averages with `min(its momentum, momentum)`
+    while the raw average is in place (the layers hold their own momentum
+    otherwise, so saved configurations do not change): a shorter window
+    follows weights that still move, where Keras's default 0.99 averages
+    over the last hundred or so steps. Compiled training functions must be
+    rebuilt to use it (`changes_momentum`).
+
     Args:
         layers: The BatchNormalization layers (`batch_norm_layers`).
         optimizer: The optimizer whose step counter counts the updates (the
             inner optimizer's, for a `LossScaleOptimizer`: the rare steps
             that loss scaling skips update the statistics but are not
             counted).
+        momentum: The largest momentum to average with, or None for the
+            layers' own. Defaults to None.
     """
 
-    def __init__(self, layers: list, optimizer):
+    def __init__(self, layers: list, optimizer, momentum: float | None = None):
         self.layers = layers
         self.optimizer = optimizer
+        self._own = [float(layer.momentum) for layer in layers]
+        self._momenta = [
+            m if momentum is None else min(m, float(momentum)) for m in self._own
+        ]
         self._start = None
         self._raw = False
         self._saved = None
+
+    @property
+    def changes_momentum(self) -> bool:
+        """Whether some layer averages with another momentum than its own."""
+        return self._momenta != self._own
+
+    def _set_momenta(self, raw: bool) -> None:
+        for layer, momentum in zip(self.layers, self._momenta if raw else self._own):
+            layer.momentum = momentum
 
     @property
     def active(self) -> bool:
@@ -249,6 +271,7 @@ class FreshStatistics:
             layer.moving_variance.assign(np.zeros(layer.moving_variance.shape))
         self._start = _steps(self.optimizer)
         self._raw = True
+        self._set_momenta(raw=True)
 
     def resume(self, steps: int) -> None:
         """Continues from corrected statistics that `steps` steps produced.
@@ -276,8 +299,8 @@ class FreshStatistics:
             if self._raw and inverse:
                 _restore(self.layers, self._saved)
             return
-        for layer in self.layers:
-            weight = 1.0 - float(layer.momentum) ** steps
+        for layer, momentum in zip(self.layers, self._momenta):
+            weight = 1.0 - momentum**steps
             factor = 1.0 / weight if inverse else weight
             for variable in (layer.moving_mean, layer.moving_variance):
                 variable.assign(keras.ops.convert_to_numpy(variable) * factor)
@@ -287,6 +310,7 @@ class FreshStatistics:
         if self.active and self._raw:
             self._scale(inverse=True)
             self._raw = False
+            self._set_momenta(raw=False)
 
     def rebias(self) -> None:
         """Writes back the raw average, before more training steps run."""
@@ -297,9 +321,11 @@ class FreshStatistics:
             else:
                 self._scale(inverse=False)
             self._raw = True
+            self._set_momenta(raw=True)
 
     def finish(self) -> None:
         """Leaves the corrected statistics in the layers and stops."""
         self.unbias()
+        self._set_momenta(raw=False)
         self._start = None
         self._saved = None

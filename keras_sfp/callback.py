@@ -68,9 +68,12 @@ class SoftFilterPrune(keras.callbacks.Callback):
     before the last event: with Keras's default momentum (0.99), 21 % of them
     remain 157 steps later, enough to turn a fine-tune at 85 % training
     accuracy into a deployed model at 50 %. With `reset_batch_norm=True` the
-    moving statistics restart from zero at the first hard epoch and are read
-    with their bias corrected (`keras_sfp.batch_norm.FreshStatistics`): they
-    describe only steps taken with the final masks, and validation, the end
+    moving statistics restart from zero at the first hard epoch, average
+    with a momentum of at most `batch_norm_momentum` (PyTorch's default
+    window: the weights still move during a fine-tune, and Keras's 0.99
+    averages over the last hundred or so steps) and are read with their bias
+    corrected (`keras_sfp.batch_norm.FreshStatistics`): they describe only
+    recent steps taken with the final masks, and validation, the end
     of training and the epoch-end callbacks after this one (checkpoints,
     backups) see them corrected; callbacks that read the model in the
     middle of an epoch see the raw average. With
@@ -117,6 +120,10 @@ class SoftFilterPrune(keras.callbacks.Callback):
         reset_batch_norm: Restart the BatchNormalization moving statistics at
             the first hard epoch and correct their bias (see above). Defaults
             to True.
+        batch_norm_momentum: With `reset_batch_norm`, the largest momentum
+            of the moving statistics during the hard epochs (each layer's own
+            is restored at every epoch end, so saved models keep it); None
+            keeps the layers' own. Defaults to 0.9.
         recalibration_data: Data to re-estimate the BatchNormalization
             statistics from when training ends (`recalibrate_batch_norm`):
             training inputs as arrays, an `(x, y)` tuple, a `PyDataset`, a
@@ -153,6 +160,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
         prune_at_start=True,
         reset_momentum: bool = False,
         reset_batch_norm: bool = True,
+        batch_norm_momentum: float | None = 0.9,
         recalibration_data=None,
         recalibration_steps: int = 100,
         sparse_epochs: int = 0,
@@ -189,9 +197,19 @@ class SoftFilterPrune(keras.callbacks.Callback):
         self.hard_epochs = hard_epochs
         self.prune_at_start = prune_at_start
         self.reset_momentum = reset_momentum
+        if batch_norm_momentum is not None and (
+            isinstance(batch_norm_momentum, bool)
+            or not isinstance(batch_norm_momentum, (int, float, np.floating))
+            or not 0.0 <= batch_norm_momentum < 1.0
+        ):
+            raise ValueError(
+                "`batch_norm_momentum` must be in [0, 1) or None. "
+                f"Received: batch_norm_momentum={batch_norm_momentum!r}"
+            )
         if recalibration_data is not None:
             batch_norm_lib.check_data(recalibration_data, "recalibration_data")
         self.reset_batch_norm = reset_batch_norm
+        self.batch_norm_momentum = batch_norm_momentum
         self.recalibration_data = recalibration_data
         self.recalibration_steps = recalibration_steps
         self.sparse_epochs = sparse_epochs
@@ -490,7 +508,9 @@ class SoftFilterPrune(keras.callbacks.Callback):
             return
         if self._statistics is None:
             self._statistics = batch_norm_lib.FreshStatistics(
-                batch_norm_lib.batch_norm_layers(self.pruned), self.model.optimizer
+                batch_norm_lib.batch_norm_layers(self.pruned),
+                self.model.optimizer,
+                self.batch_norm_momentum,
             )
             first = self._first_hard_epoch()
             steps = (self.params or {}).get("steps")
@@ -500,6 +520,11 @@ class SoftFilterPrune(keras.callbacks.Callback):
                 self._statistics.resume((epoch - first) * steps)
             else:
                 self._statistics.start()
+            if self._statistics.changes_momentum and getattr(
+                self.model, "train_function", None
+            ):
+                # The momentum is read when the training step is traced.
+                self.model.make_train_function(force=True)
         else:
             self._statistics.rebias()
 
@@ -543,6 +568,8 @@ class SoftFilterPrune(keras.callbacks.Callback):
             self.prune(self._last_epoch, rescore=not hard)
         if self._statistics is not None:
             self._statistics.finish()
+            if self._statistics.changes_momentum:
+                self.model.train_function = None  # traced with the hard momentum
             self._statistics = None
         if self.recalibration_data is not None:
             batch_norm_lib.recalibrate_batch_norm(

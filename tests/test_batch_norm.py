@@ -237,6 +237,7 @@ def test_last_event_without_hard_epoch_warns_unless_data_is_given():
     [
         (dict(reset_batch_norm=1), "reset_batch_norm"),
         (dict(recalibration_steps=0), "recalibration_steps"),
+        (dict(batch_norm_momentum=1.0), "batch_norm_momentum"),
         (dict(hard_epochs=-1), "hard_epochs"),
     ],
 )
@@ -324,3 +325,51 @@ def test_resume_in_hard_epochs_continues_the_statistics(tmp_path):
     resumed = run(tmp_path / "b", interrupt=False)
     for a, b in zip(moving(resumed), moving(straight)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+class _Momentum(keras.callbacks.Callback):
+    """The BN momentum that checkpoints (callbacks after SoftFilterPrune) save."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen.append(
+            keras_sfp.prune.unwrap(self.model.get_layer("sfp_bn")).momentum
+        )
+
+
+def test_hard_epochs_average_with_a_shorter_window_and_save_the_own_momentum():
+    base = conv_bn(momentum=0.99, trainable_conv=False)
+    x, y = data(48), np.zeros(48, "int32")
+    results = {}
+    for momentum in (0.9, None):
+        pruned = compile_sgd(keras_sfp.prune_filters(base, rate=0.5, round_to=1))
+        seen = _Momentum()
+        pruned.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[
+                keras_sfp.SoftFilterPrune(hard_epochs=1, batch_norm_momentum=momentum),
+                seen,
+            ],
+        )
+        stripped = keras_sfp.strip_pruning(pruned)
+        stats = [batch_stats(stripped, x[i : i + 16]) for i in range(0, 48, 16)]
+        results[momentum] = (moving(pruned), stats, seen.seen)
+        assert seen.seen == [0.99]
+        assert keras_sfp.prune.unwrap(pruned.get_layer("sfp_bn")).momentum == 0.99
+    for momentum, m in ((0.9, 0.9), (None, 0.99)):
+        (mean, var), stats, _ = results[momentum]
+        weights = np.array([m**2, m, 1.0]) * (1 - m) / (1 - m**3)
+        np.testing.assert_allclose(
+            mean, sum(w * s[0] for w, s in zip(weights, stats)), rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            var, sum(w * s[1] for w, s in zip(weights, stats)), rtol=1e-4, atol=1e-6
+        )
