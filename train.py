@@ -124,8 +124,10 @@ class TrainConfig:
         coupling: `"group"` or `"layer"`. Defaults to `"group"`.
         allocation: `prune_filters(allocation=...)`: `"uniform"`,
             `"global"` (one importance ranking across groups under the MACs
-            budget; for `init_from`, as it reads the weights) or None
-            (uniform, or global by latency with `target_latency`). Defaults
+            budget; it reads the weights, so it is meant for `init_from`) or
+            None: `"global"` with `init_from` and `coupling="group"` (it
+            measured best on short fine-tunes, `bench/fine_tune.py`), else
+            uniform (or global by latency with `target_latency`). Defaults
             to None.
         schedule: Pruning-rate schedule, `"constant"` or `"asymptotic"` (ASFP;
             it reaches `rate` at the last epoch whose masks are re-scored).
@@ -413,6 +415,15 @@ class TrainConfig:
         if self.hard_epochs is not None:
             return self.hard_epochs
         return self.epochs if self.init_from else 1
+
+    def resolved_allocation(self) -> str | None:
+        """`allocation`, or "global" with `init_from` and group coupling."""
+        if self.allocation is not None:
+            return self.allocation
+        fine_tune = self.init_from and self.coupling == "group"
+        if fine_tune and self.target_latency is None:
+            return "global"
+        return None
 
     def resolved_learning_rate(self) -> float:
         """`learning_rate`, or the default for training from scratch or not."""
@@ -754,7 +765,7 @@ def initial_models(config: TrainConfig, data) -> tuple[keras.Model, keras.Model]
         schedule=pruning_schedule(config),
         coupling=config.coupling,
         round_to=config.round_to,
-        allocation=config.allocation,
+        allocation=config.resolved_allocation(),
     )
     return model, pruned
 
@@ -950,6 +961,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
             "learning_rate": config.resolved_learning_rate(),
             "rate": keras_sfp.prune.wrappers(pruned)[0].rate,
             "hard_epochs": config.resolved_hard_epochs(),
+            "allocation": config.resolved_allocation(),
             "distill": trainer is not pruned,
             "init_from": config.init_from and os.fspath(config.init_from),
             "backend": keras.backend.backend(),

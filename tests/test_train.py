@@ -460,10 +460,24 @@ def test_init_from_prunes_a_trained_model_or_continues_a_wrapped_one(run):
     _, results, _ = run
     artifacts = results["artifacts"]
     # A plain trained model (here the shrunk one): its weights, pruned afresh.
-    config = train.TrainConfig(init_from=artifacts["shrunk"], rate=0.5)
+    config = train.TrainConfig(
+        init_from=artifacts["shrunk"], rate=0.5, allocation="uniform"
+    )
     original, pruned = train.initial_models(config, _Data)
     loaded = keras.saving.load_model(artifacts["shrunk"], compile=False)
     assert {w.rate for w in keras_sfp.prune.wrappers(pruned)} == {0.5}
+    # By default a trained model is pruned with global allocation: groups
+    # keep different fractions, for the MACs of rate 0.5's uniform counts.
+    tuned = train.TrainConfig(init_from=artifacts["shrunk"], rate=0.5)
+    assert tuned.resolved_allocation() == "global"
+    _, global_pruned = train.initial_models(tuned, _Data)
+    rates = {
+        float(r)
+        for w in keras_sfp.prune.wrappers(global_pruned)
+        for r in w.channel_rates
+    }
+    assert len(rates) > 1
+    assert train.TrainConfig().resolved_allocation() is None
     # The wrapped model starts from the file's weights.
     stripped = keras_sfp.strip_pruning(pruned)
     assert stripped.count_params() == loaded.count_params()
