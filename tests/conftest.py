@@ -157,6 +157,18 @@ def compile_sgd(model, lr=0.05):
     return model
 
 
+class Interrupt(keras.callbacks.Callback):
+    """Raises at the end of epoch `epoch`, as a killed run would stop there."""
+
+    def __init__(self, epoch=1):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras_sfp
-from conftest import compile_sgd
+from conftest import Interrupt, compile_sgd
 from keras_sfp.batch_norm import FreshStatistics, batch_norm_layers
 
 L = keras.layers
@@ -295,12 +295,6 @@ def test_fresh_statistics_count_steps_under_mixed_precision_loss_scaling():
     np.testing.assert_allclose(moving(model)[1], want_var, rtol=1e-4, atol=1e-6)
 
 
-class _Interrupt(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == 1:
-            raise RuntimeError("interrupted")
-
-
 def test_resume_in_hard_epochs_continues_the_statistics(tmp_path):
     base = conv_bn(momentum=0.9)
     x, y = data(32), np.zeros(32, "int32")
@@ -313,7 +307,7 @@ def test_resume_in_hard_epochs_continues_the_statistics(tmp_path):
             keras.callbacks.BackupAndRestore(str(backup_dir)),
         ]
         if interrupt:
-            callbacks.append(_Interrupt())
+            callbacks.append(Interrupt())
         pruned.fit(
             x, y, epochs=3, batch_size=8, shuffle=False, verbose=0, callbacks=callbacks
         )

@@ -9,6 +9,7 @@ import pytest
 import keras_sfp
 from conftest import (
     BACKEND,
+    Interrupt,
     compile_sgd,
     deterministic,
     random_data,
@@ -321,12 +322,6 @@ def test_data_parallel_training_matches_single_device(build, lr):
         )
 
 
-class _Interrupt(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == 1:
-            raise RuntimeError("interrupted")
-
-
 def test_resume_with_backup_and_restore_equals_uninterrupted_run(tmp_path):
     deterministic()
     base = randomize_batch_norm(tiny_resnet())
@@ -341,7 +336,7 @@ def test_resume_with_backup_and_restore_equals_uninterrupted_run(tmp_path):
             keras.callbacks.BackupAndRestore(str(backup_dir)),
         ]
         if interrupt:
-            callbacks.append(_Interrupt())
+            callbacks.append(Interrupt())
         model.fit(
             x, y, epochs=4, batch_size=8, shuffle=False, verbose=0, callbacks=callbacks
         )
@@ -380,7 +375,7 @@ def test_resume_from_a_keras_file_with_initial_epoch_equals_uninterrupted(tmp_pa
         callbacks = [
             keras_sfp.SoftFilterPrune(hard_epochs=1, prune_at_start=True),
             keras.callbacks.ModelCheckpoint(checkpoint),
-        ] + ([_Interrupt()] if interrupt else [])
+        ] + ([Interrupt()] if interrupt else [])
         model.fit(
             x,
             y,

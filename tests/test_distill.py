@@ -6,6 +6,7 @@ import pytest
 
 import keras_sfp
 from conftest import (
+    Interrupt,
     assert_shrink_exact,
     calibrate_batch_norm,
     deterministic,
@@ -73,12 +74,6 @@ def test_distiller_prunes_its_student_in_soft_and_hard_epochs():
     )
 
 
-class _Interrupt(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == 0:
-            raise RuntimeError("interrupted")
-
-
 def test_distiller_resumes_from_backup_and_restore(tmp_path):
     deterministic()
     teacher = calibrate_batch_norm(small_net())
@@ -92,7 +87,7 @@ def test_distiller_resumes_from_backup_and_restore(tmp_path):
             keras.callbacks.BackupAndRestore(str(backup_dir)),
         ]
         if interrupt:
-            callbacks.append(_Interrupt())
+            callbacks.append(Interrupt(0))
         distiller.fit(
             x, y, epochs=3, batch_size=8, shuffle=False, verbose=0, callbacks=callbacks
         )
