@@ -318,14 +318,17 @@ def main(argv) -> None:
             for name in phase
             if name in names and (name, seed) not in done
         ]
+        trained_by_seed = {}  # each seed's network, loaded (or trained) once
         for seed, name in jobs:
-            trained = trained_network(
-                os.path.join(run_dir, f"trained_s{seed}.keras"),
-                seed,
-                x,
-                y,
-                setting["train_epochs"],
-            )
+            if seed not in trained_by_seed:
+                trained_by_seed[seed] = trained_network(
+                    os.path.join(run_dir, f"trained_s{seed}.keras"),
+                    seed,
+                    x,
+                    y,
+                    setting["train_epochs"],
+                )
+            trained = trained_by_seed[seed]
             row = fine_tune(
                 name,
                 trained,
