@@ -19,9 +19,31 @@ def test_time_alternately_calls_every_runner_in_turn():
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
 
 
+@pytest.mark.parametrize("statistic, want", [("median", 3.0), ("min", 1.0)])
+def test_time_alternately_summarises_each_runners_times(monkeypatch, statistic, want):
+    # A fake clock: runner "a" takes 1, 3 then 8 ms, "b" always 2 ms.
+    durations = iter([1e-3, 2e-3, 3e-3, 2e-3, 8e-3, 2e-3])
+    clock = {"now": 0.0, "start": True}
+
+    def perf_counter():
+        if not clock["start"]:
+            clock["now"] += next(durations)
+        clock["start"] = not clock["start"]
+        return clock["now"]
+
+    monkeypatch.setattr(latency.time, "perf_counter", perf_counter)
+    runners = {"a": lambda: None, "b": lambda: None}
+    times = latency.time_alternately(runners, runs=3, warmup=0, statistic=statistic)
+    assert times["a"] == pytest.approx(want) and times["b"] == pytest.approx(2.0)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"runs": 0}, "Received: runs=0"), ({"runs": 2, "warmup": -1}, "warmup=-1")],
+    [
+        ({"runs": 0}, "Received: runs=0"),
+        ({"runs": 2, "warmup": -1}, "warmup=-1"),
+        ({"runs": 2, "statistic": "mean"}, "Received: statistic='mean'"),
+    ],
 )
 def test_time_alternately_rejects_bad_counts(kwargs, message):
     with pytest.raises(ValueError, match=message):

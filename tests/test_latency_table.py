@@ -100,13 +100,36 @@ def test_a_table_from_another_device_is_read_but_never_extended(tmp_path):
         phone.lookup(spec, 4, 16)
 
 
-def test_layer_times_are_measured_without_the_call_overhead():
+def test_layer_times_are_measured_without_the_call_overhead(monkeypatch):
+    from keras_sfp import latency as latency_lib
+
+    seen = {}
+    real = latency_lib.time_alternately
+
+    def fake(runners, runs, warmup, statistic):
+        # The runners really run (the layer and an identity on one batch);
+        # the figures are set so that the test does not depend on timing.
+        real(runners, runs=1, warmup=0)
+        seen.update(runs=runs, statistic=statistic, keys=sorted(runners))
+        return {"layer": seen.pop("layer_ms"), "identity": 0.5}
+
+    monkeypatch.setattr(latency_lib, "time_alternately", fake)
     table = LatencyTable(runs=5)
     spec = LayerSpec(L.Conv2D(64, 3, padding="same"), (1, 32, 32, 64))
-    small = table.lookup(spec, 8, 8)
-    large = table.lookup(spec, 64, 64)
+    seen["layer_ms"] = 1.75
+    assert table.lookup(spec, 64, 64) == pytest.approx(1.25)
+    assert seen == {"runs": 5, "statistic": "min", "keys": ["identity", "layer"]}
+    seen["layer_ms"] = 0.25  # faster than the call itself: noise, not a time
+    assert table.lookup(spec, 8, 8) == 0.0
     assert table.measured == 2
-    assert 0.0 <= small < large  # 64x the MACs
+
+
+def test_a_real_layer_time_is_a_finite_number_of_milliseconds():
+    table = LatencyTable(runs=2)
+    spec = LayerSpec(L.Conv2D(8, 3, padding="same"), (1, 8, 8, 8))
+    value = table.lookup(spec, 8, 8)
+    assert isinstance(value, float) and 0.0 <= value < 1e3
+    assert table.lookup(spec, 8, 8) == value and table.measured == 1  # cached
 
 
 def test_target_latency_reaches_the_prediction_with_multiples(tmp_path):
