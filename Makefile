@@ -21,6 +21,7 @@ CORE_TESTS := tests/test_wrapper.py tests/test_callback.py tests/test_prune.py \
 	tests/test_batch_norm.py keras_sfp/batch_norm.py \
 	tests/test_distill.py keras_sfp/distill.py \
 	tests/test_sparsity.py keras_sfp/sparsity.py keras_sfp/importance.py \
+	tests/test_fixtures.py \
 	keras_sfp/allocation.py keras_sfp/_keras_graph.py \
 	keras_sfp/wrapper.py keras_sfp/callback.py keras_sfp/prune.py \
 	keras_sfp/shrink.py keras_sfp/graph.py keras_sfp/rules.py \
