@@ -16,17 +16,10 @@ CORE_TESTS := tests/test_wrapper.py tests/test_callback.py tests/test_prune.py \
 	tests/test_shrink.py tests/test_graph.py tests/test_flops.py \
 	tests/test_patterns.py tests/test_softness.py tests/test_criteria.py \
 	tests/test_allocation.py tests/test_model_zoo_patterns.py \
-	tests/test_latency_table.py keras_sfp/latency_table.py \
-	tests/test_fold.py keras_sfp/fold.py \
-	tests/test_batch_norm.py keras_sfp/batch_norm.py \
-	tests/test_distill.py keras_sfp/distill.py \
-	tests/test_sparsity.py keras_sfp/sparsity.py keras_sfp/importance.py \
-	tests/test_fixtures.py \
-	keras_sfp/allocation.py keras_sfp/_keras_graph.py \
-	keras_sfp/wrapper.py keras_sfp/callback.py keras_sfp/prune.py \
-	keras_sfp/shrink.py keras_sfp/graph.py keras_sfp/rules.py \
-	keras_sfp/flops.py keras_sfp/describe.py keras_sfp/latency.py \
-	keras_sfp/criteria.py keras_sfp/schedules.py
+	tests/test_latency_table.py tests/test_fold.py tests/test_batch_norm.py \
+	tests/test_distill.py tests/test_sparsity.py tests/test_fixtures.py \
+	keras_sfp/core keras_sfp/graph keras_sfp/allocation keras_sfp/recovery \
+	keras_sfp/latency
 CORE_SELECT := -k "not resnet32 and not resnet56 and not resnet110"
 
 .PHONY: demo test test-jax test-torch lint data install clean

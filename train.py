@@ -3,7 +3,7 @@
 A thin absl driver over `train_and_evaluate`, which does all the work and can be
 called from Python (or a test) with a `TrainConfig`:
 
-1. Load an image-classification dataset (`keras_sfp.data.load_dataset`).
+1. Load an image-classification dataset (`keras_sfp.training.data.load_dataset`).
 2. Build a model from `models`, wrap it with `keras_sfp.prune_filters`, compile
    it (SGD with Nesterov momentum 0.9, the SFP paper's optimizer; He et al.,
    IJCAI 2018) and train it with the `keras_sfp.SoftFilterPrune` callback.
@@ -16,9 +16,9 @@ called from Python (or a test) with a `TrainConfig`:
    (`saved_model/`) and the deployment artifacts (`export/`).
 
 It runs on every Keras backend (`KERAS_BACKEND=jax python train.py`); without
-TensorFlow the input pipeline is NumPy (`keras_sfp.pipeline.ArrayBatches`)
+TensorFlow the input pipeline is NumPy (`keras_sfp.training.pipeline.ArrayBatches`)
 instead of `tf.data`, and the TensorFlow artifacts are skipped (export the
-saved `shrunk.keras` with `keras_sfp.deploy` where TensorFlow is).
+saved `shrunk.keras` with `keras_sfp.export.measure` where TensorFlow is).
 
 Usage:
 
@@ -56,9 +56,11 @@ import numpy as np  # noqa: E402
 
 import keras_sfp  # noqa: E402
 import models  # noqa: E402
-from keras_sfp import _checks, _tensorflow, distributed, latency  # noqa: E402
-from keras_sfp import data as data_lib  # noqa: E402
-from keras_sfp import pipeline as pipeline_lib  # noqa: E402
+from keras_sfp import _checks, _tensorflow  # noqa: E402
+from keras_sfp.latency import timing as latency  # noqa: E402
+from keras_sfp.training import data as data_lib  # noqa: E402
+from keras_sfp.training import distributed  # noqa: E402
+from keras_sfp.training import pipeline as pipeline_lib  # noqa: E402
 
 LR_SCHEDULES = ("cosine", "step", "constant")
 CRITERIA = ("l2", "l1", "fpgm", "l2_bn")
@@ -93,7 +95,7 @@ class TrainConfig:
         model: A name in `models.MODEL_NAMES`. Defaults to `"resnet20"`.
         dataset: `"fashion_mnist"` or a TFDS image-classification dataset name.
             Defaults to `"fashion_mnist"`.
-        data_dir: Directory of the data (see `keras_sfp.data.load_dataset`);
+        data_dir: Directory of the data (see `keras_sfp.training.data.load_dataset`);
             `None` for the default location. Defaults to None.
         epochs: Training epochs. Defaults to 4.
         batch_size: Global batch size, also the batch of the latency
@@ -189,7 +191,7 @@ class TrainConfig:
             backup and ends with the masks of an uninterrupted run. None
             disables it. Defaults to None.
         input_pipeline: `"auto"`, `"tf.data"` or `"numpy"` (see
-            `keras_sfp.data.load_dataset`): `"auto"` takes `tf.data` when
+            `keras_sfp.training.data.load_dataset`): `"auto"` takes `tf.data` when
             TensorFlow is installed. Defaults to `"auto"`.
         output_dir: Where artifacts go; `None` means `runs/<model>_<dataset>`.
             Defaults to None.
@@ -203,7 +205,7 @@ class TrainConfig:
             the measurement. Defaults to 50.
         verbose: Keras `fit` verbosity (1: progress bars), also passed to
             `SoftFilterPrune`. Defaults to 1.
-        export: Comma-separated deployment formats (`keras_sfp.deploy.FORMATS`)
+        export: Comma-separated deployment formats (`keras_sfp.export.measure.FORMATS`)
             written to `export/` for the original and the shrunk model, with
             their `metrics.json`; empty exports nothing. They need the
             TensorFlow backend. `None` means `DEFAULT_EXPORT` on the
@@ -298,10 +300,10 @@ class TrainConfig:
             )
         if self.rate is not None and not 0.0 <= self.rate < 1.0:
             raise ValueError(f"`rate` must be in [0, 1). Received: rate={self.rate!r}")
-        keras_sfp.prune.check_targets(
+        keras_sfp.allocation.targets.check_targets(
             self.target_macs, self.target_latency, self.rate, self.coupling
         )
-        keras_sfp.prune.check_allocation(
+        keras_sfp.allocation.targets.check_allocation(
             self.allocation, self.target_latency, self.coupling
         )
         if self.target_latency is not None and self.distribute == "multi_process":
@@ -359,10 +361,12 @@ class TrainConfig:
                     "`export` needs the TensorFlow backend (the exporters trace "
                     f"a tf.function); Keras runs on {backend!r}. Export the "
                     "saved shrunk.keras with `KERAS_BACKEND=tensorflow python -m "
-                    "keras_sfp.deploy`, or pass export=''. "
+                    "keras_sfp.export.measure`, or pass export=''. "
                     f"Received: export={self.export!r}"
                 )
-            from keras_sfp import deploy  # needs TensorFlow, like the export
+            from keras_sfp.export import (
+                measure as deploy,
+            )  # needs TensorFlow, like the export
 
             try:
                 deploy.parse_formats(self.export)
@@ -484,7 +488,7 @@ def distribution_scope(config: TrainConfig):
     `"data_parallel"`: a `keras.distribution.DataParallel` over all local
     devices (JAX), kept for the whole run so that `fit` shards each global
     batch across them. `"multi_process"`: the same over every process's
-    devices (`keras_sfp.distributed.data_parallel`). `"none"`: nothing.
+    devices (`keras_sfp.training.distributed.data_parallel`). `"none"`: nothing.
     """
     if config.distribute == "mirrored":
         return _mirrored_strategy().scope()
@@ -513,7 +517,7 @@ def measure_latency(
 ) -> dict[str, float]:
     """Median milliseconds of one inference call on `batch`, per model.
 
-    `keras_sfp.latency.measure_keras`: every model compiled for the current
+    `keras_sfp.latency.timing.measure_keras`: every model compiled for the current
     backend, timed in alternation after `warmup` untimed calls each.
     """
     return latency.measure_keras(named_models, batch, runs, warmup)
@@ -589,7 +593,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 def _artifact_speedups(metrics) -> dict[str, dict[str, float]]:
     """`{artifact: {batch: original ms / shrunk ms}}` of exported artifacts
-    (`keras_sfp.deploy` records them; the Keras model is in the table)."""
+    (`keras_sfp.export.measure` records them; the Keras model is in the table)."""
     artifacts = (metrics or {}).get("models", {}).get("shrunk", {}).get("artifacts")
     return {
         fmt: entry["speedup"]
@@ -738,7 +742,7 @@ def initial_models(config: TrainConfig, data) -> tuple[keras.Model, keras.Model]
     if config.init_from:
         loaded = keras.saving.load_model(config.init_from, compile=False)
         _check_fits(loaded, data, config.init_from)
-        wrapped = keras_sfp.prune.wrappers(loaded)
+        wrapped = keras_sfp.core.prune.wrappers(loaded)
         if wrapped:
             _warn_ignored_settings(config, wrapped[0])
             return keras_sfp.strip_pruning(loaded), loaded
@@ -871,7 +875,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
     with distribution_scope(config):
         original, pruned = initial_models(config, data)
         trainer = pruned
-        fresh = keras_sfp.prune.wrappers(pruned)[0].last_event < -1
+        fresh = keras_sfp.core.prune.wrappers(pruned)[0].last_event < -1
         if config.distill and config.init_from and fresh:
             # The loaded network teaches the pruned one (a `pruned.keras`
             # continuing its masks has no unpruned teacher).
@@ -939,7 +943,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         logging.warning(
             "Keras runs on %s: no SavedModel or TFLite artifacts (they trace a "
             "tf.function). %s loads on every backend; export it with "
-            "`KERAS_BACKEND=tensorflow python -m keras_sfp.deploy --model=%s`.",
+            "`KERAS_BACKEND=tensorflow python -m keras_sfp.export.measure --model=%s`.",
             keras.backend.backend(),
             artifacts["shrunk"],
             artifacts["shrunk"],
@@ -959,7 +963,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
             "output_dir": output_dir,
             "export": export,
             "learning_rate": config.resolved_learning_rate(),
-            "rate": keras_sfp.prune.wrappers(pruned)[0].rate,
+            "rate": keras_sfp.core.prune.wrappers(pruned)[0].rate,
             "hard_epochs": config.resolved_hard_epochs(),
             "allocation": config.resolved_allocation(),
             "distill": trainer is not pruned,
@@ -1033,10 +1037,12 @@ def export_artifacts(
     training images.
 
     Returns:
-        The metrics of `keras_sfp.deploy.export_and_measure`.
+        The metrics of `keras_sfp.export.measure.export_and_measure`.
     """
     test_limit = config.test_limit or None
-    from keras_sfp import deploy  # TensorFlow, needed for the artifacts
+    from keras_sfp.export import (
+        measure as deploy,
+    )  # TensorFlow, needed for the artifacts
 
     representative, _ = data_lib.as_arrays(data.train, 200)
     metrics = deploy.export_and_measure(
@@ -1094,7 +1100,7 @@ def _define_flags() -> None:
     flags.DEFINE_enum(
         "allocation",
         d.allocation,
-        list(keras_sfp.prune.ALLOCATIONS),
+        list(keras_sfp.allocation.targets.ALLOCATIONS),
         "Channels per group: uniform rate, or global importance ranking.",
     )
     flags.DEFINE_integer(
@@ -1189,7 +1195,7 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "export",
         d.export,
-        "Comma-separated formats of keras_sfp.deploy.FORMATS (default: "
+        "Comma-separated formats of keras_sfp.export.measure.FORMATS (default: "
         f"{DEFAULT_EXPORT} on the TensorFlow backend, none on the others).",
     )
 

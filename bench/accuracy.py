@@ -288,7 +288,7 @@ def _summary(results: dict, full_macs: int) -> dict:
 
 
 def _device() -> str:
-    from keras_sfp import latency
+    from keras_sfp.latency import timing as latency
 
     return f"Keras {keras.backend.backend()} on {latency.device_name()}"
 
@@ -452,7 +452,7 @@ class Runner:
 
     def dataset(self):
         if self.data is None:
-            from keras_sfp import data as data_lib
+            from keras_sfp.training import data as data_lib
 
             self.data = data_lib.load_dataset(
                 "fashion_mnist", data_dir=self.data_dir, pipeline="numpy"

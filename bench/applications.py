@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras_sfp  # noqa: E402
-from keras_sfp import _keras_graph  # noqa: E402
-from keras_sfp.wrapper import unwrap  # noqa: E402
+from keras_sfp.core.wrapper import unwrap  # noqa: E402
+from keras_sfp.graph import keras_graph as _keras_graph  # noqa: E402
 
 A = keras.applications
 # family -> (constructor, smallest convenient input size, extra arguments)

@@ -58,7 +58,7 @@ from absl import app, flags
 
 import keras_sfp
 import models
-from keras_sfp import data as data_lib
+from keras_sfp.training import data as data_lib
 
 RECIPES = {
     "unpruned": dict(prune=False),

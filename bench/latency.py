@@ -3,10 +3,10 @@
 For each model, prunes once at the given rate (`prune_filters` +
 one `SoftFilterPrune` event, defaults otherwise) with each `--round_to`,
 shrinks, and times the original and every shrunk variant *alternately in
-one process* (`keras_sfp.latency.time_alternately`: warm-up first, medians)
+one process* (`keras_sfp.latency.timing.time_alternately`: warm-up first, medians)
 on every runtime available here:
 
-- `keras`: the current Keras backend, compiled (`keras_sfp.latency`:
+- `keras`: the current Keras backend, compiled (`keras_sfp.latency.timing`:
   a `tf.function` on TensorFlow; on JAX a jitted `stateless_call` on
   device-resident inputs, blocking on the result: a GPU when JAX has one);
 - `tflite`: the TFLite float flatbuffer through the interpreter (XNNPACK),
@@ -51,7 +51,7 @@ import keras  # noqa: E402
 
 import keras_sfp  # noqa: E402
 import models  # noqa: E402
-from keras_sfp import latency  # noqa: E402
+from keras_sfp.latency import timing as latency  # noqa: E402
 
 A = keras.applications
 # name -> (builder(size), rate, CPU input size, GPU input size)
@@ -145,7 +145,7 @@ def variants(
             keras_sfp.prune_filters(model, rate=rate)
         )
     if latency_aware:
-        from keras_sfp.latency_table import predicted_ms
+        from keras_sfp.allocation.latency_model import predicted_ms
 
         start, measured = time.perf_counter(), table.measured
         fraction = predicted_ms(default, table) / predicted_ms(model, table)
@@ -178,7 +178,8 @@ def _runs_for(macs: int, batch: int, runs: int) -> int:
 def _tflite_runners(named, int8: bool, directory: str) -> dict:
     """`{(runtime, variant): images -> outputs}`, each model converted once
     (the interpreter takes any batch size)."""
-    from keras_sfp import deploy, export
+    from keras_sfp import export
+    from keras_sfp.export import measure as deploy
 
     calibration = _images(named["original"], 8)
     runners = {}
@@ -397,7 +398,7 @@ def main(argv):
     base = os.path.join(options.out, f"latency_{stem}")
     table = None
     if options.latency_aware:
-        from keras_sfp.latency_table import LatencyTable
+        from keras_sfp.latency.table import LatencyTable
 
         table = LatencyTable.for_device(options.cache_dir)
     rows = []

@@ -62,7 +62,7 @@ def measure(model_name, batch_size, steps, epochs, rounds) -> dict:
 
     import keras_sfp
     import models
-    from keras_sfp import latency
+    from keras_sfp.latency import timing as latency
 
     keras.utils.set_random_seed(0)
     n = batch_size * (steps or -(-60000 // batch_size))

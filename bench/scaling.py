@@ -5,7 +5,7 @@ on the same global batches of Fashion-MNIST (a prune event at every epoch
 end), on the JAX backend: one process, then
 `--processes` processes joined by `jax.distributed` (gloo collectives on
 CPUs), each feeding its part of every global batch
-(`keras_sfp.distributed`). The first epoch compiles and is not counted;
+(`keras_sfp.training.distributed`). The first epoch compiles and is not counted;
 the table gives the median epoch time, the throughput and the speedup over
 one process, and checks that the runs ended with the same masks.
 
@@ -38,7 +38,7 @@ def train_one(
 ) -> None:
     """One process of a run: trains and writes `out/process_<id>.json`."""
     os.environ["KERAS_BACKEND"] = "jax"
-    from keras_sfp import distributed
+    from keras_sfp.training import distributed
 
     if num_processes > 1:
         distributed.initialize(f"localhost:{port}", num_processes, process_id)
@@ -47,8 +47,8 @@ def train_one(
 
     import keras_sfp
     import models
-    from keras_sfp import data as data_lib
-    from keras_sfp import pipeline
+    from keras_sfp.training import data as data_lib
+    from keras_sfp.training import pipeline
 
     keras.utils.set_random_seed(0)
     # Whole batches only, so that one process sees the batches N processes do.
@@ -88,7 +88,7 @@ def train_one(
                 timer,
             ],
         )
-    masks = np.concatenate([w.mask for w in keras_sfp.prune.wrappers(pruned)])
+    masks = np.concatenate([w.mask for w in keras_sfp.core.prune.wrappers(pruned)])
     with open(os.path.join(out, f"process_{process_id}.json"), "w") as f:
         json.dump(
             {"epoch_seconds": times, "steps": len(batches), "masks": masks.tolist()}, f
@@ -98,7 +98,7 @@ def train_one(
 def run(num_processes, out, examples, batch_size, epochs) -> dict:
     """Launches a run of `num_processes` processes; returns process 0's record."""
     os.makedirs(out, exist_ok=True)
-    from keras_sfp import distributed
+    from keras_sfp.training import distributed
 
     port = distributed.free_port()
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")

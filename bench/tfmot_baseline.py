@@ -42,7 +42,7 @@ import keras
 import numpy as np
 
 import train
-from keras_sfp import latency
+from keras_sfp.latency import timing as latency
 from models import resnet
 
 NAME = "tfmot_plm"
@@ -404,7 +404,8 @@ def train_and_evaluate(
         )
     # TensorFlow-only modules, imported here so that the benchmark imports
     # this module on a backend without TensorFlow (`missing()` says why not).
-    from keras_sfp import deploy, export
+    from keras_sfp import export
+    from keras_sfp.export import measure as deploy
 
     k = _tf_keras()
     sparsity = _tfmot_sparsity()

@@ -12,19 +12,20 @@ The core runs on every Keras 3 backend (TensorFlow, JAX, PyTorch).
 when first used, so `import keras_sfp` works without it.
 """
 
-from keras_sfp import criteria, rules, schedules
-from keras_sfp.batch_norm import recalibrate_batch_norm
-from keras_sfp.callback import SoftFilterPrune
-from keras_sfp.describe import describe
-from keras_sfp.distill import distiller
-from keras_sfp.flops import count_flops
-from keras_sfp.fold import fold_batch_norm
-from keras_sfp.graph import ChannelGraph
-from keras_sfp.latency_table import LatencyTable
-from keras_sfp.prune import prune_filters, strip_pruning
-from keras_sfp.rules import register_layer, unregister_layer
-from keras_sfp.shrink import shrink
-from keras_sfp.wrapper import ChannelMask, FilterPruning
+from keras_sfp.core import criteria, schedules
+from keras_sfp.core.callback import SoftFilterPrune
+from keras_sfp.core.prune import prune_filters, strip_pruning
+from keras_sfp.core.wrapper import ChannelMask, FilterPruning
+from keras_sfp.graph import rules
+from keras_sfp.graph.channels import ChannelGraph
+from keras_sfp.graph.describe import describe
+from keras_sfp.graph.flops import count_flops
+from keras_sfp.graph.fold import fold_batch_norm
+from keras_sfp.graph.rules import register_layer, unregister_layer
+from keras_sfp.graph.shrink import shrink
+from keras_sfp.latency.table import LatencyTable
+from keras_sfp.recovery.batch_norm import recalibrate_batch_norm
+from keras_sfp.recovery.distill import distiller
 
 __version__ = "0.1.0"
 

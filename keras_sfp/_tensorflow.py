@@ -2,7 +2,7 @@
 
 The core of keras-sfp (wrapper, callback, graph, rules, prune, shrink, flops,
 describe) runs on any Keras 3 backend. SavedModel and TFLite export,
-`keras_sfp.deploy`, the `tf.data` input pipeline and `tf.distribute`
+`keras_sfp.export.measure`, the `tf.data` input pipeline and `tf.distribute`
 strategies need TensorFlow; they import it through `import_tensorflow`.
 """
 
@@ -59,7 +59,7 @@ def require_tensorflow_backend(feature: str) -> None:
             f"TensorFlow backend; Keras runs on {backend!r}. Save the model as "
             "`.keras` (it loads on every backend) and export it in a process "
             "started with KERAS_BACKEND=tensorflow, e.g. "
-            "`KERAS_BACKEND=tensorflow python -m keras_sfp.deploy "
+            "`KERAS_BACKEND=tensorflow python -m keras_sfp.export.measure "
             "--model=shrunk.keras --output_dir=export`."
         )
 

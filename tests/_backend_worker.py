@@ -54,7 +54,8 @@ def check(directory: str, name: str | None = None) -> None:
     pruned = keras.saving.load_model(os.path.join(directory, "pruned.keras"))
     small = keras_sfp.shrink(pruned)
     masks = [
-        keras.ops.convert_to_numpy(w.mask) for w in keras_sfp.prune.wrappers(pruned)
+        keras.ops.convert_to_numpy(w.mask)
+        for w in keras_sfp.core.prune.wrappers(pruned)
     ]
     np.savez(
         os.path.join(directory, f"{name or 'check_' + keras.backend.backend()}.npz"),

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--crash_in_epoch", type=int)
     args = parser.parse_args()
 
-    from keras_sfp import distributed
+    from keras_sfp.training import distributed
 
     distributed.initialize(
         f"localhost:{args.port}", args.num_processes, args.process_id
@@ -42,8 +42,8 @@ def main() -> None:
     import numpy as np
 
     import keras_sfp
-    from keras_sfp import pipeline
-    from keras_sfp.data import ArraySplit
+    from keras_sfp.training import pipeline
+    from keras_sfp.training.data import ArraySplit
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -98,7 +98,7 @@ def main() -> None:
         pruned.fit(
             batches, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=callbacks
         )
-    wrappers = keras_sfp.prune.wrappers(pruned)
+    wrappers = keras_sfp.core.prune.wrappers(pruned)
     small = keras_sfp.shrink(pruned)  # in every process, outside the scope
     probe = np.random.default_rng(1).random((4, 8, 8, 1), dtype=np.float32)
     np.savez(

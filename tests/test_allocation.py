@@ -12,8 +12,8 @@ from conftest import (
     random_data,
     tiny_resnet,
 )
-from keras_sfp import allocation
-from keras_sfp.graph import ChannelGraph
+from keras_sfp.allocation import counts as allocation
+from keras_sfp.graph.channels import ChannelGraph
 
 L = keras.layers
 
@@ -98,7 +98,7 @@ def test_round_to_through_prune_filters_shrinks_exactly_to_multiples():
     small = assert_shrink_exact(pruned, x)
     for layer in small.layers:
         if isinstance(layer, L.Conv2D) and layer.name in {
-            w.layer.name for w in keras_sfp.prune.wrappers(pruned)
+            w.layer.name for w in keras_sfp.core.prune.wrappers(pruned)
         }:
             original = model.get_layer(layer.name).filters
             ok = layer.filters % 8 == 0 or layer.filters == original or original <= 8
@@ -120,12 +120,12 @@ def test_target_macs_reaches_the_fraction(tmp_path, round_to):
     small = keras_sfp.shrink(pruned)
     fraction = keras_sfp.count_flops(small) / total
     assert 0.47 <= fraction <= 0.5 + (0.0 if round_to == 1 else 0.02), fraction
-    rate = keras_sfp.prune.wrappers(pruned)[0].rate
+    rate = keras_sfp.core.prune.wrappers(pruned)[0].rate
     assert 0.25 < rate < 0.35  # about 1 - sqrt(0.5) with unprunable layers
     path = str(tmp_path / "pruned.keras")
     pruned.save(path)
     restored = keras.saving.load_model(path)
-    assert keras_sfp.prune.wrappers(restored)[0].rate == rate
+    assert keras_sfp.core.prune.wrappers(restored)[0].rate == rate
 
 
 def test_target_macs_arguments_are_checked_before_anything_changes():
@@ -150,7 +150,7 @@ def test_target_macs_below_what_multiples_can_reach_is_rejected():
     with pytest.raises(ValueError, match=r"round_to=8\) still leaves 0\.1\d+"):
         keras_sfp.prune_filters(model, target_macs=0.1)
     pruned = keras_sfp.prune_filters(model, target_macs=0.1, round_to=1)
-    assert keras_sfp.prune.wrappers(pruned)[0].rate > 0.6
+    assert keras_sfp.core.prune.wrappers(pruned)[0].rate > 0.6
 
 
 def test_an_event_that_rounding_leaves_empty_warns():
@@ -163,11 +163,11 @@ def test_an_event_that_rounding_leaves_empty_warns():
     callback.set_model(pruned)
     with pytest.warns(UserWarning, match="pruned nothing at rate 0.300"):
         callback.prune(0)
-    assert keras_sfp.prune.wrappers(pruned)[0].mask.sum() == 16
+    assert keras_sfp.core.prune.wrappers(pruned)[0].mask.sum() == 16
     pruned = keras_sfp.prune_filters(model, rate=0.3, round_to=1)
     callback.set_model(pruned)
     callback.prune(0)
-    assert keras_sfp.prune.wrappers(pruned)[0].mask.sum() == 12
+    assert keras_sfp.core.prune.wrappers(pruned)[0].mask.sum() == 12
 
 
 def _two_groups():
@@ -193,7 +193,7 @@ def _kept(pruned):
     callback = keras_sfp.SoftFilterPrune(hard_epochs=0)
     callback.set_model(pruned)
     callback.prune(0)
-    return {w.name: int(w.mask.sum()) for w in keras_sfp.prune.wrappers(pruned)}
+    return {w.name: int(w.mask.sum()) for w in keras_sfp.core.prune.wrappers(pruned)}
 
 
 def test_global_allocation_keeps_more_of_the_important_group():
@@ -230,7 +230,9 @@ def test_global_allocation_meets_target_macs_in_multiples_of_round_to():
         kept = _kept(pruned)
         assert all(k % 4 == 0 for k in kept.values()), kept
         rates = {
-            float(r) for w in keras_sfp.prune.wrappers(pruned) for r in w.channel_rates
+            float(r)
+            for w in keras_sfp.core.prune.wrappers(pruned)
+            for r in w.channel_rates
         }
         assert len(rates) > 1  # groups prune at different rates
         got = keras_sfp.count_flops(keras_sfp.shrink(pruned)) / full

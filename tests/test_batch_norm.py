@@ -8,7 +8,7 @@ import pytest
 
 import keras_sfp
 from conftest import Interrupt, compile_sgd
-from keras_sfp.batch_norm import FreshStatistics, batch_norm_layers
+from keras_sfp.recovery.batch_norm import FreshStatistics, batch_norm_layers
 
 L = keras.layers
 
@@ -30,7 +30,7 @@ def batch_stats(model, batch):
 
 def moving(model, name="bn"):
     names = [layer.name for layer in model.layers]
-    bn = keras_sfp.prune.unwrap(
+    bn = keras_sfp.core.prune.unwrap(
         model.get_layer(name if name in names else "sfp_" + name)
     )
     return (
@@ -53,7 +53,7 @@ def test_recalibrate_sets_the_average_of_the_batch_statistics():
     mean, var = moving(model)
     np.testing.assert_allclose(mean, np.mean([s[0] for s in stats], 0), rtol=1e-5)
     np.testing.assert_allclose(var, np.mean([s[1] for s in stats], 0), rtol=1e-4)
-    assert keras_sfp.prune.unwrap(model.get_layer("bn")).momentum == 0.99
+    assert keras_sfp.core.prune.unwrap(model.get_layer("bn")).momentum == 0.99
 
 
 @pytest.mark.parametrize("form", ["tuple", "generator", "py_dataset", "tf_data"])
@@ -330,7 +330,7 @@ class _Momentum(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.seen.append(
-            keras_sfp.prune.unwrap(self.model.get_layer("sfp_bn")).momentum
+            keras_sfp.core.prune.unwrap(self.model.get_layer("sfp_bn")).momentum
         )
 
 
@@ -357,7 +357,7 @@ def test_hard_epochs_average_with_a_shorter_window_and_save_the_own_momentum():
         stats = [batch_stats(stripped, x[i : i + 16]) for i in range(0, 48, 16)]
         results[momentum] = (moving(pruned), stats, seen.seen)
         assert seen.seen == [0.99]
-        assert keras_sfp.prune.unwrap(pruned.get_layer("sfp_bn")).momentum == 0.99
+        assert keras_sfp.core.prune.unwrap(pruned.get_layer("sfp_bn")).momentum == 0.99
     for momentum, m in ((0.9, 0.9), (None, 0.99)):
         (mean, var), stats, _ = results[momentum]
         weights = np.array([m**2, m, 1.0]) * (1 - m) / (1 - m**3)

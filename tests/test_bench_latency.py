@@ -35,7 +35,7 @@ def test_rows_compare_every_variant_with_the_original_on_each_runtime(tiny, tmp_
 
 
 def test_latency_aware_and_folded_variants(tiny):
-    from keras_sfp.latency_table import LatencyTable
+    from keras_sfp.latency.table import LatencyTable
 
     table = LatencyTable(timer=lambda layer, shape: 1e-3 * shape[-1])
     rows = bench.measure_model(

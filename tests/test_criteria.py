@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from keras_sfp import criteria
+from keras_sfp.core import criteria
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for keras_sfp/data.py: IDX parsing and loading every source."""
+"""Tests for keras_sfp/training/data.py: IDX parsing and loading every source."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from keras_sfp import data, pipeline
+from keras_sfp.training import data, pipeline
 
 HAVE_DEBIAN_FILES = all(
     os.path.isfile(os.path.join(data.FASHION_MNIST_DIR, name))

@@ -1,4 +1,4 @@
-"""Tests of `keras_sfp.deploy`: artifacts measured, metrics.json, command line."""
+"""Tests of `keras_sfp.export.measure` and the `keras-sfp-export` command."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import keras_sfp
-from keras_sfp import deploy
+from keras_sfp.export import measure as deploy
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning:tensorflow.lite.python.interpreter"
@@ -200,7 +200,7 @@ def test_command_line_exports_keras_files_and_strips_wrappers(tmp_path):
         [
             sys.executable,
             "-m",
-            "keras_sfp.deploy",
+            "keras_sfp.cli.export",
             f"--model={tmp_path / 'plain.keras'}",
             f"--model=wrapped={tmp_path / 'pruned.keras'}",
             f"--output_dir={out}",
@@ -227,7 +227,7 @@ def test_command_line_exports_keras_files_and_strips_wrappers(tmp_path):
 
 def test_command_line_requires_a_model(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "keras_sfp.deploy", f"--output_dir={tmp_path}"],
+        [sys.executable, "-m", "keras_sfp.cli.export", f"--output_dir={tmp_path}"],
         capture_output=True,
         text=True,
         env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"},

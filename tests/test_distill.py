@@ -30,7 +30,7 @@ def small_net():
 
 
 def _masks(model):
-    return {w.name: w.mask.copy() for w in keras_sfp.prune.wrappers(model)}
+    return {w.name: w.mask.copy() for w in keras_sfp.core.prune.wrappers(model)}
 
 
 def _distiller(teacher, **prune_kwargs):
@@ -60,7 +60,7 @@ def test_distiller_prunes_its_student_in_soft_and_hard_epochs():
         int(np.sum(mask == 0)) for mask in _masks(student).values()
     )
     assert history.history["sfp_pruned"][-1] > 0
-    assert all(w.hard for w in keras_sfp.prune.wrappers(student))
+    assert all(w.hard for w in keras_sfp.core.prune.wrappers(student))
     assert_shrink_exact(student, x)
     # The teacher passed in is not changed (the distiller froze a copy).
     assert teacher.trainable

@@ -16,8 +16,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_sfp import distributed, pipeline
-from keras_sfp.data import ArraySplit
+from keras_sfp.training import distributed, pipeline
+from keras_sfp.training.data import ArraySplit
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _WORKER = os.path.join(_HERE, "_distributed_worker.py")

@@ -1,4 +1,4 @@
-"""Tests of `keras_sfp.export`: every artifact reloaded in a fresh process.
+"""Tests of `keras_sfp.export.saved_model`: every artifact reloaded in a fresh process.
 
 One small CNN, trained briefly on Fashion-MNIST, is exported once per format;
 a separate Python process, which has only TensorFlow (no keras_sfp, no
@@ -21,7 +21,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 import keras_sfp
 from keras_sfp import export as export_lib
-from keras_sfp.data import load_fashion_mnist
+from keras_sfp.training.data import load_fashion_mnist
 
 # tf.lite.Interpreter warns that LiteRT replaces it; it is what TF ships.
 pytestmark = pytest.mark.filterwarnings(

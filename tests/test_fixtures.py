@@ -32,7 +32,7 @@ def _outputs(model, x):
 
 def test_a_saved_pruned_model_loads_and_computes_the_same(reference):
     pruned = _load("pruned.keras")
-    assert len(keras_sfp.prune.wrappers(pruned)) == 7
+    assert len(keras_sfp.core.prune.wrappers(pruned)) == 7
     np.testing.assert_allclose(
         _outputs(pruned, reference["x"]), reference["pruned_out"], atol=1e-5
     )
@@ -61,7 +61,7 @@ def test_a_saved_pruned_model_resumes_with_the_same_masks(reference):
     callback = keras_sfp.SoftFilterPrune(hard_epochs=0)
     callback.set_model(pruned)
     callback.prune(1)  # the next event of the interrupted run
-    for wrapper in keras_sfp.prune.wrappers(pruned):
+    for wrapper in keras_sfp.core.prune.wrappers(pruned):
         np.testing.assert_array_equal(
             wrapper.mask, reference["mask_after_" + wrapper.name], wrapper.name
         )

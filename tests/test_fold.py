@@ -6,7 +6,7 @@ import pytest
 
 import keras_sfp
 from conftest import prune_once, tiny_resnet
-from keras_sfp.fold import fold_batch_norm
+from keras_sfp.graph.fold import fold_batch_norm
 
 L = keras.layers
 
@@ -113,7 +113,7 @@ def test_batch_norm_in_training_mode_or_beside_another_use_stays():
 
 
 def test_export_does_not_fold_a_model_subclass_whose_call_it_would_lose():
-    from keras_sfp.fold import can_fold
+    from keras_sfp.graph.fold import can_fold
 
     def graph():
         inputs = keras.Input((6, 6, 3))

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_sfp import latency
+from keras_sfp.latency import timing as latency
 
 
 def _model():

@@ -8,9 +8,10 @@ import pytest
 
 import keras_sfp
 from conftest import assert_shrink_exact, random_data, tiny_resnet
-from keras_sfp import allocation
-from keras_sfp.graph import ChannelGraph
-from keras_sfp.latency_table import LatencyModel, LatencyTable, LayerSpec
+from keras_sfp.allocation import counts as allocation
+from keras_sfp.allocation.latency_model import LatencyModel
+from keras_sfp.graph.channels import ChannelGraph
+from keras_sfp.latency.table import LatencyTable, LayerSpec
 
 L = keras.layers
 NS_PER_MAC = 1e-6  # the fake device: 1 ns per multiply-accumulate, in ms
@@ -101,7 +102,7 @@ def test_a_table_from_another_device_is_read_but_never_extended(tmp_path):
 
 
 def test_layer_times_are_measured_without_the_call_overhead(monkeypatch):
-    from keras_sfp import latency as latency_lib
+    from keras_sfp.latency import timing as latency_lib
 
     seen = {}
     real = latency_lib.time_alternately
@@ -147,11 +148,11 @@ def test_target_latency_reaches_the_prediction_with_multiples(tmp_path):
     # latency is the MACs: the target is met, and not by much more.
     fraction = keras_sfp.count_flops(small) / keras_sfp.count_flops(model)
     assert 0.40 < fraction <= 0.5, fraction
-    for wrapper in keras_sfp.prune.wrappers(pruned):
+    for wrapper in keras_sfp.core.prune.wrappers(pruned):
         kept = int(wrapper.mask.sum())
         assert kept % 8 == 0 or kept == len(wrapper.mask), (wrapper.name, kept)
     rates = {
-        float(r) for w in keras_sfp.prune.wrappers(pruned) for r in w.channel_rates
+        float(r) for w in keras_sfp.core.prune.wrappers(pruned) for r in w.channel_rates
     }
     assert len(rates) > 1  # groups prune at different rates
     x, _ = random_data(model, n=4)
@@ -162,14 +163,14 @@ def test_target_latency_reaches_the_prediction_with_multiples(tmp_path):
     pruned.save(path)
     restored = keras.saving.load_model(path)
     for a, b in zip(
-        keras_sfp.prune.wrappers(pruned), keras_sfp.prune.wrappers(restored)
+        keras_sfp.core.prune.wrappers(pruned), keras_sfp.core.prune.wrappers(restored)
     ):
         np.testing.assert_array_equal(a.channel_rates, b.channel_rates)
     again = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
     again.set_model(restored)
     again.prune(0)
     for a, b in zip(
-        keras_sfp.prune.wrappers(pruned), keras_sfp.prune.wrappers(restored)
+        keras_sfp.core.prune.wrappers(pruned), keras_sfp.core.prune.wrappers(restored)
     ):
         np.testing.assert_array_equal(a.mask, b.mask)
 
@@ -185,7 +186,7 @@ def test_schedules_scale_each_groups_rate():
     callback = keras_sfp.SoftFilterPrune(hard_epochs=0)
     callback.set_model(pruned)
     callback._prepare()
-    rate = keras_sfp.prune.wrappers(pruned)[0].rate
+    rate = keras_sfp.core.prune.wrappers(pruned)[0].rate
     final = callback._kept(rate, 8)
     halfway = callback._kept(0.5 * rate, 8)
     lengths = np.array(callback._plan["lengths"])

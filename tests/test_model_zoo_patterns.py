@@ -12,8 +12,8 @@ import pytest
 
 import keras_sfp
 from conftest import assert_shrink_exact, prune_once
-from keras_sfp import _keras_graph
-from keras_sfp.prune import wrappers
+from keras_sfp.core.prune import wrappers
+from keras_sfp.graph import keras_graph as _keras_graph
 
 L = keras.layers
 ops = keras.ops

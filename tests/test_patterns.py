@@ -6,8 +6,8 @@ import pytest
 
 import keras_sfp
 from conftest import assert_shrink_exact, prune_once, randomize_batch_norm
-from keras_sfp._keras_graph import LayerScale
-from keras_sfp.prune import wrappers
+from keras_sfp.core.prune import wrappers
+from keras_sfp.graph.keras_graph import LayerScale
 
 L = keras.layers
 
@@ -193,9 +193,12 @@ def test_shrink_is_exact_on_application_patterns(build, expected, tmp_path):
     np.testing.assert_allclose(base.predict(x, verbose=0).shape, out.shape)
     assert keras_sfp.count_flops(small) < keras_sfp.count_flops(base)
     for name in expected:  # every pruned layer lost half its filters
-        before = keras_sfp.wrapper.num_outputs(pruned.get_layer(f"sfp_{name}").layer)
+        before = keras_sfp.core.wrapper.num_outputs(
+            pruned.get_layer(f"sfp_{name}").layer
+        )
         assert (
-            keras_sfp.wrapper.num_outputs(small.get_layer(name)) == before - before // 2
+            keras_sfp.core.wrapper.num_outputs(small.get_layer(name))
+            == before - before // 2
         )
     small.save(tmp_path / "small.keras")
     # safe_mode=False: one pattern holds a (trusted) Python lambda.

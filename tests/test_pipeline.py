@@ -1,4 +1,4 @@
-"""Tests for keras_sfp/pipeline.py: tf.data and NumPy pipelines, augmentation."""
+"""Tests of `keras_sfp.training.pipeline`: tf.data and NumPy pipelines, augmentation."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_sfp import pipeline
-from keras_sfp.data import ArraySplit
+from keras_sfp.training import pipeline
+from keras_sfp.training.data import ArraySplit
 
 KINDS = ["tf.data", "numpy"]
 

@@ -4,7 +4,7 @@ import pytest
 
 import keras_sfp
 from conftest import randomize_batch_norm, tiny_resnet, tiny_vgg
-from keras_sfp.wrapper import FilterPruning
+from keras_sfp.core.wrapper import FilterPruning
 
 L = keras.layers
 
@@ -17,11 +17,11 @@ def test_prune_filters_wraps_every_prunable_conv_and_keeps_outputs():
     model = randomize_batch_norm(tiny_resnet())
     before = _weights(model)
     pruned = keras_sfp.prune_filters(model, rate=0.3)
-    wrapped = {w.layer.name for w in keras_sfp.prune.wrappers(pruned)}
+    wrapped = {w.layer.name for w in keras_sfp.core.prune.wrappers(pruned)}
     convs = {layer.name for layer in model.layers if isinstance(layer, L.Conv2D)}
     assert wrapped == convs
     assert all(
-        w.name == "sfp_" + w.layer.name for w in keras_sfp.prune.wrappers(pruned)
+        w.name == "sfp_" + w.layer.name for w in keras_sfp.core.prune.wrappers(pruned)
     )
     x = np.random.default_rng(0).random((4, 12, 12, 3), dtype=np.float32)
     np.testing.assert_array_equal(
@@ -51,7 +51,7 @@ def test_prune_filters_keeps_sequential_models_sequential():
 def test_skip_leaves_the_named_layer_and_its_group_alone():
     model = tiny_resnet()
     pruned = keras_sfp.prune_filters(model, skip=["s0b0_c2"])
-    wrapped = {w.layer.name for w in keras_sfp.prune.wrappers(pruned)}
+    wrapped = {w.layer.name for w in keras_sfp.core.prune.wrappers(pruned)}
     # stem and s0b0_c2 meet at the first residual Add: one group, skipped.
     assert "s0b0_c2" not in wrapped and "stem" not in wrapped
     assert {"s0b0_c1", "s1b0_c1", "s1b0_c2", "s1b0_proj"} <= wrapped
@@ -62,7 +62,7 @@ def test_conv_whose_channels_reach_an_output_is_not_wrapped():
     x = L.Conv2D(4, 3, name="hidden")(inputs)
     out = L.Conv2D(2, 3, name="head")(x)
     pruned = keras_sfp.prune_filters(keras.Model(inputs, out))
-    assert [w.layer.name for w in keras_sfp.prune.wrappers(pruned)] == ["hidden"]
+    assert [w.layer.name for w in keras_sfp.core.prune.wrappers(pruned)] == ["hidden"]
 
 
 def test_strip_pruning_applies_masks_and_zeroes_batch_norm_shift():
@@ -146,4 +146,4 @@ def test_unbuilt_sequential_is_rejected():
 
 def test_numpy_rate_is_accepted():
     pruned = keras_sfp.prune_filters(tiny_resnet(), rate=np.float32(0.25))
-    assert keras_sfp.prune.wrappers(pruned)[0].rate == 0.25
+    assert keras_sfp.core.prune.wrappers(pruned)[0].rate == 0.25

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 import keras_sfp
 from conftest import assert_shrink_exact, prune_once, randomize_batch_norm
-from keras_sfp import allocation
-from keras_sfp.allocation import num_pruned
+from keras_sfp.allocation import counts as allocation
+from keras_sfp.allocation.counts import num_pruned
 
 L = keras.layers
 OPS = (

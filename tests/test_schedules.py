@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_sfp import schedules
+from keras_sfp.core import schedules
 
 
 def test_constant_returns_rate_at_every_epoch():

@@ -12,7 +12,7 @@ from conftest import (
     randomize_batch_norm,
     tiny_resnet,
 )
-from keras_sfp.prune import wrappers
+from keras_sfp.core.prune import wrappers
 
 L = keras.layers
 

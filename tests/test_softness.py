@@ -8,7 +8,7 @@ import pytest
 
 import keras_sfp
 from conftest import compile_sgd, random_data, randomize_batch_norm, tiny_resnet
-from keras_sfp.prune import wrappers
+from keras_sfp.core.prune import wrappers
 
 L = keras.layers
 

@@ -6,8 +6,9 @@ import pytest
 
 import keras_sfp
 from conftest import compile_sgd, random_data, tiny_resnet
-from keras_sfp import allocation, sparsity
-from keras_sfp.graph import ChannelGraph
+from keras_sfp.allocation import counts as allocation
+from keras_sfp.graph.channels import ChannelGraph
+from keras_sfp.recovery import sparsity
 
 L = keras.layers
 

@@ -465,7 +465,7 @@ def test_init_from_prunes_a_trained_model_or_continues_a_wrapped_one(run):
     )
     original, pruned = train.initial_models(config, _Data)
     loaded = keras.saving.load_model(artifacts["shrunk"], compile=False)
-    assert {w.rate for w in keras_sfp.prune.wrappers(pruned)} == {0.5}
+    assert {w.rate for w in keras_sfp.core.prune.wrappers(pruned)} == {0.5}
     # By default a trained model is pruned with global allocation: groups
     # keep different fractions, for the MACs of rate 0.5's uniform counts.
     tuned = train.TrainConfig(init_from=artifacts["shrunk"], rate=0.5)
@@ -473,7 +473,7 @@ def test_init_from_prunes_a_trained_model_or_continues_a_wrapped_one(run):
     _, global_pruned = train.initial_models(tuned, _Data)
     rates = {
         float(r)
-        for w in keras_sfp.prune.wrappers(global_pruned)
+        for w in keras_sfp.core.prune.wrappers(global_pruned)
         for r in w.channel_rates
     }
     assert len(rates) > 1
@@ -490,9 +490,9 @@ def test_init_from_prunes_a_trained_model_or_continues_a_wrapped_one(run):
     config = train.TrainConfig(init_from=artifacts["pruned"], rate=0.5)
     original, pruned = train.initial_models(config, _Data)
     saved = keras.saving.load_model(artifacts["pruned"], compile=False)
-    assert {w.rate for w in keras_sfp.prune.wrappers(pruned)} == {0.3}
+    assert {w.rate for w in keras_sfp.core.prune.wrappers(pruned)} == {0.3}
     for ours, theirs in zip(
-        keras_sfp.prune.wrappers(pruned), keras_sfp.prune.wrappers(saved)
+        keras_sfp.core.prune.wrappers(pruned), keras_sfp.core.prune.wrappers(saved)
     ):
         np.testing.assert_array_equal(ours.mask, theirs.mask)
     assert original.count_params() == models.get_model("resnet20").count_params()
@@ -547,7 +547,7 @@ def test_fine_tuning_from_a_trained_model_runs_end_to_end(run, tmp_path):
 
 
 def test_target_latency_builds_from_the_named_table(tmp_path, monkeypatch):
-    from keras_sfp import latency_table
+    from keras_sfp.latency import table as latency_table
 
     # A fake device (1 microsecond per input channel): no timing in tests.
     monkeypatch.setattr(
@@ -559,11 +559,13 @@ def test_target_latency_builds_from_the_named_table(tmp_path, monkeypatch):
     table = keras_sfp.LatencyTable.load(path)  # written by prune_filters
     assert table.entries
     rates = {
-        float(r) for w in keras_sfp.prune.wrappers(pruned) for r in w.channel_rates
+        float(r) for w in keras_sfp.core.prune.wrappers(pruned) for r in w.channel_rates
     }
     assert len(rates) > 1 and max(rates) > 0
     # The second run reads the file and measures nothing.
     monkeypatch.setattr(latency_table, "_time_layer", None)
     _, again = train.initial_models(config, _Data)
-    for a, b in zip(keras_sfp.prune.wrappers(pruned), keras_sfp.prune.wrappers(again)):
+    for a, b in zip(
+        keras_sfp.core.prune.wrappers(pruned), keras_sfp.core.prune.wrappers(again)
+    ):
         np.testing.assert_array_equal(a.channel_rates, b.channel_rates)

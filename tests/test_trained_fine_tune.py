@@ -13,7 +13,7 @@ import pytest
 
 import keras_sfp
 import models
-from keras_sfp import data as data_lib
+from keras_sfp.training import data as data_lib
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

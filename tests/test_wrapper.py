@@ -6,9 +6,9 @@ import pytest
 
 import keras_sfp
 from conftest import BACKEND, randomize_batch_norm, tiny_resnet
-from keras_sfp import schedules
-from keras_sfp.prune import set_hard
-from keras_sfp.wrapper import ChannelMask, FilterPruning
+from keras_sfp.core import schedules
+from keras_sfp.core.prune import set_hard
+from keras_sfp.core.wrapper import ChannelMask, FilterPruning
 
 
 def _np(tensor) -> np.ndarray:
@@ -77,7 +77,7 @@ def test_config_round_trip_keeps_every_argument():
 
 def test_keras_file_round_trip_keeps_masks_and_outputs(tmp_path):
     model = keras_sfp.prune_filters(tiny_resnet(), rate=0.5, schedule="asymptotic")
-    for i, w in enumerate(keras_sfp.prune.wrappers(model)):
+    for i, w in enumerate(keras_sfp.core.prune.wrappers(model)):
         mask = np.ones(w.mask.shape[0], "float32")
         mask[i % mask.shape[0]] = 0
         w.mask = mask
@@ -88,7 +88,9 @@ def test_keras_file_round_trip_keeps_masks_and_outputs(tmp_path):
     np.testing.assert_array_equal(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0)
     )
-    for a, b in zip(keras_sfp.prune.wrappers(model), keras_sfp.prune.wrappers(loaded)):
+    for a, b in zip(
+        keras_sfp.core.prune.wrappers(model), keras_sfp.core.prune.wrappers(loaded)
+    ):
         np.testing.assert_array_equal(a.mask, b.mask)
         # JSON turns tuples into lists; compare the configs as saved.
         assert json.loads(json.dumps(b.get_config())) == json.loads(
@@ -153,7 +155,7 @@ def test_hard_state_and_keep_survive_a_keras_file(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     masks = [w for w in loaded.layers if isinstance(w, ChannelMask)]
     assert masks and all(w.hard for w in masks)
-    assert all(w.hard for w in keras_sfp.prune.wrappers(loaded))
+    assert all(w.hard for w in keras_sfp.core.prune.wrappers(loaded))
     for a, b in zip(model.layers, loaded.layers):
         if isinstance(a, ChannelMask):
             np.testing.assert_array_equal(a.keep, b.keep)

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import keras
 import numpy as np
 
-from keras_sfp import _keras_graph, distributed, importance
-from keras_sfp import allocation as allocation_lib
-from keras_sfp.graph import ChannelGraph
-from keras_sfp.wrapper import (
+from keras_sfp.allocation import counts as allocation_lib
+from keras_sfp.allocation import targets as targets_lib
+from keras_sfp.core.wrapper import (
     PRUNABLE_TYPES,
     ChannelMask,
     FilterPruning,
     check_prune_args,
-    num_outputs,
     output_kernel,
     unwrap,
 )
+from keras_sfp.graph import keras_graph as _keras_graph
+from keras_sfp.graph.channels import ChannelGraph
+from keras_sfp.training import distributed
 
 WRAPPER_PREFIX = "sfp_"
 DEFAULT_RATE = 0.3
@@ -75,149 +75,6 @@ def _maskable_offset_layers(graph: ChannelGraph) -> list:
     return layers
 
 
-def check_target(name: str, value, rate, coupling) -> None:
-    """Validates `target_macs` or `target_latency` with `rate` and `coupling`."""
-    if value is None:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not 0.0 < value <= 1.0
-    ):
-        raise ValueError(
-            f"`{name}` must be a fraction in (0, 1]. Received: {name}={value!r}"
-        )
-    if rate is not None:
-        raise ValueError(
-            f"Pass `rate` or `{name}`, not both. "
-            f"Received: rate={rate!r}, {name}={value!r}"
-        )
-    if coupling != "group":
-        raise ValueError(
-            f"`{name}` needs coupling='group' (with 'layer', pruned residual "
-            f"channels are not removed). Received: coupling={coupling!r}"
-        )
-
-
-def check_targets(target_macs, target_latency, rate, coupling) -> None:
-    """Validates `target_macs` and `target_latency` (`prune_filters`, train.py)."""
-    check_target("target_macs", target_macs, rate, coupling)
-    check_target("target_latency", target_latency, rate, coupling)
-    if target_macs is not None and target_latency is not None:
-        raise ValueError(
-            "Pass `target_macs` or `target_latency`, not both. Received: "
-            f"target_macs={target_macs!r}, target_latency={target_latency!r}"
-        )
-    if target_latency == 1.0:
-        raise ValueError(
-            "`target_latency` must be below 1 (1 keeps every channel: nothing "
-            "to prune). Received: target_latency=1.0"
-        )
-
-
-def latency_rates(graph, groups, table, target_latency, round_to, criterion):
-    """Per-group rates reaching `target_latency` of the predicted latency."""
-    from keras_sfp import latency_table
-
-    lengths = np.array([g.length for g in groups], dtype=np.int64)
-    blocks = np.array([g.blocks for g in groups], dtype=np.int64)
-    fewest = [
-        allocation_lib.count_options(n, round_to, b)[0] for n, b in zip(lengths, blocks)
-    ]
-    cost = latency_table.LatencyModel(graph, groups, table, fewest, round_to)
-    full = float(cost(lengths))
-    try:
-        kept = allocation_lib.latency_kept(
-            cost,
-            lengths,
-            target_latency * full,
-            round_to,
-            blocks,
-            importance.importance_lost(
-                groups, criterion, importance.batch_norms_after(graph)
-            ),
-        )
-    except ValueError as error:
-        raise ValueError(
-            f"`target_latency` is below what pruning can reach ({error}). "
-            f"Received: target_latency={target_latency!r}"
-        ) from None
-    return (lengths - kept) / lengths
-
-
-def global_rates(graph, groups, rate, target_macs, round_to, criterion):
-    """Per-group rates of `allocation="global"` (see `prune_filters`).
-
-    The MACs budget is `target_macs` of the model's MACs, or what `rate`'s
-    uniform, unrounded counts keep.
-    """
-    mac_model = allocation_lib.MacModel(graph, groups)
-    total = mac_model.total
-    if target_macs is None:
-        goal = float(mac_model.macs(allocation_lib.exact_kept(mac_model.lengths, rate)))
-    else:
-        goal = target_macs * total
-    lost = importance.importance_lost(
-        groups, criterion, importance.batch_norms_after(graph)
-    )
-    try:
-        kept = allocation_lib.latency_kept(
-            mac_model.macs, mac_model.lengths, goal, round_to, mac_model.blocks, lost
-        )
-    except ValueError:
-        fewest = allocation_lib.fewest_kept(
-            mac_model.lengths, round_to, mac_model.blocks
-        )
-        name = "rate" if target_macs is None else "target_macs"
-        raise ValueError(
-            f"`{name}` asks for fewer MACs than pruning can reach: keeping the "
-            f"fewest channels per prunable group (round_to={round_to}) still "
-            f"leaves {float(mac_model.macs(fewest)) / total:.3f} of the MACs. "
-            f"Received: {name}={rate if target_macs is None else target_macs!r}"
-        ) from None
-    return (mac_model.lengths - kept) / mac_model.lengths
-
-
-def _per_channel(channel_rates: dict, groups, rates) -> float:
-    """Fills `channel_rates` (`id(layer)` -> per-channel rates) from per-group
-    `rates`; returns the largest, the wrappers' (and schedule's) final rate."""
-    rate = float(np.max(rates))
-    for group, group_rate in zip(groups, rates):
-        for layer, start, length in group.members:
-            values = channel_rates.setdefault(
-                id(layer), np.full(num_outputs(unwrap(layer)), rate)
-            )
-            values[start : start + length] = group_rate
-    return rate
-
-
-ALLOCATIONS = ("uniform", "global")
-"""The values of `prune_filters(allocation=...)`."""
-
-
-def check_allocation(allocation, target_latency, coupling) -> str:
-    """Validates `allocation` (`prune_filters`, train.py); returns the mode used."""
-    if allocation is not None and allocation not in ALLOCATIONS:
-        raise ValueError(
-            f"`allocation` must be one of {ALLOCATIONS} or None. "
-            f"Received: allocation={allocation!r}"
-        )
-    if target_latency is not None:
-        if allocation == "uniform":
-            raise ValueError(
-                "`target_latency` allocates channels globally by latency: "
-                "allocation='uniform' cannot be combined with it. Received: "
-                f"allocation={allocation!r}, target_latency={target_latency!r}"
-            )
-        return "global"
-    if allocation == "global" and coupling != "group":
-        raise ValueError(
-            "allocation='global' needs coupling='group' (with 'layer', pruned "
-            f"residual channels are not removed). Received: coupling={coupling!r}"
-        )
-    return allocation or "uniform"
-
-
 def prune_filters(
     model: keras.Model,
     rate: float | None = None,
@@ -247,7 +104,7 @@ def prune_filters(
     residual merges, concatenations' consumers or squeeze-and-excitation gates
     are scored and pruned together, so `shrink` removes all of them. Nested
     Sequential or functional models, and custom layers whose `call` uses
-    only sublayers and `keras.ops` (`keras_sfp._keras_graph.trace_call`),
+    only sublayers and `keras.ops` (`keras_sfp.graph.keras_graph.trace_call`),
     are inlined: the clone is one flat functional model. Grouped
     convolutions keep the same number of channels in every group.
 
@@ -275,7 +132,7 @@ def prune_filters(
             rounded), so that they fill the hardware's vector or tensor-core
             width. Each group is rounded to a nearby multiple, up or down,
             balanced across groups so that the model's MACs stay those of
-            the unrounded counts (`keras_sfp.allocation.balanced_kept`).
+            the unrounded counts (`keras_sfp.allocation.counts.balanced_kept`).
             With `coupling="layer"` each layer rounds to its nearest multiple
             alone (its pruned residual channels are not all removed, so there
             are no MACs to balance). 1 keeps `floor` counts, as the paper.
@@ -300,14 +157,14 @@ def prune_filters(
             different rates (stored per channel in the wrappers; the largest
             is the schedule's final rate). Needs `coupling="group"`.
             Defaults to None.
-        latency_table: The `keras_sfp.latency_table.LatencyTable` that
+        latency_table: The `keras_sfp.latency.table.LatencyTable` that
             `target_latency` reads and fills (saved afterwards when it has a
             path). Defaults to the table cached for this device and runtime
             at batch size 1 (`LatencyTable.for_device()`).
         allocation: How the channels to prune are shared among groups:
             `"uniform"` (each group prunes the same fraction, the paper) or
             `"global"`: one ranking of all groups' channels by importance
-            (`keras_sfp.importance.importance_lost`, criterion scores
+            (`keras_sfp.core.importance.importance_lost`, criterion scores
             normalised per layer, with the weights the model has now) under
             the MACs budget (that of `rate`'s uniform counts, or
             `target_macs`): the group whose next multiple of `round_to` down
@@ -331,7 +188,7 @@ def prune_filters(
             a model with nothing to prune.
         RuntimeError: Inside a `tf.distribute.MultiWorkerMirroredStrategy`
             scope, which Keras 3 cannot train with (see
-            `keras_sfp.distributed`).
+            `keras_sfp.training.distributed`).
 
     Example:
     >>> inputs = keras.Input((8, 8, 3))
@@ -343,8 +200,8 @@ def prune_filters(
     'FilterPruning'
     """
     distributed.check_strategy()
-    check_targets(target_macs, target_latency, rate, coupling)
-    allocation_mode = check_allocation(allocation, target_latency, coupling)
+    targets_lib.check_targets(target_macs, target_latency, rate, coupling)
+    allocation_mode = targets_lib.check_allocation(allocation, target_latency, coupling)
     if allocation_mode == "global" and schedule not in (
         None,
         "constant",
@@ -360,7 +217,7 @@ def prune_filters(
         target_latency is None or not hasattr(latency_table, "lookup")
     ):
         raise ValueError(
-            "`latency_table` must be a keras_sfp.latency_table.LatencyTable, "
+            "`latency_table` must be a keras_sfp.latency.table.LatencyTable, "
             "passed with `target_latency`. Received: "
             f"latency_table={latency_table!r}, target_latency={target_latency!r}"
         )
@@ -384,7 +241,7 @@ def prune_filters(
     channel_rates = {}
     if allocation_mode == "global" and target_latency is None:
         groups = allocation_lib.pruned_groups(graph, lambda p: id(p) in targets)
-        rates = global_rates(
+        rates = targets_lib.global_rates(
             graph,
             groups,
             DEFAULT_RATE if rate is None and target_macs is None else rate,
@@ -392,19 +249,19 @@ def prune_filters(
             round_to,
             criterion,
         )
-        rate = _per_channel(channel_rates, groups, rates)
+        rate = targets_lib.per_channel(channel_rates, groups, rates)
     elif target_macs is not None:
         groups = allocation_lib.pruned_groups(graph, lambda p: id(p) in targets)
         rate = allocation_lib.rate_for_macs(
             allocation_lib.MacModel(graph, groups), target_macs, round_to
         )
     if target_latency is not None:
-        from keras_sfp.latency_table import LatencyTable
+        from keras_sfp.latency.table import LatencyTable
 
         table = latency_table or LatencyTable.for_device()
         groups = allocation_lib.pruned_groups(graph, lambda p: id(p) in targets)
         try:
-            rates = latency_rates(
+            rates = targets_lib.latency_rates(
                 graph, groups, table, target_latency, round_to, criterion
             )
         finally:  # keep what was measured, even if the target is out of reach
@@ -417,7 +274,7 @@ def prune_filters(
                         f"{table.path!r} ({error}): it will be measured again.",
                         stacklevel=2,
                     )
-        rate = _per_channel(channel_rates, groups, rates)
+        rate = targets_lib.per_channel(channel_rates, groups, rates)
     elif rate is None:
         rate = DEFAULT_RATE
     masked = {id(layer) for layer in _maskable_offset_layers(graph)}

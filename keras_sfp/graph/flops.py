@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_sfp import _keras_graph
-from keras_sfp.wrapper import unwrap
+from keras_sfp.core.wrapper import unwrap
+from keras_sfp.graph import keras_graph as _keras_graph
 
 L = keras.layers
 
@@ -22,7 +22,7 @@ def mac_terms(layer, node) -> list[tuple[float, bool, bool]]:
     each term is `(coef, a, b)` with `a`, `b` booleans. Counting MACs from
     these terms with the tensors' channel counts gives `count_flops`; with
     the channel counts a pruning would leave, it gives the pruned model's
-    MACs (`keras_sfp.allocation`). Layers that are not counted give `[]`.
+    MACs (`keras_sfp.allocation.counts`). Layers that are not counted give `[]`.
     """
     layer = unwrap(layer)
     if isinstance(layer, L.Dense):

@@ -39,9 +39,10 @@ import math
 import keras
 import numpy as np
 
-from keras_sfp import _keras_graph, rules
-from keras_sfp.rules import activation_preserves_zero, producer_layer
-from keras_sfp.wrapper import num_outputs, unwrap
+from keras_sfp.core.wrapper import num_outputs, unwrap
+from keras_sfp.graph import keras_graph as _keras_graph
+from keras_sfp.graph import rules
+from keras_sfp.graph.rules import activation_preserves_zero, producer_layer
 
 
 @dataclasses.dataclass

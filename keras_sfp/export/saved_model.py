@@ -1,4 +1,4 @@
-"""Deployment artifacts: a SavedModel for TF Serving and TFLite flatbuffers.
+"""SavedModel export for TF Serving; the traced function TFLite converts too.
 
 Pruning exists to ship something smaller and faster, so the artifact must
 compute what the Keras model computes. Both exporters trace one function,
@@ -26,21 +26,21 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 from absl import logging
 
-from keras_sfp import fold
 from keras_sfp._tensorflow import (
     import_tensorflow,
     quiet_info_logs,
     require_tensorflow_backend,
 )
+from keras_sfp.graph import fold
 
-tf = import_tensorflow("SavedModel and TFLite export (keras_sfp.export)")
+tf = import_tensorflow("SavedModel and TFLite export (keras_sfp.export.saved_model)")
 
 SERVING_SIGNATURE = "serving_default"
 """The signature TF Serving uses when a request names none."""
@@ -51,13 +51,12 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_WARMUP_RECORDS = 1000
 """TF Serving reads at most this many warmup records and fails beyond."""
 
-QUANTIZATIONS = (None, "float16", "dynamic", "int8")
 """The `quantization` modes of `export_tflite`."""
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
-def _check_name(argument: str, value: Any) -> None:
+def check_name(argument: str, value: Any) -> None:
     if not isinstance(value, str) or not _NAME.match(value):
         raise ValueError(
             f"`{argument}` must be an identifier (a letter, then letters, digits "
@@ -65,7 +64,7 @@ def _check_name(argument: str, value: Any) -> None:
         )
 
 
-def _serving_spec(
+def serving_spec(
     model: Any, input_name: str, input_shape: Sequence[int | None] | None = None
 ) -> tf.TensorSpec:
     """The signature's input spec: the model's input, batch dimension free."""
@@ -100,7 +99,7 @@ def _serving_spec(
     return tf.TensorSpec((None, *shape), tf.as_dtype(inputs[0].dtype), input_name)
 
 
-def _write_saved_model(
+def write_saved_model(
     model: keras.Model, directory: str, spec: tf.TensorSpec, output_name: str
 ) -> None:
     def serve(images):
@@ -200,7 +199,7 @@ def export_saved_model(
         input_name: The signature's input name. Defaults to `"images"`.
         output_name: The signature's output name. Defaults to `"logits"`.
         fold_batch_norm: Fold every BatchNormalization that follows a linear
-            convolution or dense layer into it (`keras_sfp.fold`): the same
+            convolution or dense layer into it (`keras_sfp.graph.fold`): the same
             outputs up to float rounding, fewer kernels per request. A model
             with nothing to fold, with pruning wrappers, or of a `Model`
             subclass (whose own `call` a rebuild would lose) is exported as
@@ -229,14 +228,14 @@ def export_saved_model(
     >>> os.path.basename(export_saved_model(model, export_dir))
     '2'
     """
-    _check_name("input_name", input_name)
-    _check_name("output_name", output_name)
+    check_name("input_name", input_name)
+    check_name("output_name", output_name)
     if not isinstance(fold_batch_norm, bool):
         raise ValueError(
             "`fold_batch_norm` must be True or False. "
             f"Received: fold_batch_norm={fold_batch_norm!r}"
         )
-    spec = _serving_spec(model, input_name)
+    spec = serving_spec(model, input_name)
     if version is not None and (
         isinstance(version, bool) or not isinstance(version, int) or version < 1
     ):
@@ -269,7 +268,7 @@ def export_saved_model(
         )
     staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
     try:
-        _write_saved_model(model, staging, spec, output_name)
+        write_saved_model(model, staging, spec, output_name)
         if batches is not None:
             _write_warmup(staging, batches, input_name)
         os.rename(staging, version_dir)
@@ -277,160 +276,3 @@ def export_saved_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return version_dir
-
-
-def _representative_dataset(
-    representative_data: Any, spec: tf.TensorSpec
-) -> Callable[[], Iterable[list[np.ndarray]]]:
-    """The converter's `representative_dataset`: one-example float batches."""
-    if isinstance(representative_data, (np.ndarray, tf.Tensor)):
-        examples = np.asarray(representative_data, np.float32)
-        if len(examples) == 0 or not spec.shape.is_compatible_with(examples.shape):
-            raise ValueError(
-                "`representative_data` must be a non-empty array of input examples "
-                f"of shape {tuple(spec.shape)}. Received: shape {examples.shape}"
-            )
-        return lambda: ([example[None]] for example in examples)
-    if callable(representative_data) or isinstance(representative_data, Iterable):
-
-        def batches():
-            source = representative_data
-            for batch in source() if callable(source) else source:
-                yield [np.asarray(batch, np.float32)]
-
-        return batches
-    raise TypeError(
-        "`representative_data` must be an array of examples, an iterable of input "
-        "batches or a callable returning one. "
-        f"Received: representative_data={representative_data!r}"
-    )
-
-
-def export_tflite(
-    model: keras.Model,
-    path: str | os.PathLike,
-    quantization: str | None = None,
-    representative_data: Any = None,
-    integer_io: bool = False,
-    input_shape: Sequence[int] | None = None,
-    input_name: str = "images",
-    output_name: str = "logits",
-    overwrite: bool = False,
-) -> str:
-    """Converts `model` to a TFLite flatbuffer, optionally quantized.
-
-    The flatbuffer has a `serving_default` signature with the same names as
-    `export_saved_model`'s and a free batch dimension (resize the
-    interpreter's input for batches other than 1). Quantization modes (see
-    the TensorFlow Lite post-training quantization guide):
-
-    - `None`: float32, computes what the Keras model computes.
-    - `"float16"`: weights stored as float16 (half the size), float compute.
-    - `"dynamic"`: weights stored as int8, activations quantized on the fly.
-    - `"int8"`: weights and activations int8 (Jacob et al., CVPR 2018),
-      calibrated on `representative_data`; input and output stay float32
-      unless `integer_io` is set.
-
-    Args:
-        model: A built Keras model with one input and one output.
-        path: The file to write, conventionally ending in `.tflite`.
-        quantization: One of `QUANTIZATIONS`. Defaults to None.
-        representative_data: For `"int8"` only (and then required): an array
-            of input examples (a few hundred suffice) or an iterable of input
-            batches (or a callable returning one). Defaults to None.
-        integer_io: For `"int8"` only: make the input and output int8
-            tensors (read their scale and zero point from the interpreter's
-            `quantization` details) for integer-only accelerators. Defaults
-            to False.
-        input_shape: The input shape without the batch dimension, to fix
-            dimensions the model leaves free; `None` uses the model's.
-            Defaults to None.
-        input_name: The signature's input name. Defaults to `"images"`.
-        output_name: The signature's output name. Defaults to `"logits"`.
-        overwrite: Whether to replace an existing file at `path`. Defaults
-            to False.
-
-    Returns:
-        `path`, as a string.
-
-    Raises:
-        TypeError: If `model` is not a Keras model or `representative_data`
-            is of an unusable kind.
-        ValueError: If `quantization` is unknown, `"int8"` lacks
-            `representative_data`, an int8-only option is given for another
-            mode, the input has free dimensions besides the batch (TFLite's
-            builtin kernels need them static: pass `input_shape`), `path`
-            exists and `overwrite` is False, or the model has several inputs
-            or outputs.
-
-    Example:
-    >>> inputs = keras.Input((28, 28, 1))
-    >>> x = keras.layers.Conv2D(4, 3)(inputs)
-    >>> x = keras.layers.GlobalAveragePooling2D()(x)
-    >>> model = keras.Model(inputs, keras.layers.Dense(10)(x))
-    >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
-    >>> calibration = np.random.default_rng(0).random((16, 28, 28, 1))
-    >>> path == export_tflite(
-    ...     model, path, quantization="int8", representative_data=calibration
-    ... )
-    True
-    """
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(
-            f"`quantization` must be one of {QUANTIZATIONS}. "
-            f"Received: quantization={quantization!r}"
-        )
-    if quantization == "int8" and representative_data is None:
-        raise ValueError(
-            "`quantization='int8'` needs `representative_data` to calibrate the "
-            "activation ranges. Received: representative_data=None"
-        )
-    if quantization != "int8" and (representative_data is not None or integer_io):
-        raise ValueError(
-            "`representative_data` and `integer_io` apply to quantization='int8' "
-            f"only. Received: quantization={quantization!r} with "
-            f"representative_data of type {type(representative_data).__name__} and "
-            f"integer_io={integer_io!r}"
-        )
-    _check_name("input_name", input_name)
-    _check_name("output_name", output_name)
-    spec = _serving_spec(model, input_name, input_shape)
-    if any(dim is None for dim in spec.shape[1:]):
-        raise ValueError(
-            "TFLite needs every input dimension but the batch to be static; pass "
-            "`input_shape` to fix them. Received: a model with input shape "
-            f"{tuple(model.inputs[0].shape)}"
-        )
-    representative_dataset = None
-    if quantization == "int8":
-        representative_dataset = _representative_dataset(representative_data, spec)
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(
-            f"`path` exists; pass overwrite=True to replace it. Received: path={path!r}"
-        )
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as staging:
-        saved_model_dir = os.path.join(staging, "saved_model")
-        _write_saved_model(model, saved_model_dir, spec, output_name)
-        converter = tf.lite.TFLiteConverter.from_saved_model(
-            saved_model_dir, signature_keys=[SERVING_SIGNATURE]
-        )
-        if quantization is not None:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantization == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        elif quantization == "int8":
-            converter.representative_dataset = representative_dataset
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            if integer_io:
-                converter.inference_input_type = tf.int8
-                converter.inference_output_type = tf.int8
-        with quiet_info_logs():
-            flatbuffer = converter.convert()
-        staged = os.path.join(staging, "model.tflite")
-        with open(staged, "wb") as f:
-            f.write(flatbuffer)
-        os.replace(staged, path)
-    return path

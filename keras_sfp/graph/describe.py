@@ -6,7 +6,7 @@ import dataclasses
 
 import keras
 
-from keras_sfp.graph import ChannelGraph
+from keras_sfp.graph.channels import ChannelGraph
 
 _ROW = "{:>5}  {:>8}  {:<8}  {:<40}  {}"
 

@@ -1,7 +1,7 @@
 """Export models in several formats and measure what each artifact costs and gains.
 
 `export_and_measure` writes, for each named model, the artifacts of
-`keras_sfp.export` (SavedModel, TFLite float32/float16/dynamic/int8) and a
+`keras_sfp.export.saved_model` (SavedModel, TFLite float32/float16/dynamic/int8) and a
 `.keras` reference, then reloads every artifact the way it is deployed
 (`tf.saved_model.load` and its `serving_default` signature,
 `tf.lite.Interpreter` or LiteRT's) and records its size on disk, its top-1
@@ -10,11 +10,9 @@ accuracy on test data and its median CPU latency per batch, in
 original architecture (the trained model with its pruned filters zeroed, as
 `strip_pruning` gives it) beside the shrunk one.
 
-Command line, for existing `.keras` files (models still holding
-`FilterPruning` wrappers are stripped first):
-
-    python -m keras_sfp.deploy --model=runs/resnet20_fashion_mnist/shrunk.keras \\
-        --output_dir=export --formats=saved_model,tflite,tflite_int8
+`export_model_files` does the same for `.keras` files (models still holding
+`FilterPruning` wrappers are stripped first); the `keras-sfp-export` command
+(`keras_sfp.cli.export`) calls it.
 """
 
 from __future__ import annotations
@@ -30,10 +28,13 @@ import keras
 import numpy as np
 
 from keras_sfp import export as export_lib
-from keras_sfp import latency as latency_lib
 from keras_sfp._tensorflow import import_tensorflow
+from keras_sfp.core.prune import strip_pruning
+from keras_sfp.core.wrapper import FilterPruning
+from keras_sfp.latency import timing as latency_lib
+from keras_sfp.training import data as data_lib
 
-tf = import_tensorflow("keras_sfp.deploy")
+tf = import_tensorflow("keras_sfp.export.measure")
 
 FORMATS = ("saved_model", "tflite", "tflite_float16", "tflite_dynamic", "tflite_int8")
 """Artifact formats `export_and_measure` writes."""
@@ -402,9 +403,6 @@ def export_and_measure(
 
 
 def _load_model(path: str) -> keras.Model:
-    # Importing keras_sfp registers FilterPruning for deserialization.
-    from keras_sfp import FilterPruning, strip_pruning
-
     model = keras.saving.load_model(path, compile=False)
     if any(isinstance(layer, FilterPruning) for layer in model.layers):
         model = strip_pruning(model)
@@ -421,7 +419,7 @@ def export_model_files(
     calibration_examples: int = 200,
     latency_runs: int = 20,
 ) -> dict[str, Any]:
-    """`export_and_measure` for `.keras` files, on a dataset of `keras_sfp.data`.
+    """`export_and_measure` for `.keras` files, on a `keras_sfp.training.data` set.
 
     Models holding `FilterPruning` wrappers are stripped (`strip_pruning`)
     first. The first `calibration_examples` training images calibrate int8
@@ -433,7 +431,7 @@ def export_model_files(
         output_dir: Where the artifacts and `metrics.json` go.
         formats: A subset of `FORMATS`. Defaults to
             `"saved_model,tflite,tflite_int8"`.
-        dataset: A name for `keras_sfp.data.load_dataset`. Defaults to
+        dataset: A name for `keras_sfp.training.data.load_dataset`. Defaults to
             `"fashion_mnist"`.
         data_dir: The dataset's directory; `None` for the default. Defaults to
             None.
@@ -457,7 +455,6 @@ def export_model_files(
     )["table"]
     ```
     """
-    from keras_sfp import data as data_lib
 
     formats = parse_formats(formats)
     if (
@@ -488,68 +485,3 @@ def export_model_files(
         latency_runs=latency_runs,
     )
     return metrics
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_multi_string(
-        "model",
-        None,
-        "A .keras file, or NAME=PATH; repeat for several models.",
-        required=True,
-    )
-    flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
-    flags.DEFINE_string(
-        "formats", "saved_model,tflite,tflite_int8", f"Comma-separated {FORMATS}."
-    )
-    flags.DEFINE_string("dataset", "fashion_mnist", "Dataset of keras_sfp.data.")
-    flags.DEFINE_string("data_dir", None, "Data directory (None: default).")
-    flags.DEFINE_integer("test_limit", 0, "Test images (0: all).", lower_bound=0)
-    flags.DEFINE_integer(
-        "calibration_examples", 200, "int8 calibration images.", lower_bound=1
-    )
-    flags.DEFINE_integer("latency_runs", 20, "Timed calls (0: skip).", lower_bound=0)
-
-
-def _model_paths(specs: Sequence[str]) -> dict[str, str]:
-    paths = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            path, name = spec, os.path.splitext(os.path.basename(spec))[0]
-        paths[name] = path
-    return paths
-
-
-def main(argv: Sequence[str]) -> None:
-    from absl import app, flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    values = flags.FLAGS
-    metrics = export_model_files(
-        _model_paths(values.model),
-        values.output_dir,
-        values.formats,
-        dataset=values.dataset,
-        data_dir=values.data_dir,
-        test_limit=values.test_limit,
-        calibration_examples=values.calibration_examples,
-        latency_runs=values.latency_runs,
-    )
-    print(metrics["table"])
-
-
-def run_main() -> None:
-    """Command-line entry point: `python -m keras_sfp.deploy --model=... ...`."""
-    from absl import app
-
-    # Flags are defined here, not at import, so that importing this module
-    # next to train.py (which defines --model and --output_dir) is harmless.
-    _define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    run_main()

@@ -5,7 +5,7 @@
 `(height, width, channels)` and `int32` labels, plus the input shape, the
 number of classes and the split sizes. A split is either an unbatched
 `tf.data.Dataset` or, without TensorFlow (or with `pipeline="numpy"`), an
-`ArraySplit` of NumPy arrays; `keras_sfp.pipeline.make_pipeline` batches
+`ArraySplit` of NumPy arrays; `keras_sfp.training.pipeline.make_pipeline` batches
 either kind for training or evaluation on any Keras backend.
 
 Fashion-MNIST is read from the IDX files of the Debian package

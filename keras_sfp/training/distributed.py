@@ -88,7 +88,7 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
     Raises:
         ValueError: Without the JAX backend, or for inconsistent arguments.
     """
-    jax = _jax("keras_sfp.distributed.initialize")
+    jax = _jax("keras_sfp.training.distributed.initialize")
     address = _from_environment("coordinator_address", coordinator_address)
     count = _from_environment("num_processes", num_processes)
     index = _from_environment("process_id", process_id)
@@ -145,10 +145,10 @@ def data_parallel():
     """`keras.distribution.DataParallel` over every process's devices.
 
     Each process feeds its own part of the global batch
-    (`auto_shard_dataset=False`; `keras_sfp.pipeline.make_pipeline` with
+    (`auto_shard_dataset=False`; `keras_sfp.training.pipeline.make_pipeline` with
     `num_shards=process_count()` cuts it).
     """
-    jax = _jax("keras_sfp.distributed.data_parallel")
+    jax = _jax("keras_sfp.training.distributed.data_parallel")
     return keras.distribution.DataParallel(
         devices=jax.devices(), auto_shard_dataset=False
     )
@@ -257,8 +257,8 @@ def check_strategy() -> None:
             "tf.distribute.MultiWorkerMirroredStrategy does not work with "
             "Keras 3: `fit` fails converting PerReplica values to tensors, for "
             f"any model ({UPSTREAM}). Train on several hosts with the JAX "
-            "backend instead: keras_sfp.distributed.initialize() and "
-            "keras_sfp.distributed.data_parallel() (train.py "
+            "backend instead: keras_sfp.training.distributed.initialize() and "
+            "keras_sfp.training.distributed.data_parallel() (train.py "
             "--distribute=multi_process). MirroredStrategy (one host, several "
             "devices) works."
         )

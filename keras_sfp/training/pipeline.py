@@ -1,6 +1,6 @@
 """Input pipelines: batching, shuffling and augmentation for any Keras backend.
 
-`make_pipeline` batches a split of `keras_sfp.data.load_dataset` for training
+`make_pipeline` batches a split of `keras_sfp.training.data.load_dataset` for training
 or evaluation. An unbatched `tf.data.Dataset` gives a `tf.data` pipeline; an
 `ArraySplit` gives `ArrayBatches`, a `keras.utils.PyDataset` that needs
 nothing but NumPy (the path `train.py` takes on JAX or PyTorch without
@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from keras_sfp import _tensorflow
-from keras_sfp.data import ArraySplit, to_float_images
+from keras_sfp.training.data import ArraySplit, to_float_images
 
 PAD_PIXELS = 4
 """Zero padding on each side before the random crop (He et al., 2016)."""
@@ -296,7 +296,7 @@ def make_pipeline(
 
     Example:
 
-    >>> from keras_sfp.data import load_dataset
+    >>> from keras_sfp.training.data import load_dataset
     >>> data = load_dataset("fashion_mnist", limit=64, pipeline="numpy")
     >>> batches = make_pipeline(data.train, batch_size=32, training=True, seed=0)
     >>> images, labels = batches[0]

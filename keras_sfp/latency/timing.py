@@ -8,7 +8,7 @@ backend runs a model fastest: a `tf.function` on TensorFlow; on JAX a jitted
 `stateless_call` on device-resident inputs, blocking on the result; on
 PyTorch a call under `torch.no_grad()` on a tensor already on the device,
 synchronising CUDA. Artifact runners (SavedModel, TFLite) from
-`keras_sfp.deploy` are timed the same way.
+`keras_sfp.export.measure` are timed the same way.
 """
 
 from __future__ import annotations

@@ -7,13 +7,16 @@ import warnings
 import keras
 import numpy as np
 
-from keras_sfp import _checks, allocation, distributed, importance
-from keras_sfp import batch_norm as batch_norm_lib
-from keras_sfp import prune as prune_lib
-from keras_sfp import schedules as schedules_lib
-from keras_sfp import sparsity as sparsity_lib
-from keras_sfp.graph import ChannelGraph
-from keras_sfp.wrapper import FilterPruning, unwrap
+from keras_sfp import _checks
+from keras_sfp.allocation import counts as allocation
+from keras_sfp.core import importance
+from keras_sfp.core import prune as prune_lib
+from keras_sfp.core import schedules as schedules_lib
+from keras_sfp.core.wrapper import FilterPruning, unwrap
+from keras_sfp.graph.channels import ChannelGraph
+from keras_sfp.recovery import batch_norm as batch_norm_lib
+from keras_sfp.recovery import sparsity as sparsity_lib
+from keras_sfp.training import distributed
 
 
 class SoftFilterPrune(keras.callbacks.Callback):
@@ -25,7 +28,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
     in the masks and their filters' kernel and bias slices set to zero: about
     `floor(channels * rate)` of them, the kept counts rounded to multiples of
     the wrappers' `round_to` and balanced across groups so that the model's
-    MACs stay those of the unrounded counts (`keras_sfp.allocation`).
+    MACs stay those of the unrounded counts (`keras_sfp.allocation.counts`).
     Nothing masks the forward pass or the gradients in between: pruned
     filters keep training and can come back. When training
     ends the model is pruned once more, so it is consistent with its masks.
@@ -72,7 +75,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
     with a momentum of at most `batch_norm_momentum` (PyTorch's default
     window: the weights still move during a fine-tune, and Keras's 0.99
     averages over the last hundred or so steps) and are read with their bias
-    corrected (`keras_sfp.batch_norm.FreshStatistics`): they describe only
+    corrected (`keras_sfp.recovery.batch_norm.FreshStatistics`): they describe only
     recent steps taken with the final masks, and validation, the end
     of training and the epoch-end callbacks after this one (checkpoints,
     backups) see them corrected; callbacks that read the model in the
@@ -84,7 +87,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
     the statistics predate it.
 
     With `sparse_epochs`, the first epochs of a model never pruned train with
-    a group lasso on every channel group (`keras_sfp.sparsity`: the L2 norm
+    a group lasso on every channel group (`keras_sfp.recovery.sparsity`: the L2 norm
     of each channel's filters across all the layers that share it, weighted
     by `sparsity`) and without prune events; the first event, at the end of
     the last sparse epoch, then removes channels the penalty drove toward

@@ -13,9 +13,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_sfp import criteria
-from keras_sfp.graph import ChannelGraph
-from keras_sfp.wrapper import output_kernel, unwrap
+from keras_sfp.core import criteria
+from keras_sfp.core.wrapper import output_kernel, unwrap
+from keras_sfp.graph.channels import ChannelGraph
 
 
 def batch_norms_after(graph: ChannelGraph) -> dict:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_sfp import _keras_graph
-from keras_sfp import prune as prune_lib
+from keras_sfp.core import prune as prune_lib
+from keras_sfp.graph import keras_graph as _keras_graph
 
 L = keras.layers
 _FOLDABLE = (L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D, L.Dense)

@@ -1,6 +1,6 @@
 """Physically remove pruned channels: a smaller model that computes the same.
 
-Which channels go is decided by the channel graph (`keras_sfp.graph`); how a
+Which channels go is decided by the channel graph (`keras_sfp.graph.channels`); how a
 layer loses channels is decided by its rule's `slice_weights` (the split
 Torch-Pruning makes between dependency groups and per-layer pruning
 functions; see `keras_sfp.rules`).
@@ -13,9 +13,9 @@ import warnings
 import keras
 import numpy as np
 
-from keras_sfp import _keras_graph
-from keras_sfp import prune as prune_lib
-from keras_sfp.graph import ChannelGraph
+from keras_sfp.core import prune as prune_lib
+from keras_sfp.graph import keras_graph as _keras_graph
+from keras_sfp.graph.channels import ChannelGraph
 
 
 def _index(graph: ChannelGraph, tensor, keep: dict) -> np.ndarray | None:

@@ -21,6 +21,8 @@ import keras
 from keras.src.models.functional import Functional
 from keras.src.ops.function import map_graph
 
+from keras_sfp.graph import layer_rule
+
 try:  # ConvNeXt's per-channel scale layer (re-exported for `rules`)
     from keras.src.applications.convnext import LayerScale
 except ImportError:  # a Keras without it: no ConvNeXt to support
@@ -207,10 +209,8 @@ def _is_custom(op) -> bool:
     """A layer class of the user's (not Keras', not keras-sfp's, no rule)."""
     if not is_layer(op) or is_graph_model(op):
         return False
-    from keras_sfp import rules  # noqa: PLC0415 - rules imports this module
-
     package = type(op).__module__.split(".")[0]
-    return package not in ("keras", "keras_sfp") and not rules.is_registered(op)
+    return package not in ("keras", "keras_sfp") and not layer_rule.is_registered(op)
 
 
 def _clashes(op, layers) -> list:

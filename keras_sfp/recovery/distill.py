@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_sfp import prune as prune_lib
+from keras_sfp.core import prune as prune_lib
 
 _KerasDistiller = getattr(getattr(keras, "distillation", None), "Distiller", None)
 
@@ -58,7 +58,7 @@ def distiller(
     softened by `temperature` (`keras.distillation.LogitsDistillation`, KL
     divergence scaled by `temperature ** 2`), and from its own
     regularization losses (weight decay, sparse training's group lasso),
-    which Keras's Distiller leaves out (`keras_sfp.distill.Distiller`).
+    which Keras's Distiller leaves out (`keras_sfp.recovery.distill.Distiller`).
     Compile it like the student (the loss is the student's supervised
     loss), and fit it with
     `SoftFilterPrune`, which prunes `distiller.student`; deploy
@@ -77,7 +77,7 @@ def distiller(
             `FeatureDistillation`).
 
     Returns:
-        An uncompiled, built `keras_sfp.distill.Distiller` (a
+        An uncompiled, built `keras_sfp.recovery.distill.Distiller` (a
         `keras.distillation.Distiller`).
 
     Raises:

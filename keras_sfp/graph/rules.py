@@ -13,9 +13,9 @@ A layer (or `keras.ops` call) is one of four kinds:
 - *boundary*: anything else; channels crossing it are never pruned.
 
 The channel graph also knows `Concatenate` ("concat"), `Flatten`
-("flatten") and channel slices ("split", `keras_sfp.op_rules`). Grouped
+("flatten") and channel slices ("split", `keras_sfp.graph.op_rules`). Grouped
 convolutions are producers pruned evenly per group. Custom layers are
-traced and inlined before any rule applies (`keras_sfp._keras_graph`).
+traced and inlined before any rule applies (`keras_sfp.graph.keras_graph`).
 
 A rule also says how a zero channel propagates (does the layer map 0 to 0?)
 and how to slice the layer's weights when channels are removed. Users add
@@ -25,75 +25,30 @@ that tfmot's `PrunableLayer` is for magnitude pruning.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import keras
 import numpy as np
 
-from keras_sfp import _keras_graph
-from keras_sfp.wrapper import unwrap
+from keras_sfp.core.wrapper import unwrap
+from keras_sfp.graph import keras_graph as _keras_graph
+from keras_sfp.graph import layer_rule, op_rules
+from keras_sfp.graph.layer_rule import (  # noqa: F401  (this module's API too)
+    KINDS,
+    LayerRule,
+    all_zero,
+    any_zero,
+    boundary,
+    is_registered,
+    last_axis,
+    register_layer,
+    same,
+    slice_last_axis,
+    unregister_layer,
+)
 
 L = keras.layers
-KINDS = ("producer", "channelwise", "merge", "boundary")  # and built-in
-# kinds for `Concatenate` ("concat"), `Flatten` ("flatten") and channel
-# slices such as `keras.ops.split` ("split")
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerRule:
-    """How one layer acts on channels.
-
-    Attributes:
-        kind: One of `KINDS`.
-        slice_weights: Channelwise layers with weights:
-            `(layer, config, weights, keep) -> (config, weights)` for the kept
-            channel indices `keep`. Producers:
-            `(layer, config, weights, keep_in, keep_out) -> (config, weights)`.
-        zero: Channelwise: `(layer, zero_in, zeroed_offsets) -> zero_out`,
-            bool arrays over channels. Merge: `(layer, [zero_in, ...]) ->
-            zero_out`. None: decided by evaluating the layer on zeros.
-        offsets: `layer -> variables` that `strip_pruning` zeroes on channels
-            that only receive zeros (BatchNormalization's moving mean and
-            beta, a depthwise bias): the "BN shift".
-        reason: Why a boundary is one.
-        ranges: Split: the `(start, stop)` channels of the input each output
-            holds.
-        resize: Split: `new ranges -> callable` doing the same split of the
-            shrunk input (called with the node's arguments).
-        border: Channelwise: the constant that constant padding writes
-            around a zero channel (None: none). The next channelwise layer
-            decides, by evaluating both on zeros, whether the channel is
-            zero again (max pooling after -inf padding is).
-    """
-
-    kind: str
-    slice_weights: Callable | None = None
-    zero: Callable | None = None
-    offsets: Callable | None = None
-    reason: str | None = None
-    ranges: list | None = None
-    resize: Callable | None = None
-    border: float | None = None
-
-
-def _boundary(reason: str) -> LayerRule:
-    return LayerRule("boundary", reason=reason)
 
 
 # -- zero propagation -------------------------------------------------------
-def _same(layer, zero_in, zeroed_offsets):
-    return zero_in
-
-
-def _all(layer, zeros):
-    return np.logical_and.reduce(zeros)
-
-
-def _any(layer, zeros):
-    return np.logical_or.reduce(zeros)
-
-
 def batch_norm_at_zero(layer) -> np.ndarray:
     """The inference output of a BatchNormalization layer for a zero input."""
     mean = keras.ops.convert_to_numpy(layer.moving_mean).astype(np.float64)
@@ -189,11 +144,6 @@ def _slice_dense(layer, config, weights, keep_in, keep_out):
     return config, [kernel] + [b[keep_out] for b in weights[1:]]
 
 
-def slice_last_axis(layer, config, weights, keep):
-    """Slices every weight whose last axis is per channel (size 1: shared)."""
-    return config, [w if w.shape[-1] == 1 else w[..., keep] for w in weights]
-
-
 def _slice_depthwise(layer, config, weights, keep):
     return config, [weights[0][:, :, keep, :]] + [b[keep] for b in weights[1:]]
 
@@ -214,7 +164,7 @@ def _slice_layer_scale(layer, config, weights, keep):
 
 
 # -- the tables -------------------------------------------------------------
-_IDENTITY = LayerRule("channelwise", zero=_same)
+_IDENTITY = LayerRule("channelwise", zero=same)
 # Layers that act on each channel alone and keep zeros zero.
 _CHANNELWISE = (
     L.MaxPooling1D,
@@ -249,12 +199,12 @@ _CHANNELWISE = (
     L.Identity,
 )
 _MERGE_LAYERS = {
-    L.Add: _all,
-    L.Subtract: _all,
-    L.Average: _all,
-    L.Maximum: _all,
-    L.Minimum: _all,
-    L.Multiply: _any,
+    L.Add: all_zero,
+    L.Subtract: all_zero,
+    L.Average: all_zero,
+    L.Maximum: all_zero,
+    L.Minimum: all_zero,
+    L.Multiply: any_zero,
 }
 # Activations computed element by element (the others mix channels).
 ELEMENTWISE_ACTIVATIONS = set(
@@ -265,79 +215,6 @@ ELEMENTWISE_ACTIVATIONS = set(
         "sparse_sigmoid log_sigmoid exponential"
     ).split()
 )
-
-_USER_RULES: dict[type, LayerRule] = {}
-
-
-def register_layer(layer_type: type, kind: str, slice_weights=None) -> None:
-    """Tells the channel graph how a layer type of yours acts on channels.
-
-    Unregistered layer types that the graph does not know are boundaries:
-    correct, but channels crossing them are never pruned. Register a type to
-    let channels through it:
-
-    - `"channelwise"`: each output channel depends only on the same input
-      channel (a per-channel scale, a custom activation). If the layer has
-      weights with a per-channel axis, pass `slice_weights`.
-    - `"merge"`: combines several inputs element by element (a scaled
-      residual sum such as InceptionResNetV2's `CustomScaleLayer`).
-    - `"boundary"`: never look through it (the default for unknown types).
-
-    Whether a layer keeps zero channels at zero is measured by calling it on
-    zeros, so only its channel behaviour has to be declared.
-
-    Args:
-        layer_type: A `keras.layers.Layer` subclass (matched exactly, not its
-            subclasses).
-        kind: `"channelwise"`, `"merge"` or `"boundary"`.
-        slice_weights: For channelwise layers with weights:
-            `fn(layer, config, weights, keep) -> (config, weights)` returning
-            the config and weights of the layer with only the channels `keep`
-            (an int array). Defaults to slicing the last axis of every weight
-            (see `slice_last_axis`).
-
-    Raises:
-        ValueError: If `layer_type` is not a Layer subclass or `kind` is not
-            one of the three.
-
-    Example:
-    >>> class Scale(keras.layers.Layer):
-    ...     def build(self, shape):
-    ...         self.gamma = self.add_weight(shape=(shape[-1],), initializer="ones")
-    ...     def call(self, x):
-    ...         return x * self.gamma
-    >>> register_layer(Scale, "channelwise")
-    >>> unregister_layer(Scale)
-    """
-    if not (isinstance(layer_type, type) and issubclass(layer_type, L.Layer)):
-        raise ValueError(
-            "`layer_type` must be a keras.layers.Layer subclass. "
-            f"Received: layer_type={layer_type!r}"
-        )
-    kinds = ("channelwise", "merge", "boundary")
-    if kind not in kinds:
-        raise ValueError(f"`kind` must be one of {kinds}. Received: kind={kind!r}")
-    if slice_weights is not None and not callable(slice_weights):
-        raise ValueError(
-            "`slice_weights` must be a callable "
-            "(layer, config, weights, keep) -> (config, weights). "
-            f"Received: slice_weights={slice_weights!r}"
-        )
-    if kind == "boundary":
-        rule = _boundary(f"{layer_type.__name__} is registered as a boundary")
-    else:
-        rule = LayerRule(kind, slice_weights=slice_weights or slice_last_axis)
-    _USER_RULES[layer_type] = rule
-
-
-def is_registered(layer) -> bool:
-    """True if `register_layer` has a rule for `layer`'s type."""
-    return type(layer) in _USER_RULES
-
-
-def unregister_layer(layer_type: type) -> None:
-    """Removes a rule added by `register_layer` (no error if there is none)."""
-    _USER_RULES.pop(layer_type, None)
 
 
 def activation_name(activation) -> str:
@@ -403,16 +280,11 @@ def _activation_rule(name: str, activation) -> LayerRule:
     problem = activation_problem(activation)
     if problem is None:
         return LayerRule("channelwise")
-    return _boundary(f"{name}: {problem}")
+    return boundary(f"{name}: {problem}")
 
 
 def _channels_last(layer) -> bool:
     return getattr(layer, "data_format", "channels_last") in (None, "channels_last")
-
-
-def _last_axis(axis, rank: int) -> bool:
-    axes = axis if isinstance(axis, (list, tuple)) else [axis]
-    return [a % rank for a in axes] == [rank - 1]
 
 
 def producer_layer(layer):
@@ -427,14 +299,12 @@ def rule_for(node) -> LayerRule:
     op, name = unwrap(node.operation), node.name
     cls = type(op).__name__
     if not _keras_graph.is_layer(op):
-        from keras_sfp import op_rules  # noqa: PLC0415 - it imports this module
-
         return op_rules.rule_for_op(node)
-    if type(op) in _USER_RULES:
-        return _USER_RULES[type(op)]
+    if type(op) in layer_rule.USER_RULES:
+        return layer_rule.USER_RULES[type(op)]
     rank = len(node.outputs[0].shape) if node.outputs else 0
     if not _channels_last(op):
-        return _boundary(f"{name}: channels_first data format")
+        return boundary(f"{name}: channels_first data format")
     layer = producer_layer(op)
     if type(layer) is L.Conv2D:
         cin = node.inputs[0].shape[-1]
@@ -451,15 +321,15 @@ def rule_for(node) -> LayerRule:
         if getattr(layer, "lora_enabled", False) or getattr(
             layer, "quantization_mode", None
         ):
-            return _boundary(f"{name}: LoRA or quantized Dense")
+            return boundary(f"{name}: LoRA or quantized Dense")
         return LayerRule("producer", slice_weights=_slice_dense)
     if type(op) is L.DepthwiseConv2D:
         if op.depth_multiplier != 1:
-            return _boundary(f"{name}: depth_multiplier > 1")
+            return boundary(f"{name}: depth_multiplier > 1")
         return _depthwise_rule(name, op, _slice_depthwise)
     if type(op) is L.BatchNormalization:
-        if not _last_axis(op.axis, rank):
-            return _boundary(f"{name}: normalizes another axis")
+        if not last_axis(op.axis, rank):
+            return boundary(f"{name}: normalizes another axis")
         return LayerRule(
             "channelwise",
             slice_weights=slice_last_axis,
@@ -467,7 +337,7 @@ def rule_for(node) -> LayerRule:
             offsets=_batch_norm_offsets,
         )
     if type(op) in (L.LayerNormalization, L.GroupNormalization, L.UnitNormalization):
-        return _boundary(
+        return boundary(
             f"{name}: {cls} computes statistics across channels, so removing "
             "one changes the others"
         )
@@ -478,12 +348,12 @@ def rule_for(node) -> LayerRule:
     if type(op) in (L.ReLU, L.LeakyReLU, L.ELU):
         return LayerRule("channelwise")
     if type(op) is L.PReLU:
-        return LayerRule("channelwise", slice_weights=slice_last_axis, zero=_same)
+        return LayerRule("channelwise", slice_weights=slice_last_axis, zero=same)
     if type(op) is _keras_graph.LayerScale:
-        return LayerRule("channelwise", slice_weights=_slice_layer_scale, zero=_same)
+        return LayerRule("channelwise", slice_weights=_slice_layer_scale, zero=same)
     if type(op) is L.Rescaling:
         if np.size(op.scale) != 1 or np.size(op.offset) != 1:
-            return _boundary(f"{name}: per-channel Rescaling")
+            return boundary(f"{name}: per-channel Rescaling")
         return LayerRule("channelwise", zero=_rescaling_zero)
     if type(op) is L.Reshape:
         return _reshape_rule(node)
@@ -494,17 +364,17 @@ def rule_for(node) -> LayerRule:
     if type(op) is L.Flatten:
         return LayerRule("flatten")
     if type(op) is L.Normalization:
-        if not _last_axis(op.axis, rank):
-            return _boundary(f"{name}: normalizes another axis")
+        if not last_axis(op.axis, rank):
+            return boundary(f"{name}: normalizes another axis")
         return LayerRule("channelwise")  # no slicing rule: its set is kept whole
     if _keras_graph.is_graph_model(op):
-        return _boundary(
+        return boundary(
             f"{name}: a nested model called more than once, or whose layer "
             "names are also used outside it"
         )
     if node.opaque:
-        return _boundary(f"{name} ({cls}) {node.opaque}")
-    return _boundary(f"{name} ({cls}) is not understood by the channel graph")
+        return boundary(f"{name} ({cls}) {node.opaque}")
+    return boundary(f"{name} ({cls}) is not understood by the channel graph")
 
 
 def _depthwise_rule(name, layer, slice_weights) -> LayerRule:
@@ -539,8 +409,8 @@ def _reshape_rule(node) -> LayerRule:
         and all(d == 1 for d in before[:-1])
         and all(d == 1 for d in after[:-1])
     ):
-        return LayerRule("channelwise", slice_weights=_slice_reshape, zero=_same)
-    return _boundary(f"{node.name}: Reshape from {before} to {after} moves channels")
+        return LayerRule("channelwise", slice_weights=_slice_reshape, zero=same)
+    return boundary(f"{node.name}: Reshape from {before} to {after} moves channels")
 
 
 def probe_zero(node, upstream=None) -> np.ndarray | None:

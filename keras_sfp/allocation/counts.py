@@ -28,9 +28,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from keras_sfp import flops
-from keras_sfp.graph import ChannelGraph, Group
-from keras_sfp.wrapper import FilterPruning
+from keras_sfp.core.wrapper import FilterPruning
+from keras_sfp.graph import flops
+from keras_sfp.graph.channels import ChannelGraph, Group
 
 
 def pruned_groups(graph: ChannelGraph, is_pruned=None) -> list[Group]:
@@ -326,7 +326,7 @@ def latency_kept(
 
     Args:
         cost: `kept (..., groups) -> latency`, such as a
-            `keras_sfp.latency_table.LatencyModel`.
+            `keras_sfp.allocation.latency_model.LatencyModel`.
         lengths: Channels per group.
         target: The latency to reach, in `cost`'s unit.
         round_to: The multiple kept counts are made of.

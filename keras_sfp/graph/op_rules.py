@@ -15,16 +15,23 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_sfp.rules import LayerRule, _all, _any, _boundary, _last_axis, _same
+from keras_sfp.graph.layer_rule import (
+    LayerRule,
+    all_zero,
+    any_zero,
+    boundary,
+    last_axis,
+    same,
+)
 
 # keras.ops operations that act element by element. With one tensor argument
 # (the others constants) they are channelwise; with two, merges.
 _ELEMENTWISE_OPS = {
-    "Add": _all,
-    "Subtract": _all,
-    "Maximum": _all,
-    "Minimum": _all,
-    "Multiply": _any,
+    "Add": all_zero,
+    "Subtract": all_zero,
+    "Maximum": all_zero,
+    "Minimum": all_zero,
+    "Multiply": any_zero,
     # x / y: x / constant is channelwise; dividing by a tensor that may be
     # zero where x is (0 / 0) is not something to look through.
     "Divide": None,
@@ -50,15 +57,15 @@ def rule_for_op(node) -> LayerRule:
     if special is not None:
         return special(node, name)
     if cls not in _ELEMENTWISE_OPS:
-        return _boundary(f"{name} is not understood by the channel graph")
+        return boundary(f"{name} is not understood by the channel graph")
     for constant in node.constants:
         if np.size(constant) > 1:
-            return _boundary(f"{name}: a constant with per-channel values")
+            return boundary(f"{name}: a constant with per-channel values")
     if len(node.inputs) == 1:
         return LayerRule("channelwise")
     if len(node.inputs) == 2 and _ELEMENTWISE_OPS[cls] is not None:
         return LayerRule("merge", zero=_ELEMENTWISE_OPS[cls])
-    return _boundary(f"{name}: {len(node.inputs)} tensor arguments")
+    return boundary(f"{name}: {len(node.inputs)} tensor arguments")
 
 
 def _rank(node) -> int:
@@ -66,8 +73,8 @@ def _rank(node) -> int:
 
 
 def _concatenate_op(node, name) -> LayerRule:
-    if not _last_axis(node.operation.axis, len(node.outputs[0].shape)):
-        return _boundary(f"{name}: concatenates along another axis")
+    if not last_axis(node.operation.axis, len(node.outputs[0].shape)):
+        return boundary(f"{name}: concatenates along another axis")
     return LayerRule("concat")
 
 
@@ -75,16 +82,16 @@ def _split_rule(node, name, ranges, resize) -> LayerRule:
     """A channel slice: channelwise if it keeps every channel, else a split."""
     channels = node.inputs[0].shape[-1]
     if channels is None:
-        return _boundary(f"{name}: unknown number of channels")
+        return boundary(f"{name}: unknown number of channels")
     if ranges == [(0, channels)]:  # spatial slicing only: still re-cut
-        return LayerRule("channelwise", zero=_same, ranges=ranges, resize=resize)
+        return LayerRule("channelwise", zero=same, ranges=ranges, resize=resize)
     return LayerRule("split", ranges=ranges, resize=resize)
 
 
 def _split_op(node, name) -> LayerRule:
     op, rank = node.operation, _rank(node)
-    if not _last_axis(op.axis, rank):
-        return _boundary(f"{name}: splits along another axis")
+    if not last_axis(op.axis, rank):
+        return boundary(f"{name}: splits along another axis")
     channels = node.inputs[0].shape[-1]
     sections = op.indices_or_sections
     if isinstance(sections, int):
@@ -120,10 +127,10 @@ def _getitem_op(node, name) -> LayerRule:
     rank, channels = _rank(node), node.inputs[0].shape[-1]
     key = _channel_key(args[1], rank) if len(args) == 2 else None
     if key is None or key[0] != slice(None) or channels is None:
-        return _boundary(f"{name}: indexing other than slices of the batch")
+        return boundary(f"{name}: indexing other than slices of the batch")
     start, stop, step = key[-1].indices(channels)
     if step != 1:
-        return _boundary(f"{name}: a strided slice of channels")
+        return boundary(f"{name}: a strided slice of channels")
 
     def resize(new_ranges):
         ((new_start, new_stop),) = new_ranges
@@ -138,12 +145,12 @@ def _slice_op(node, name) -> LayerRule:
     starts = args[1] if len(args) == 2 else None
     shape = node.operation.shape
     if isinstance(starts, keras.KerasTensor) or starts is None:
-        return _boundary(f"{name}: slice start given as a tensor")
+        return boundary(f"{name}: slice start given as a tensor")
     starts = [int(s) for s in starts]
     if shape[-1] is None or shape[-1] < 0:
-        return _boundary(f"{name}: slice size not fixed")
+        return boundary(f"{name}: slice size not fixed")
     if starts[0] != 0 or shape[0] not in (-1, None, node.inputs[0].shape[0]):
-        return _boundary(f"{name}: slices the batch")
+        return boundary(f"{name}: slices the batch")
 
     def resize(new_ranges):
         ((new_start, new_stop),) = new_ranges
@@ -159,15 +166,15 @@ def _pad_op(node, name) -> LayerRule:
     widths = list(op.pad_width)
     widths = widths * rank if len(widths) == 1 else widths
     if len(widths) != rank or tuple(widths[-1]) != (0, 0):
-        return _boundary(f"{name}: pads the channel axis")
+        return boundary(f"{name}: pads the channel axis")
     if tuple(widths[0]) != (0, 0):
-        return _boundary(f"{name}: pads the batch axis")
+        return boundary(f"{name}: pads the batch axis")
     args, kwargs = node.node.arguments.args, node.node.arguments.kwargs
     value = args[1] if len(args) > 1 else kwargs.get("constant_values")
     if isinstance(value, keras.KerasTensor) or np.size(value) > 1:
-        return _boundary(f"{name}: padding value given per channel or as a tensor")
+        return boundary(f"{name}: padding value given per channel or as a tensor")
     if op.mode != "constant" or value is None or float(value) == 0.0:
-        return LayerRule("channelwise", zero=_same)  # zeros pad (or reflect) to 0
+        return LayerRule("channelwise", zero=same)  # zeros pad (or reflect) to 0
     return LayerRule("channelwise", zero=_nothing_zero, border=float(value))
 
 

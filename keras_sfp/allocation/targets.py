@@ -1,0 +1,160 @@
+"""Per-group pruning rates from a model-wide target.
+
+`prune_filters` turns `target_macs`, `target_latency` or
+`allocation="global"` into one rate per channel group here: the checks of
+those arguments (shared with the command line), and the greedy allocation
+of `counts.latency_kept` under a MACs cost (`counts.MacModel`) or a latency
+cost (`latency_model.LatencyModel`).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from keras_sfp.allocation import counts as allocation_lib
+from keras_sfp.allocation import latency_model
+from keras_sfp.core import importance
+from keras_sfp.core.wrapper import num_outputs, unwrap
+
+
+def check_target(name: str, value, rate, coupling) -> None:
+    """Validates `target_macs` or `target_latency` with `rate` and `coupling`."""
+    if value is None:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 < value <= 1.0
+    ):
+        raise ValueError(
+            f"`{name}` must be a fraction in (0, 1]. Received: {name}={value!r}"
+        )
+    if rate is not None:
+        raise ValueError(
+            f"Pass `rate` or `{name}`, not both. "
+            f"Received: rate={rate!r}, {name}={value!r}"
+        )
+    if coupling != "group":
+        raise ValueError(
+            f"`{name}` needs coupling='group' (with 'layer', pruned residual "
+            f"channels are not removed). Received: coupling={coupling!r}"
+        )
+
+
+def check_targets(target_macs, target_latency, rate, coupling) -> None:
+    """Validates `target_macs` and `target_latency` (`prune_filters`, train.py)."""
+    check_target("target_macs", target_macs, rate, coupling)
+    check_target("target_latency", target_latency, rate, coupling)
+    if target_macs is not None and target_latency is not None:
+        raise ValueError(
+            "Pass `target_macs` or `target_latency`, not both. Received: "
+            f"target_macs={target_macs!r}, target_latency={target_latency!r}"
+        )
+    if target_latency == 1.0:
+        raise ValueError(
+            "`target_latency` must be below 1 (1 keeps every channel: nothing "
+            "to prune). Received: target_latency=1.0"
+        )
+
+
+def latency_rates(graph, groups, table, target_latency, round_to, criterion):
+    """Per-group rates reaching `target_latency` of the predicted latency."""
+    lengths = np.array([g.length for g in groups], dtype=np.int64)
+    blocks = np.array([g.blocks for g in groups], dtype=np.int64)
+    fewest = [
+        allocation_lib.count_options(n, round_to, b)[0] for n, b in zip(lengths, blocks)
+    ]
+    cost = latency_model.LatencyModel(graph, groups, table, fewest, round_to)
+    full = float(cost(lengths))
+    try:
+        kept = allocation_lib.latency_kept(
+            cost,
+            lengths,
+            target_latency * full,
+            round_to,
+            blocks,
+            importance.importance_lost(
+                groups, criterion, importance.batch_norms_after(graph)
+            ),
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"`target_latency` is below what pruning can reach ({error}). "
+            f"Received: target_latency={target_latency!r}"
+        ) from None
+    return (lengths - kept) / lengths
+
+
+def global_rates(graph, groups, rate, target_macs, round_to, criterion):
+    """Per-group rates of `allocation="global"` (see `prune_filters`).
+
+    The MACs budget is `target_macs` of the model's MACs, or what `rate`'s
+    uniform, unrounded counts keep.
+    """
+    mac_model = allocation_lib.MacModel(graph, groups)
+    total = mac_model.total
+    if target_macs is None:
+        goal = float(mac_model.macs(allocation_lib.exact_kept(mac_model.lengths, rate)))
+    else:
+        goal = target_macs * total
+    lost = importance.importance_lost(
+        groups, criterion, importance.batch_norms_after(graph)
+    )
+    try:
+        kept = allocation_lib.latency_kept(
+            mac_model.macs, mac_model.lengths, goal, round_to, mac_model.blocks, lost
+        )
+    except ValueError:
+        fewest = allocation_lib.fewest_kept(
+            mac_model.lengths, round_to, mac_model.blocks
+        )
+        name = "rate" if target_macs is None else "target_macs"
+        raise ValueError(
+            f"`{name}` asks for fewer MACs than pruning can reach: keeping the "
+            f"fewest channels per prunable group (round_to={round_to}) still "
+            f"leaves {float(mac_model.macs(fewest)) / total:.3f} of the MACs. "
+            f"Received: {name}={rate if target_macs is None else target_macs!r}"
+        ) from None
+    return (mac_model.lengths - kept) / mac_model.lengths
+
+
+def per_channel(channel_rates: dict, groups, rates) -> float:
+    """Fills `channel_rates` (`id(layer)` -> per-channel rates) from per-group
+    `rates`; returns the largest, the wrappers' (and schedule's) final rate."""
+    rate = float(np.max(rates))
+    for group, group_rate in zip(groups, rates):
+        for layer, start, length in group.members:
+            values = channel_rates.setdefault(
+                id(layer), np.full(num_outputs(unwrap(layer)), rate)
+            )
+            values[start : start + length] = group_rate
+    return rate
+
+
+ALLOCATIONS = ("uniform", "global")
+"""The values of `prune_filters(allocation=...)`."""
+
+
+def check_allocation(allocation, target_latency, coupling) -> str:
+    """Validates `allocation` (`prune_filters`, train.py); returns the mode used."""
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise ValueError(
+            f"`allocation` must be one of {ALLOCATIONS} or None. "
+            f"Received: allocation={allocation!r}"
+        )
+    if target_latency is not None:
+        if allocation == "uniform":
+            raise ValueError(
+                "`target_latency` allocates channels globally by latency: "
+                "allocation='uniform' cannot be combined with it. Received: "
+                f"allocation={allocation!r}, target_latency={target_latency!r}"
+            )
+        return "global"
+    if allocation == "global" and coupling != "group":
+        raise ValueError(
+            "allocation='global' needs coupling='group' (with 'layer', pruned "
+            f"residual channels are not removed). Received: coupling={coupling!r}"
+        )
+    return allocation or "uniform"

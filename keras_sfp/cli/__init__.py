@@ -1,0 +1,1 @@
+"""The command-line programs: `keras-sfp-train` and `keras-sfp-export`."""

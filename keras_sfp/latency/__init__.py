@@ -1,0 +1,1 @@
+"""Latency: timing compiled calls (`timing`) and per-layer tables (`table`)."""
