@@ -14,7 +14,9 @@ when first used, so `import keras_sfp` works without it.
 
 from keras_sfp.core import criteria, schedules
 from keras_sfp.core.callback import SoftFilterPrune
+from keras_sfp.core.engine import FilterPruner
 from keras_sfp.core.prune import prune_filters, strip_pruning
+from keras_sfp.core.spec import PruningSpec, spec_of
 from keras_sfp.core.wrapper import ChannelMask, FilterPruning
 from keras_sfp.graph import rules
 from keras_sfp.graph.channels import ChannelGraph
@@ -38,8 +40,10 @@ _TENSORFLOW_EXPORTS = {
 __all__ = [
     "ChannelGraph",
     "ChannelMask",
+    "FilterPruner",
     "FilterPruning",
     "LatencyTable",
+    "PruningSpec",
     "SoftFilterPrune",
     "count_flops",
     "criteria",
@@ -54,6 +58,7 @@ __all__ = [
     "rules",
     "schedules",
     "shrink",
+    "spec_of",
     "strip_pruning",
     "unregister_layer",
 ]

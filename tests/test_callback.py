@@ -507,7 +507,7 @@ def test_hard_epoch_trains_the_deployed_network_inside_the_compiled_step():
     assert hard_loss == pytest.approx(_loss(model, x, y, True), rel=1e-5)
     small = keras_sfp.shrink(model)
     assert hard_loss == pytest.approx(_loss(small, x, y, True), rel=1e-5)
-    keras_sfp.core.prune.set_hard(model, False)
+    keras_sfp.core.state.set_hard(model, False)
     assert soft_loss == pytest.approx(_loss(model, x, y, True), rel=1e-5)
     assert abs(soft_loss - hard_loss) > 0.01
 

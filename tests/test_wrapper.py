@@ -7,7 +7,7 @@ import pytest
 import keras_sfp
 from conftest import BACKEND, randomize_batch_norm, tiny_resnet
 from keras_sfp.core import schedules
-from keras_sfp.core.prune import set_hard
+from keras_sfp.core.state import set_hard
 from keras_sfp.core.wrapper import ChannelMask, FilterPruning
 
 

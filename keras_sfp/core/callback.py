@@ -8,12 +8,9 @@ import keras
 import numpy as np
 
 from keras_sfp import _checks
-from keras_sfp.allocation import counts as allocation
-from keras_sfp.core import importance
+from keras_sfp.core import engine, state
 from keras_sfp.core import prune as prune_lib
-from keras_sfp.core import schedules as schedules_lib
-from keras_sfp.core.wrapper import FilterPruning, unwrap
-from keras_sfp.graph.channels import ChannelGraph
+from keras_sfp.core.wrapper import unwrap
 from keras_sfp.recovery import batch_norm as batch_norm_lib
 from keras_sfp.recovery import sparsity as sparsity_lib
 from keras_sfp.training import distributed
@@ -221,16 +218,13 @@ class SoftFilterPrune(keras.callbacks.Callback):
         self._statistics = None
         self._stale_statistics = False
         self.verbose = verbose
-        self._plan = None
-        self._hard = None
+        self._pruner = None
         self._last_epoch = None
-        self._warned_slots = False
-        self._warned_rounding = False
 
     # -- set-up --------------------------------------------------------------
     def set_model(self, model):
         super().set_model(model)
-        self._plan = None
+        self._pruner = None
 
     @property
     def pruned(self) -> keras.Model:
@@ -246,174 +240,29 @@ class SoftFilterPrune(keras.callbacks.Callback):
         return model
 
     def _prepare(self):
-        model = self.pruned
-        wrapped = prune_lib.wrappers(model)
-        graph = ChannelGraph(model)
-        first = wrapped[0]
-        # Units: lists of (wrapper, start, length) slices of output channels
-        # pruned with the same indices (a wrapper's whole output, unless a
-        # merge split it between groups).
-        if first.coupling == "layer":
-            pairs = [
-                ([m], group.blocks)
-                for group in graph.groups()
-                for m in group.members
-                if isinstance(m[0], FilterPruning)
-            ]
-            units = [unit for unit, _ in pairs]
-            blocks = [b for _, b in pairs]
-            # Pruned residual channels are not all removable: each unit
-            # rounds alone, without a MACs model.
-            mac_model = None
-        else:
-            groups = allocation.pruned_groups(graph)
-            units = [list(group.members) for group in groups]
-            blocks = [group.blocks for group in groups]
-            mac_model = allocation.MacModel(graph, groups) if groups else None
-        self._plan = {
-            "graph": graph,
-            "batch_norms": importance.batch_norms_after(graph),
-            "units": units,
-            "lengths": [unit[0][2] for unit in units],
-            "blocks": blocks,  # equal-count blocks per unit (grouped convs)
-            "mac_model": mac_model,
-            "kept": {},  # rate -> kept counts per unit
-            "wrappers": wrapped,
-            "config": first,
-            "schedule": schedules_lib.get(first.schedule, first.rate),
-            # Final rates per unit where groups prune at different rates
-            # (`prune_filters(target_latency=...)`), else None.
-            "unit_rates": None
-            if all(w.channel_rates is None for w in wrapped)
-            else np.array([unit[0][0].channel_rate(unit[0][1]) for unit in units]),
-        }
+        _ = self.pruned  # raises this callback's ValueError without wrappers
+        self._pruner = engine.FilterPruner(self.model)
 
     def _soft_epochs(self) -> int | None:
         """Epochs of the current `fit` call whose end re-scores the masks."""
         epochs = (self.params or {}).get("epochs")
         return None if epochs is None else max(epochs - self.hard_epochs, 1)
 
-    def _rate(self, epoch: int) -> float:
-        """The schedule's rate for the event after `epoch` (0 before training).
-
-        Schedules that take the number of epochs span the soft epochs only: the
-        last re-scoring event, after epoch `epochs - hard_epochs - 1`, already
-        prunes at the target rate, which the hard epochs then keep.
-        """
-        schedule = self._plan["schedule"]
-        soft = self._soft_epochs()
-        if soft is not None:
-            epoch = min(epoch, soft - 1)
-        if isinstance(schedule, schedules_lib.PruningSchedule):
-            rate = schedule(epoch, soft if soft and soft > 1 else None)
-        else:
-            rate = schedule(epoch)
-        rate = float(rate)
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(
-                f"The pruning schedule must return rates in [0, 1). "
-                f"Received: {rate!r} for epoch {epoch}"
-            )
-        return rate
-
-    # -- events ------------------------------------------------------------
-    def _reset_slots(self, changed: list) -> None:
-        """Zeroes the optimizer slots of the pruned filters of `changed`."""
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is None or not optimizer.built:
-            return  # no slots yet: they start at zero
-        found = 0
-        for wrapper, mask in changed:
-            for weight in (wrapper.kernel, wrapper.bias):
-                if weight is None:
-                    continue
-                for slot in _slots(optimizer, weight):
-                    slot.assign(keras.ops.convert_to_numpy(slot) * mask)
-                    found += 1
-        if not found and not self._warned_slots:
-            self._warned_slots = True
-            warnings.warn(
-                "SoftFilterPrune(reset_momentum=True) found no optimizer slot "
-                f"for the pruned kernels in {type(optimizer).__name__} "
-                "(plain SGD has none): nothing was reset.",
-                stacklevel=2,
-            )
-
-    def _kept(self, rate: float, round_to: int) -> np.ndarray:
-        """Channels each unit keeps at `rate` (`allocation.balanced_kept`)."""
-        cache = self._plan["kept"]
-        if rate not in cache:
-            rates = self._plan["unit_rates"]
-            final = self._plan["config"].rate
-            if rates is not None:  # each unit's final rate, scaled like `rate`
-                rates = rates * (rate / final) if final > 0 else rates * 0.0
-            cache[rate] = allocation.balanced_kept(
-                self._plan["mac_model"],
-                self._plan["lengths"],
-                rate if rates is None else rates,
-                round_to,
-                blocks=self._plan["blocks"],
-            )
-        return cache[rate]
-
     def prune(self, epoch: int, rescore: bool = True) -> dict:
-        """Runs one prune event and returns its log entries."""
-        if self._plan is None:
+        """Runs one prune event (`FilterPruner.prune`) and returns its log
+        entries; the schedule spans the soft epochs of the `fit` call."""
+        if self._pruner is None:
             self._prepare()
-        config = self._plan["config"]
-        rate = self._rate(epoch)
-        pruned = revived = 0
-        masks = {}  # id(wrapper) -> (wrapper, new full mask)
-        kept = self._kept(rate, config.round_to)
-        for unit, unit_kept, blocks in zip(
-            self._plan["units"], kept, self._plan["blocks"]
-        ):
-            wrapper, start, length = unit[0]
-            stop = start + length
-            previous = wrapper.mask[start:stop]
-            first_event = wrapper.last_event < -1
-            if rescore:
-                scores = importance.group_scores(
-                    unit, config.criterion, self._plan["batch_norms"]
-                )
-                mask = _lowest_masked(scores, len(scores) - int(unit_kept), blocks)
-            else:
-                mask = previous.astype("float32")
-            # Counted in filters: every member of a group loses its own.
-            if not first_event:
-                revived += len(unit) * int(np.sum((previous == 0) & (mask == 1)))
-            pruned += len(unit) * int(np.sum(mask == 0))
-            for member, begin, size in unit:
-                if id(member) not in masks:
-                    current = member.mask.astype("float32")  # a writable copy
-                    start_from = current if not rescore else np.ones_like(current)
-                    masks[id(member)] = (member, start_from)
-                masks[id(member)][1][begin : begin + size] = mask
-        changed = False
-        for member, mask in masks.values():
-            changed = changed or not np.array_equal(member.mask, mask)
-            member.mask = mask
-            member.last_event = float(epoch)
-            member.kernel.assign(keras.ops.convert_to_numpy(member.kernel) * mask)
-            if member.bias is not None:
-                member.bias.assign(keras.ops.convert_to_numpy(member.bias) * mask)
-        if rescore and rate > 0 and pruned == 0 and not self._warned_rounding:
-            self._warned_rounding = True
-            warnings.warn(
-                f"SoftFilterPrune pruned nothing at rate {rate:.3f}: with "
-                f"round_to={config.round_to} every group keeps all its channels "
-                f"(widths {sorted(set(self._plan['lengths']))}). Pass a smaller "
-                "`round_to` to prune_filters.",
-                stacklevel=2,
-            )
-        if self.reset_momentum:
-            self._reset_slots(list(masks.values()))
-        if changed and self._plan["wrappers"][0].hard:
-            # The hard forward pass was traced with the old masks.
-            prune_lib.set_hard(self.pruned, True, self._plan["graph"], self.model)
+        optimizer = getattr(self.model, "optimizer", None)
+        entries = self._pruner.prune(
+            epoch,
+            rescore=rescore,
+            epochs=self._soft_epochs(),
+            optimizer=optimizer if self.reset_momentum else None,
+        )
         if rescore:
             self._stale_statistics = True
-        return {"sfp_rate": rate, "sfp_pruned": pruned, "sfp_revived": revived}
+        return entries
 
     def _first_hard_epoch(self) -> int:
         epochs = (self.params or {}).get("epochs") or 0
@@ -426,16 +275,14 @@ class SoftFilterPrune(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         distributed.check_strategy()
         self._prepare()
-        self._hard = None
         self._last_epoch = None
         self._statistics = None
         self._stale_statistics = False
-        wrapped = self._plan["wrappers"]
         epochs = (self.params or {}).get("epochs")
         _check_loss_keeps_regularizers(self.model, self.sparse_epochs)
         if (
             self.sparse_epochs
-            and wrapped[0].last_event < -1
+            and self._pruner.never_pruned
             and epochs is not None
             and self.sparse_epochs + self.hard_epochs > epochs
         ):
@@ -444,7 +291,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
                 f"the fit call. Received: sparse_epochs={self.sparse_epochs}, "
                 f"hard_epochs={self.hard_epochs}, epochs={epochs}"
             )
-        if wrapped[0].last_event >= -1 and self._is_hard_epoch(0):
+        if not self._pruner.never_pruned and self._is_hard_epoch(0):
             epochs = (self.params or {}).get("epochs")
             warnings.warn(
                 f"SoftFilterPrune: every epoch of this fit call is hard (epochs="
@@ -453,20 +300,20 @@ class SoftFilterPrune(keras.callbacks.Callback):
                 "with SFP, use SoftFilterPrune(hard_epochs=0) until the last call.",
                 stacklevel=2,
             )
-        if wrapped[0].last_event < -1 and self._prunes_at_start():  # never pruned
+        if self._pruner.never_pruned and self._prunes_at_start():  # never pruned
             self.prune(0)
-            for w in wrapped:
+            for w in self._pruner.wrappers:
                 w.last_event = -1.0
 
     def _is_sparse_epoch(self, epoch: int) -> bool:
         """Whether `epoch` trains with the group lasso (before any event)."""
-        return epoch < self.sparse_epochs and self._plan["wrappers"][0].last_event < -1
+        return epoch < self.sparse_epochs and self._pruner.never_pruned
 
     def _set_lasso(self, on: bool) -> None:
         if on == (self._lasso is not None):
             return
         if on:
-            self._lasso = sparsity_lib.attach(self._plan["units"], self.sparsity)
+            self._lasso = sparsity_lib.attach(self._pruner.units, self.sparsity)
         else:
             sparsity_lib.detach(self._lasso)
             self._lasso = None
@@ -497,10 +344,8 @@ class SoftFilterPrune(keras.callbacks.Callback):
         # functions may have been traced with another state.
         self._set_lasso(self._is_sparse_epoch(epoch))
         hard = self._is_hard_epoch(epoch)
-        if hard != self._hard:
-            if not prune_lib.has_state(self.pruned, hard, self.model):
-                prune_lib.set_hard(self.pruned, hard, self._plan["graph"], self.model)
-            self._hard = hard
+        if not state.has_state(self.pruned, hard, self.model):
+            state.set_hard(self.pruned, hard, self._pruner.graph, self.model)
         if not hard:
             return
         # From here on the masks are final: training steps update the
@@ -564,7 +409,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
             sparsity_lib.detach(self._lasso)
             self._lasso = None
             self.model.train_function = None  # rebuilt without it by a next fit
-        hard = self._plan["wrappers"][0].hard
+        hard = self._pruner.wrappers[0].hard
         if self._last_epoch is None:
             self.prune(0, rescore=False)
         else:
@@ -587,32 +432,6 @@ class SoftFilterPrune(keras.callbacks.Callback):
                 "keras_sfp.recalibrate_batch_norm), or use hard_epochs >= 1.",
                 stacklevel=2,
             )
-
-
-def _lowest_masked(scores, n: int, blocks: int = 1) -> np.ndarray:
-    """A mask zeroing the `n` lowest `scores`, `n / blocks` in every block."""
-    mask = np.ones((blocks, len(scores) // blocks), dtype="float32")
-    per_block = np.reshape(scores, mask.shape)
-    for row, block_scores in zip(mask, per_block):
-        row[np.argsort(block_scores, kind="stable")[: n // blocks]] = 0.0
-    return mask.reshape(-1)
-
-
-def _slots(optimizer, weight) -> list:
-    """The optimizer's state variables for `weight` (momentum, moments, ...).
-
-    Keras names them `{weight.path with "/" -> "_"}_{slot}`; the exponential
-    moving average of the weights (`_average`) and gradient accumulators are
-    not optimizer state and are left alone.
-    """
-    prefix = weight.path.replace("/", "_") + "_"
-    return [
-        slot
-        for slot in optimizer.variables
-        if slot.name.startswith(prefix)
-        and slot.shape == weight.shape
-        and slot.name[len(prefix) :] not in ("average", "gradient_accumulator")
-    ]
 
 
 def _check_loss_keeps_regularizers(model, sparse_epochs: int) -> None:

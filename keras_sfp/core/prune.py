@@ -5,10 +5,10 @@ from __future__ import annotations
 import warnings
 
 import keras
-import numpy as np
 
 from keras_sfp.allocation import counts as allocation_lib
 from keras_sfp.allocation import targets as targets_lib
+from keras_sfp.core import zeros as zeros_lib
 from keras_sfp.core.wrapper import (
     PRUNABLE_TYPES,
     ChannelMask,
@@ -371,128 +371,6 @@ def pruned_model(model):
     return None
 
 
-def _stateful_wrappers(model) -> list:
-    """The `FilterPruning` and `ChannelMask` layers of `model`."""
-    return [
-        layer
-        for layer in model.layers
-        if isinstance(layer, (FilterPruning, ChannelMask))
-    ]
-
-
-def _producer_zero(layer) -> np.ndarray:
-    """Output channels of a producer that are zero: masked or all-zero."""
-    if isinstance(layer, FilterPruning):
-        return layer.mask == 0
-    return filters_are_zero(layer)
-
-
-def set_hard(
-    model, hard: bool, graph: ChannelGraph | None = None, trainer=None
-) -> None:
-    """Switches a model prepared by `prune_filters` to the hard or soft state.
-
-    Hard: each `FilterPruning` multiplies its kernel and bias by its mask, and
-    each `ChannelMask` zeroes the channels that the masks make zero in the
-    deployed model (those of BatchNormalization layers fed only by pruned
-    filters), so the network computes what `strip_pruning` computes. Soft:
-    every wrapper calls its layer and nothing else. Both are enforced inside
-    the forward pass; nothing is assigned between training steps.
-
-    The state is a Python value read when a function is traced, so the
-    model's compiled train, test and predict functions are rebuilt (inside
-    `fit` too: the next step traces the new forward pass once).
-
-    Args:
-        model: A model prepared by `prune_filters`.
-        hard: The state.
-        graph: `ChannelGraph(model)`, if already built. Defaults to None.
-        trainer: The model whose compiled functions run `model`'s forward
-            pass (a `keras.distillation.Distiller` whose student is `model`).
-            Defaults to `model`.
-    """
-    if hard:
-        graph = graph or ChannelGraph(model)
-        zeros = graph.tensor_zeros(_producer_zero, zeroed_offsets=True)
-        for node in graph.nodes:
-            if isinstance(node.layer, ChannelMask):
-                zero = zeros.get(id(node.outputs[0]))
-                keep = np.ones(node.layer.keep.shape, "float32")
-                if zero is not None:
-                    keep[zero] = 0.0
-                node.layer.keep = keep
-    for layer in _stateful_wrappers(model):
-        layer.set_hard(hard)
-    # Compiled functions keep the forward pass they were traced with.
-    for owner in {id(m): m for m in (model, trainer or model)}.values():
-        if getattr(owner, "train_function", None) is not None:
-            owner.make_train_function(force=True)
-        owner.test_function = None
-        owner.predict_function = None
-        owner._keras_sfp_hard = bool(hard)
-
-
-def has_state(model, hard: bool, trainer=None) -> bool:
-    """True if `model`'s wrappers, and its compiled functions, are all `hard`.
-
-    The functions are known to match only after `set_hard` rebuilt them; a
-    model loaded or restored from a file has none traced yet. `trainer` is
-    the model whose functions run `model` (see `set_hard`).
-    """
-    same = all(layer.hard == hard for layer in _stateful_wrappers(model))
-    trainer = trainer or model
-    traced = getattr(trainer, "_keras_sfp_hard", None)
-    untraced = all(
-        getattr(trainer, f"{kind}_function", None) is None
-        for kind in ("train", "test", "predict")
-    )
-    return same and (traced == hard or untraced)
-
-
-def dead_offset_channels(model, graph: ChannelGraph | None = None) -> dict:
-    """Channels of offset layers (BatchNormalization, depthwise bias) fed zeros.
-
-    Returns:
-        `{layer name: (offsets, bool array)}` for every channelwise layer of
-        `model` with offsets that receives at least one channel that the
-        masks (or all-zero filters) make zero; `offsets(layer)` lists the
-        layer's offset variables. Names are those of the unwrapped layers.
-    """
-    graph = graph or ChannelGraph(model)
-
-    zeros = graph.tensor_zeros(_producer_zero, zeroed_offsets=True)
-    result = {}
-    for node in graph.offset_nodes():
-        entering = zeros.get(id(node.inputs[0]))
-        if entering is not None and entering.any():
-            name = unwrap(node.layer).name
-            result[name] = (graph.rules[id(node)].offsets, entering)
-    return result
-
-
-def filters_are_zero(layer) -> np.ndarray:
-    """Output channels of a producer whose kernel slice and bias are all zero."""
-    if isinstance(layer, FilterPruning):
-        layer = layer.layer
-    kernel = keras.ops.convert_to_numpy(output_kernel(layer))
-    zero = np.all(kernel.reshape(-1, kernel.shape[-1]) == 0, axis=0)
-    if layer.use_bias:
-        zero &= keras.ops.convert_to_numpy(layer.bias) == 0
-    return zero
-
-
-def zero_offsets(variables, channels: np.ndarray) -> None:
-    """Sets the offsets of `channels` to zero, so they map 0 to exactly 0.
-
-    For BatchNormalization the offsets are the moving mean and beta, so
-    `gamma * (0 - 0) / sqrt(var + eps) + 0 == 0` whatever gamma and variance;
-    for a depthwise convolution, its bias.
-    """
-    keep = (~channels).astype("float32")
-    for variable in variables:
-        variable.assign(keras.ops.convert_to_numpy(variable) * keep)
-
-
 def strip_pruning(model: keras.Model) -> keras.Model:
     """Returns a plain model (no wrappers, same shapes) with the masks applied.
 
@@ -525,7 +403,7 @@ def strip_pruning(model: keras.Model) -> keras.Model:
     False
     """
     _keras_graph.check_graph_model(model)
-    dead = dead_offset_channels(model)
+    dead = zeros_lib.dead_offset_channels(model)
 
     def clone(layer):
         new = _keras_graph.layer_from_config(unwrap(layer))
@@ -546,5 +424,5 @@ def strip_pruning(model: keras.Model) -> keras.Model:
     for restore in restores:
         restore()
     for name, (offsets, channels) in dead.items():
-        zero_offsets(offsets(stripped.get_layer(name)), channels)
+        zeros_lib.zero_offsets(offsets(stripped.get_layer(name)), channels)
     return stripped

@@ -85,7 +85,7 @@ class _HostState:
     of each compiled training step (on JAX, one more array to pass and donate
     per step), and the soft forward pass never reads this state. The hard
     forward pass reads it as constants when it is traced, which is why the
-    hard state is switched with `keras_sfp.core.prune.set_hard`, which rebuilds
+    hard state is switched with `keras_sfp.core.state.set_hard`, which rebuilds
     the compiled functions. `.keras` files, `save_weights` and
     `BackupAndRestore` save and restore it with the layer's own variables.
     """
@@ -102,7 +102,7 @@ class _HostState:
 
         The state is a Python value, so a compiled function (`fit`'s train
         step) keeps the forward pass it was traced with:
-        `keras_sfp.core.prune.set_hard` switches a whole model and rebuilds its
+        `keras_sfp.core.state.set_hard` switches a whole model and rebuilds its
         compiled functions, and `SoftFilterPrune` calls it.
         """
         self._hard = bool(hard)
@@ -141,7 +141,7 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
     layers with offsets) zero the channels those filters feed: the network
     trains with the structure it will be deployed with. The state is a
     Python value fixed when a function is traced; switch it with
-    `keras_sfp.core.prune.set_hard(model, ...)`, which also rebuilds the model's
+    `keras_sfp.core.state.set_hard(model, ...)`, which also rebuilds the model's
     compiled functions.
 
     Args:

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from keras_sfp.core import prune as prune_lib
+from keras_sfp.core import zeros as zeros_lib
 from keras_sfp.graph import keras_graph as _keras_graph
 from keras_sfp.graph.channels import ChannelGraph
 
@@ -37,7 +38,7 @@ def _index(graph: ChannelGraph, tensor, keep: dict) -> np.ndarray | None:
 def kept_channels(model: keras.Model, graph: ChannelGraph | None = None) -> dict:
     """`{root set id: kept indices}` for a plain (stripped) model."""
     graph = graph or ChannelGraph(model)
-    zero = graph.removable_channels(prune_lib.filters_are_zero)
+    zero = graph.removable_channels(zeros_lib.filters_are_zero)
     keep = {}
     for group in graph.groups():
         root = graph.find(group.sets[0].id)
@@ -156,7 +157,7 @@ def _warn_unremoved(model, graph, keep) -> None:
         kept = np.zeros(group.length, dtype=bool)
         kept[keep[root]] = True
         for producer, start, length in group.members:
-            zero = prune_lib.filters_are_zero(producer)[start : start + length]
+            zero = zeros_lib.filters_are_zero(producer)[start : start + length]
             kept_zero += int(np.sum(zero & kept))
     if kept_zero:
         warnings.warn(
