@@ -1,6 +1,6 @@
 """SFP against the obvious alternatives, at equal realised MACs and epoch budgets.
 
-Every configuration is one `train.train_and_evaluate` run (ResNet-20 on
+Every configuration is one `keras_sfp.training.run.train_and_evaluate` run (ResNet-20 on
 Fashion-MNIST), repeated over seeds, and reported as the mean and standard
 deviation of the deployed (shrunk) model's test accuracy, with the
 soft-masked accuracy, the MACs kept and the filters revived over the run.
@@ -25,7 +25,7 @@ From scratch (`scratch/...`), all with the same number of epochs:
 - `fpgm`: `sfp_l2bn` with the FPGM criterion.
 
 From a trained network (`trained/...`): each seed's `scratch/unpruned` model,
-fine-tuned for `finetune_epochs` at `train.FINE_TUNE_LEARNING_RATE`:
+fine-tuned for `finetune_epochs` at `config_lib.FINE_TUNE_LEARNING_RATE`:
 - `unpruned`: fine-tuned without pruning (the reference to stay close to).
 - `hard_once`: prune once by L2 and fine-tune with frozen masks (Li et al.,
   ICLR 2017): `hard_epochs` = all epochs.
@@ -49,9 +49,9 @@ Keras's 0.99: with 0.99 the moving statistics of a 128-step run lag the
 weights so far that a ResNet-20 with 87 % training accuracy scored 34 % on the
 test set, whatever the pruning.
 
-    python bench/accuracy.py              # reduced: ~35 minutes on 2 CPU cores
-    python bench/accuracy.py --only=all   # every configuration: ~2.2 hours
-    KERAS_BACKEND=jax python bench/accuracy.py --setting=full --workers=12 \
+    python -m bench.accuracy              # reduced: ~35 minutes on 2 CPU cores
+    python -m bench.accuracy --only=all   # every configuration: ~2.2 hours
+    KERAS_BACKEND=jax python -m bench.accuracy --setting=full --workers=12 \
         --deadline_minutes=60             # a GPU
 
 Results go to `bench/results/accuracy_<setting>.{md,json,png}` (with each
@@ -71,23 +71,22 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # On JAX, each process would otherwise reserve 75% of the GPU's memory, and
 # `--workers` processes (and this one) share one GPU.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 import keras_sfp  # noqa: E402
 import models  # noqa: E402
-import train  # noqa: E402
 from bench import accuracy_report, tfmot_baseline  # noqa: E402
+from bench import jobs as jobs_lib  # noqa: E402
+from keras_sfp.training import config as config_lib  # noqa: E402
+from keras_sfp.training import run as run_lib  # noqa: E402
 
 SETTINGS = {
     # 2 CPU cores, about 35 minutes (7 configurations x 3 seeds, measured):
@@ -233,6 +232,9 @@ _DEADLINE = flags.DEFINE_float(
 _JOB = flags.DEFINE_string(
     "job", None, "Run only this `start/name/r<rate>/s<seed>` job (a worker)."
 )
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Fashion-MNIST folder (None: Debian's, else keras.datasets)."
+)
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Write the tables from the logged runs; train nothing."
 )
@@ -306,28 +308,22 @@ class Runner:
 
     def reload(self) -> None:
         """Reads the finished runs from the log (other processes append)."""
-        self.done = {}
-        if os.path.exists(self.log):
-            with open(self.log) as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        # A line cut short (a process killed while writing):
-                        # that run is not finished.
-                        continue
-                    self.done[row["key"]] = row
+        self.done = {row["key"]: row for row in jobs_lib.read_log(self.log)}
 
     def key(self, start, name, rate, seed) -> str:
         return f"{start}/{name}/r{rate}/s{seed}"
 
-    def config(self, start, key, seed, init_from, **overrides) -> train.TrainConfig:
-        """The `train.TrainConfig` of run `key` (the setting's recipe)."""
+    def config(
+        self, start, key, seed, init_from, **overrides
+    ) -> config_lib.TrainConfig:
+        """The `config_lib.TrainConfig` of run `key` (the setting's recipe)."""
         p = self.params
         learning_rate = (
-            train.FINE_TUNE_LEARNING_RATE if start == "trained" else train.LEARNING_RATE
+            config_lib.FINE_TUNE_LEARNING_RATE
+            if start == "trained"
+            else config_lib.LEARNING_RATE
         )
-        return train.TrainConfig(
+        return config_lib.TrainConfig(
             epochs=self.epochs(start),
             train_limit=p["train_limit"],
             test_limit=p["test_limit"],
@@ -347,9 +343,7 @@ class Runner:
         return p["finetune_epochs"] if start == "trained" else p["epochs"]
 
     def _append(self, row) -> dict:
-        # One write of one line: appends from parallel jobs do not interleave.
-        with open(self.log, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        jobs_lib.append_log(self.log, row)
         self.done[row["key"]] = row
         print(json.dumps({k: row[k] for k in ("key", "deployed", "kept_macs")}))
         return row
@@ -365,7 +359,7 @@ class Runner:
             overrides["rate"] = rate
         config = self.config(start, key, seed, init_from, **overrides)
         began = time.perf_counter()
-        results = train.train_and_evaluate(config)
+        results = run_lib.train_and_evaluate(config)
         row = {
             "key": key,
             "start": start,
@@ -435,7 +429,7 @@ class Runner:
                 20,
                 data.input_shape,
                 data.num_classes,
-                weight_decay=train.TrainConfig().weight_decay,
+                weight_decay=config_lib.TrainConfig().weight_decay,
             )
             _fresh_copy(model, seed, path, self.params["bn_momentum"])
         return path
@@ -498,7 +492,7 @@ def _init_for(runner: Runner, start: str, name: str, rate: float, seed: int) -> 
             20,
             data.input_shape,
             data.num_classes,
-            weight_decay=train.TrainConfig().weight_decay,
+            weight_decay=config_lib.TrainConfig().weight_decay,
             width=width,
         )
     return _fresh_copy(model, seed, path, p["bn_momentum"])
@@ -595,15 +589,6 @@ def run_all(runner: Runner, seeds, only=()) -> None:
         print(_skipped_message(skipped), flush=True)
 
 
-def _launch_worker(flags_for_job, key: str, log):
-    """Starts `key` in its own process (`--job`), writing to `log`."""
-    import subprocess
-
-    command = [sys.executable, os.path.abspath(__file__)]
-    command += [*flags_for_job, f"--job={key}"]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-
 def run_parallel(
     runner: Runner,
     seeds,
@@ -615,7 +600,8 @@ def run_parallel(
     poll_s: float = 1.0,
 ) -> None:
     """Runs the wanted jobs in `workers` processes at once, each job in its
-    own process (`--job`), a job starting once the runs it needs are logged.
+    own process (`--job`), a job starting once the runs it needs are logged
+    (`bench.jobs.run_parallel`).
 
     This process writes every start file (initial, trained and narrower
     models) before the jobs that read them start, so the workers never race
@@ -624,9 +610,11 @@ def run_parallel(
     seconds; the ones running are waited for. A job that fails is reported
     with the end of its log and the jobs that need it are dropped.
     `launch(key, log)` starts a job and returns its `subprocess.Popen`
-    (default: this script with `--job=key` and `flags_for_job`).
+    (default: `python -m bench.accuracy --job=key` with `flags_for_job`).
     """
-    launch = launch or functools.partial(_launch_worker, flags_for_job)
+    launch = launch or functools.partial(
+        jobs_lib.launch_module, "bench.accuracy", flags_for_job
+    )
     ordered, skipped = _ordered_jobs(runner, seeds, only)
     # The runs a wanted job needs run too (first), even if not wanted.
     keys, needed_first = {runner.key(*job) for job in ordered}, []
@@ -639,82 +627,44 @@ def run_parallel(
     ordered = needed_first + ordered
     for seed in seeds:
         runner.initial(seed)
-    logs = os.path.join(runner.root, "logs")
-    os.makedirs(logs, exist_ok=True)
-    began = time.perf_counter()
-    pending = [j for j in ordered if runner.key(*j) not in runner.done]
-    running, failed, late = {}, set(), set()
     # Seconds from start to logged, per start; seeded with the logged runs of
     # this device, so that a resumed run knows them from the start.
     took, device = {"scratch": [], "trained": []}, _device()
     for row in runner.done.values():
         if row.get("device") == device and row["name"] != TFMOT:
             took[row["start"]].append(row["wall_seconds"])
-    try:
-        while pending or running:
-            for key, (process, log, started) in list(running.items()):
-                if process.poll() is None:
-                    continue
-                del running[key]
-                log.close()
-                runner.reload()
-                elapsed = time.perf_counter() - began
-                if key in runner.done:
-                    row = runner.done[key]
-                    took[row["start"]].append(time.perf_counter() - started)
-                    print(
-                        f"[{elapsed:5.0f} s] {key}: deployed {row['deployed']:.4f}, "
-                        f"{row['wall_seconds']:.0f} s, {len(running)} running",
-                        flush=True,
-                    )
-                else:
-                    failed.add(key)
-                    with open(log.name) as f:
-                        tail = f.read()[-2000:]
-                    print(
-                        f"{key} failed (exit {process.returncode}):\n{tail}", flush=True
-                    )
-            left = deadline_s - (time.perf_counter() - began)
-            for job in list(pending):
-                if len(running) >= workers:
-                    break
-                start, name, rate, seed = job
-                needed = [runner.key(*n, seed) for n in _needs(start, name, rate)]
-                if (took[start] and np.median(took[start]) > left) or any(
-                    n in late for n in needed
-                ):
-                    pending.remove(job)
-                    late.add(runner.key(*job))
-                    continue
-                if any(n in failed for n in needed):
-                    pending.remove(job)
-                    failed.add(runner.key(*job))
-                    print(f"{runner.key(*job)} dropped: {needed} failed", flush=True)
-                    continue
-                if not all(n in runner.done for n in needed):
-                    continue
-                pending.remove(job)
-                key = runner.key(*job)
-                try:
-                    _init_for(runner, start, name, rate, seed)  # writes it here
-                    log = open(os.path.join(logs, key.replace("/", "_") + ".log"), "w")
-                    running[key] = (launch(key, log), log, time.perf_counter())
-                except Exception as error:  # noqa: BLE001 - reported, job dropped
-                    failed.add(key)
-                    print(f"{key} failed to start: {error!r}", flush=True)
-            if pending and not running:  # what is left waits for nothing that runs
-                print(f"Not started (their needs did not run): {pending}", flush=True)
-                break
-            time.sleep(poll_s)
-    finally:
-        # After an exception here: no worker runs on unwatched.
-        for process, log, _ in running.values():
-            process.terminate()
-            process.wait()
-            log.close()
-    if late:
+
+    def reload():
+        runner.reload()
+        return runner.done
+
+    outcome = jobs_lib.run_parallel(
+        [
+            jobs_lib.Job(
+                runner.key(start, name, rate, seed),
+                tuple(runner.key(*n, seed) for n in _needs(start, name, rate)),
+                group=start,
+                spec=(start, name, rate, seed),
+            )
+            for start, name, rate, seed in ordered
+        ],
+        done=runner.done,
+        reload=reload,
+        launch=launch,
+        workers=workers,
+        deadline_s=deadline_s,
+        log_dir=os.path.join(runner.root, "logs"),
+        durations=took,
+        # Writes the job's start file here.
+        prepare=lambda job: _init_for(runner, *job.spec),
+        describe=lambda row: (
+            f"deployed {row['deployed']:.4f}, {row['wall_seconds']:.0f} s"
+        ),
+        poll_s=poll_s,
+    )
+    if outcome.late:
         print(
-            f"Deadline: {len(late)} jobs not started (not enough time left).",
+            f"Deadline: {len(outcome.late)} jobs not started (not enough time left).",
             flush=True,
         )
     if skipped:
@@ -784,9 +734,8 @@ def report(runner: Runner, results_dir: str, seeds=(0, 1, 2)) -> None:
 
 def main(argv):
     del argv
-    # `--data_dir` is train.py's flag (the Fashion-MNIST IDX directory).
     setting = _SETTING.value
-    runner = Runner(setting, _ROOT.value, flags.FLAGS.data_dir)
+    runner = Runner(setting, _ROOT.value, _DATA_DIR.value)
     if _JOB.value:
         run_job(runner, *_parse_job(_JOB.value))
         return
@@ -795,8 +744,8 @@ def main(argv):
         pass
     elif _WORKERS.value > 1:
         job_flags = [f"--setting={setting}", f"--root={_ROOT.value}"]
-        if flags.FLAGS.data_dir:
-            job_flags.append(f"--data_dir={flags.FLAGS.data_dir}")
+        if _DATA_DIR.value:
+            job_flags.append(f"--data_dir={_DATA_DIR.value}")
         deadline = _DEADLINE.value * 60 or float("inf")
         run_parallel(runner, seeds, _WORKERS.value, deadline, job_flags, _ONLY.value)
         runner.reload()

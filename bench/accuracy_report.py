@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-import train
 from bench.tfmot_baseline import NAME as TFMOT
+from keras_sfp.training import config as config_lib
 
 
 def aggregate(rows, order) -> list[dict]:
@@ -237,9 +237,9 @@ def markdown(
         "",
         f"ResNet-20, Fashion-MNIST, {params['train_limit'] or 'all'} training and "
         f"{params['test_limit'] or 'all'} test images; from scratch "
-        f"{params['epochs']} epochs at lr {train.LEARNING_RATE}, from a trained "
+        f"{params['epochs']} epochs at lr {config_lib.LEARNING_RATE}, from a trained "
         f"network {params['finetune_epochs']} epochs at lr "
-        f"{train.FINE_TUNE_LEARNING_RATE} (cosine). Accuracy in %, mean +- "
+        f"{config_lib.FINE_TUNE_LEARNING_RATE} (cosine). Accuracy in %, mean +- "
         "standard deviation over seeds. `revived`: filters pruned at one event and "
         "kept at the next, summed over the run (the churn of the pruned set)."
         + (

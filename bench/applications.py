@@ -11,23 +11,21 @@ with both models computing in float64, which separates shrink's own error
 from float32 rounding. Prints (and optionally writes) a Markdown table.
 Takes about 10 minutes on a 2-core CPU for all families.
 
-    python bench/applications.py --families=all --table=bench/results/applications.md
+    python -m bench.applications --families=all --table=bench/results/applications.md
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 import time
 
 import keras
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import keras_sfp  # noqa: E402
+import keras_sfp
+from bench import tables  # noqa: E402
 from keras_sfp.core.wrapper import unwrap  # noqa: E402
 from keras_sfp.graph import keras_graph as _keras_graph  # noqa: E402
 
@@ -238,18 +236,15 @@ def float64_copy(model: keras.Model) -> keras.Model:
 
 
 def table(results) -> str:
-    lines = [
-        "| family | model | groups | prunable | MACs kept | params kept "
-        "| max rel. diff | in float64 | float32 noise | reload diff | time (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    columns = ["family", "model", "groups", "prunable", "MACs kept", "params kept"]
+    columns += ["max rel. diff", "in float64", "float32 noise", "reload diff"]
+    rows = [
+        [r.family, r.model, r.groups, r.prunable_groups, f"{r.macs_kept:.1%}"]
+        + [f"{r.params_kept:.1%}", f"{r.max_diff:.1e}", f"{r.max_diff64:.1e}"]
+        + [f"{r.noise32:.1e}", f"{r.reload_diff:.1e}", f"{r.seconds:.0f}"]
+        for r in results
     ]
-    for r in results:
-        lines.append(
-            f"| {r.family} | {r.model} | {r.groups} | {r.prunable_groups} | "
-            f"{r.macs_kept:.1%} | {r.params_kept:.1%} | {r.max_diff:.1e} | "
-            f"{r.max_diff64:.1e} | {r.noise32:.1e} | {r.reload_diff:.1e} | "
-            f"{r.seconds:.0f} |"
-        )
+    lines = tables.markdown_table([*columns, "time (s)"], rows, "ll" + "r" * 9)
     return "\n".join(lines)
 
 
@@ -274,6 +269,8 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app, flags
 
+    # Defined when run only: tests/conftest.py imports this module as a
+    # library (`check_application`), and flags would be global there.
     flags.DEFINE_list(
         "families", ["all"], f"Families: all or some of {[*FAMILIES, *REGISTERED]}."
     )

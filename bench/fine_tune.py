@@ -58,6 +58,8 @@ from absl import app, flags
 
 import keras_sfp
 import models
+from bench import jobs as jobs_lib
+from bench import tables
 from keras_sfp.training import data as data_lib
 
 RECIPES = {
@@ -220,10 +222,8 @@ def report(rows: list, path: str, setting: dict) -> None:
         "BN gap: training accuracy (last epoch) minus the deployed model's on "
         "the first 5,000 training images.",
         "",
-        "| recipe | seeds | train | deployed (train) | BN gap | soft-masked "
-        "(test) | deployed (test) | paired vs unpruned | MACs kept | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    cells = []
     summary = {}
     for name in RECIPES:
         runs = by_recipe.get(name)
@@ -243,15 +243,18 @@ def report(rows: list, path: str, setting: dict) -> None:
             "kept_macs": float(np.mean([r["kept_macs"] for r in runs])),
             "seconds": float(np.median([r["seconds"] for r in runs])),
         }
-        lines.append(
-            f"| {name} | {len(runs)} | {_stats([r['train_accuracy'] for r in runs])} "
-            f"| {_stats([r['deployed_train'] for r in runs])} | {_stats(gap)} "
-            f"| {_stats([r['masked'] for r in runs])} "
-            f"| {_stats([r['deployed'] for r in runs])} "
-            f"| {_stats(paired) if paired else '-'} "
-            f"| {100 * summary[name]['kept_macs']:.1f} % "
-            f"| {summary[name]['seconds']:.0f} |"
+        cells.append(
+            [name, len(runs), _stats([r["train_accuracy"] for r in runs])]
+            + [_stats([r["deployed_train"] for r in runs]), _stats(gap)]
+            + [_stats([r["masked"] for r in runs])]
+            + [_stats([r["deployed"] for r in runs])]
+            + [_stats(paired) if paired else "-"]
+            + [f"{100 * summary[name]['kept_macs']:.1f} %"]
+            + [f"{summary[name]['seconds']:.0f}"]
         )
+    columns = ["recipe", "seeds", "train", "deployed (train)", "BN gap"]
+    columns += ["soft-masked (test)", "deployed (test)", "paired vs unpruned"]
+    lines += tables.markdown_table([*columns, "MACs kept", "seconds"], cells)
     with open(path + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(path + ".json", "w") as f:
@@ -296,10 +299,7 @@ def main(argv) -> None:
     run_dir = os.path.join("runs", "fine_tune", FLAGS.setting)
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "runs.jsonl")
-    rows = []
-    if os.path.exists(log):
-        with open(log) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+    rows = jobs_lib.read_log(log)
     names = FLAGS.only or list(RECIPES)
     unknown = sorted(set(names) - set(RECIPES))
     if unknown:
@@ -339,8 +339,7 @@ def main(argv) -> None:
             )
             print(json.dumps(row))
             rows.append(row)
-            with open(log, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            jobs_lib.append_log(log, row)
     os.makedirs(os.path.join("bench", "results"), exist_ok=True)
     report(
         rows, os.path.join("bench", "results", f"fine_tune_{FLAGS.setting}"), setting

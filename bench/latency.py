@@ -24,8 +24,8 @@ their quotient, the *efficiency* (1.0 is the physical limit of a MACs
 reduction). Results go to `bench/results/latency_<device>.{md,json,png}`;
 the PNG plots speedup against MACs ratio per runtime.
 
-    python bench/latency.py                        # 2-core CPU, ~30 min
-    KERAS_BACKEND=jax python bench/latency.py      # a GPU through JAX/XLA
+    python -m bench.latency                        # 2-core CPU, ~30 min
+    KERAS_BACKEND=jax python -m bench.latency      # a GPU through JAX/XLA
 
 On a GPU the input sizes are those of the issue's table (224x224 for the
 ImageNet models) and batch 1, 32 and 128 are timed; on a CPU 160x160 and
@@ -38,19 +38,16 @@ import functools
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
+import keras  # noqa: E402
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import keras  # noqa: E402
-
 import keras_sfp  # noqa: E402
 import models  # noqa: E402
+from bench import tables
 from keras_sfp.latency import timing as latency  # noqa: E402
 
 A = keras.applications
@@ -65,29 +62,26 @@ MODELS = {
 SMALL = ("resnet56", "resnet20")  # CIFAR-size inputs: batch 128 on a CPU too
 
 
-def _define_flags() -> None:
-    # Defined when run as a program only: tests import this module beside
-    # train.py, whose flags (round_to, ...) would clash.
-    flags.DEFINE_list("models", list(MODELS), "Models to measure.")
-    flags.DEFINE_list("round_to", ["1", "8", "16"], "round_to values to compare.")
-    flags.DEFINE_list(
-        "batch_sizes",
-        ["1", "32", "128"],
-        "Batch sizes (128: CIFAR-size models only on a CPU).",
-    )
-    flags.DEFINE_integer("runs", 0, "Timed calls per model (0: by cost).")
-    flags.DEFINE_bool("int8", False, "Also time full-integer TFLite.")
-    flags.DEFINE_bool(
-        "latency_aware",
-        True,
-        "Add the `target_latency` variant (per-layer latency table of this "
-        "device, cached under --cache_dir).",
-    )
-    flags.DEFINE_string("cache_dir", None, "Latency tables (default: ~/.cache).")
-    flags.DEFINE_bool(
-        "fold", True, "Add BatchNormalization-folded variants (Keras runtime)."
-    )
-    flags.DEFINE_string("out", "bench/results", "Directory of the results.")
+flags.DEFINE_list("models", list(MODELS), "Models to measure.")
+flags.DEFINE_list("round_to", ["1", "8", "16"], "round_to values to compare.")
+flags.DEFINE_list(
+    "batch_sizes",
+    ["1", "32", "128"],
+    "Batch sizes (128: CIFAR-size models only on a CPU).",
+)
+flags.DEFINE_integer("runs", 0, "Timed calls per model (0: by cost).")
+flags.DEFINE_bool("int8", False, "Also time full-integer TFLite.")
+flags.DEFINE_bool(
+    "latency_aware",
+    True,
+    "Add the `target_latency` variant (per-layer latency table of this "
+    "device, cached under --cache_dir).",
+)
+flags.DEFINE_string("cache_dir", None, "Latency tables (default: ~/.cache).")
+flags.DEFINE_bool(
+    "fold", True, "Add BatchNormalization-folded variants (Keras runtime)."
+)
+flags.DEFINE_string("out", "bench/results", "Directory of the results.")
 
 
 def _app(constructor, size: int) -> keras.Model:
@@ -105,9 +99,7 @@ def on_gpu() -> bool:
 
 def _shrunk(pruned: keras.Model) -> keras.Model:
     """One prune event, then `shrink`."""
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
-    callback.set_model(pruned)
-    callback.prune(0)
+    keras_sfp.FilterPruner(pruned).prune(0)
     return keras_sfp.shrink(pruned)
 
 
@@ -276,17 +268,19 @@ def markdown(rows: list[dict], device: str) -> str:
         "one process, medians. efficiency = speedup / MACs ratio (1.0 is the "
         "limit of the MACs reduction).",
         "",
-        "| model | input | rate | variant | runtime | batch | MACs ratio | "
-        "original ms | shrunk ms | speedup | efficiency |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['input']} | {r['rate']} | {r['variant']} | "
-            f"{r['runtime']} | {r['batch']} | {r['macs_ratio']:.2f}x | "
-            f"{r['original_ms']:.2f} | {r['shrunk_ms']:.2f} | "
-            f"{r['speedup']:.2f}x | {r['efficiency']:.2f} |"
-        )
+    columns = ["model", "input", "rate", "variant", "runtime", "batch"]
+    columns += ["MACs ratio", "original ms", "shrunk ms", "speedup", "efficiency"]
+    lines += tables.markdown_table(
+        columns,
+        [
+            [r["model"], r["input"], r["rate"], r["variant"], r["runtime"]]
+            + [r["batch"], f"{r['macs_ratio']:.2f}x", f"{r['original_ms']:.2f}"]
+            + [f"{r['shrunk_ms']:.2f}", f"{r['speedup']:.2f}x"]
+            + [f"{r['efficiency']:.2f}"]
+            for r in rows
+        ],
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -298,10 +292,7 @@ def summary(rows: list[dict]) -> str:
     counts; folding removes no MACs.
     """
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    lines = [
-        "| model | runtime | batch | MACs ratio | " + " | ".join(variants) + " |",
-        "|---|---|---:|---:|" + "---:|" * len(variants),
-    ]
+    lines = []
     cells = {}
     for r in rows:
         cells.setdefault((r["model"], r["runtime"], r["batch"]), {})[r["variant"]] = r
@@ -322,10 +313,11 @@ def summary(rows: list[dict]) -> str:
             else:
                 row.append(f"{r['speedup']:.2f}x (MACs {r['macs_ratio']:.2f}x)")
         lines.append(
-            f"| {model} | {runtime} | {batch} | "
-            f"{'-' if ratio is None else f'{ratio:.2f}x'} | " + " | ".join(row) + " |"
+            [model, runtime, batch, "-" if ratio is None else f"{ratio:.2f}x", *row]
         )
-    return "\n".join(lines) + "\n"
+    columns = ["model", "runtime", "batch", "MACs ratio", *variants]
+    align = "llr" + "r" * (len(columns) - 3)
+    return "\n".join(tables.markdown_table(columns, lines, align)) + "\n"
 
 
 def plot(rows: list[dict], path: str, device: str) -> None:
@@ -431,5 +423,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _define_flags()
     app.run(main)

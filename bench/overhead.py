@@ -18,8 +18,8 @@ compiles, is not counted. The table gives the ratio of medians to `plain`
 (the goal is at most 1.05x) and, in brackets, the ratio of the fastest
 epochs, which a shared machine's other load disturbs least.
 
-    python bench/overhead.py --table=bench/results/overhead.md   # CPU, ~10 min
-    KERAS_BACKEND=jax python bench/overhead.py --backends=jax --steps=0  # a GPU
+    python -m bench.overhead --table=bench/results/overhead.md   # CPU, ~10 min
+    KERAS_BACKEND=jax python -m bench.overhead --backends=jax --steps=0  # a GPU
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import tables
 
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 
@@ -137,23 +137,25 @@ def measure(model_name, batch_size, steps, epochs, rounds) -> dict:
 def format_table(rows: list[dict]) -> str:
     """Median ratios to `plain`, and in brackets the ratios of the fastest
     epochs (less sensitive to other load on a shared machine)."""
-    lines = [
-        "| backend | device | model | steps/epoch | plain s/epoch | "
-        "wrapped / plain | SFP soft / plain | SFP hard / plain |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    cells = []
     for r in rows:
         fastest = {name: min(t) for name, t in r["all_seconds"].items()}
-        cells = [
-            f"{r['ratio'][name]:.3f}x ({fastest[name] / fastest['plain']:.3f}x)"
-            for name in ("wrapped", "sfp_soft", "sfp_hard")
-        ]
-        lines.append(
-            f"| {r['backend']} | {r['device']} | {r['model']} | "
-            f"{r['steps_per_epoch']} (batch {r['batch_size']}) | "
-            f"{r['seconds']['plain']:.3f} | " + " | ".join(cells) + " |"
+        cells.append(
+            [
+                r["backend"],
+                r["device"],
+                r["model"],
+                f"{r['steps_per_epoch']} (batch {r['batch_size']})",
+                f"{r['seconds']['plain']:.3f}",
+                *(
+                    f"{r['ratio'][name]:.3f}x ({fastest[name] / fastest['plain']:.3f}x)"
+                    for name in ("wrapped", "sfp_soft", "sfp_hard")
+                ),
+            ]
         )
-    return "\n".join(lines)
+    columns = ["backend", "device", "model", "steps/epoch", "plain s/epoch"]
+    columns += ["wrapped / plain", "SFP soft / plain", "SFP hard / plain"]
+    return "\n".join(tables.markdown_table(columns, cells))
 
 
 def main(argv):
@@ -165,7 +167,7 @@ def main(argv):
     rows = []
     for backend in _BACKENDS.value:
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        command = [sys.executable, os.path.abspath(__file__), "--worker"] + [
+        command = [sys.executable, "-m", "bench.overhead", "--worker"] + [
             f"--{name}={value}"
             for name, value in zip(
                 ("model", "batch_size", "steps", "epochs_per_round", "rounds"), args
@@ -186,7 +188,7 @@ def main(argv):
                 f"Epoch time, median of {rows[0]['epochs_timed']} epochs per "
                 "configuration after a warm-up round, all configurations "
                 f"alternating in one process per backend ({platform.machine()}, "
-                f"{os.cpu_count()} cores; `python bench/overhead.py`).\n\n"
+                f"{os.cpu_count()} cores; `python -m bench.overhead`).\n\n"
                 + table
                 + "\n"
             )

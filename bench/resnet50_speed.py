@@ -12,21 +12,21 @@ over `--repeats` runs of each step:
 The budget for analysis + one prune event + shrink is 10 s; `total` counts
 `prune_filters` (analysis and cloning) + `prune_event` + `shrink`.
 
-    python bench/resnet50_speed.py --repeats=3
+    python -m bench.resnet50_speed --repeats=3
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 
 import keras
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
 import keras_sfp  # noqa: E402
+
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Runs; the median is reported.")
 
 
 def _timed(fn):
@@ -38,9 +38,7 @@ def _timed(fn):
 def run_once(model) -> dict:
     _, analysis = _timed(lambda: keras_sfp.ChannelGraph(model))
     pruned, prune_filters = _timed(lambda: keras_sfp.prune_filters(model, rate=0.3))
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=0)
-    callback.set_model(pruned)
-    _, event = _timed(lambda: callback.prune(0))
+    _, event = _timed(lambda: keras_sfp.FilterPruner(pruned).prune(0))
     small, shrink = _timed(lambda: keras_sfp.shrink(pruned))
     return {
         "analysis": analysis,
@@ -54,10 +52,8 @@ def run_once(model) -> dict:
 
 def main(argv):
     del argv
-    from absl import flags
-
     model = keras.applications.ResNet50(weights=None, input_shape=(224, 224, 3))
-    runs = [run_once(model) for _ in range(flags.FLAGS.repeats)]
+    runs = [run_once(model) for _ in range(_REPEATS.value)]
     print(f"ResNet50 224x224, {os.cpu_count()} CPUs, median of {len(runs)} runs")
     for key in runs[0]:
         values = [r[key] for r in runs]
@@ -70,7 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_integer("repeats", 3, "Runs; the median is reported.")
     app.run(main)

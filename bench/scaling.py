@@ -13,7 +13,7 @@ On one machine the processes share its cores, so this measures the cost of
 the multi-process machinery (collectives, per-process input), not a gain:
 a gain needs more machines, or processes pinned to devices of their own.
 
-    KERAS_BACKEND=jax python bench/scaling.py --table=bench/results/scaling_cpu.md
+    KERAS_BACKEND=jax python -m bench.scaling --table=bench/results/scaling_cpu.md
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import time
 
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from bench import tables
 
 
 def train_one(
@@ -106,7 +105,8 @@ def run(num_processes, out, examples, batch_size, epochs) -> dict:
         subprocess.Popen(
             [
                 sys.executable,
-                os.path.abspath(__file__),
+                "-m",
+                "bench.scaling",
                 "--worker",
                 f"--out={out}",
                 f"--process_id={k}",
@@ -140,16 +140,28 @@ def table(rows, examples, batch_size) -> str:
         f"{batch_size}), JAX on {platform.processor() or platform.machine()} "
         f"({os.cpu_count()} cores); median of the epochs after the first.",
         "",
-        "| processes | median epoch s | images/s | speedup | same masks as 1 process |",
-        "|---:|---:|---:|---:|---|",
     ]
     base = rows[0]["median"]
-    for row in rows:
-        lines.append(
-            f"| {row['processes']} | {row['median']:.2f} | "
-            f"{examples // batch_size * batch_size / row['median']:.0f} | "
-            f"{base / row['median']:.2f}x | {row['same_masks']} |"
-        )
+    lines += tables.markdown_table(
+        [
+            "processes",
+            "median epoch s",
+            "images/s",
+            "speedup",
+            "same masks as 1 process",
+        ],
+        [
+            [
+                row["processes"],
+                f"{row['median']:.2f}",
+                f"{examples // batch_size * batch_size / row['median']:.0f}",
+                f"{base / row['median']:.2f}x",
+                row["same_masks"],
+            ]
+            for row in rows
+        ],
+        "rrrrl",
+    )
     return "\n".join(lines)
 
 

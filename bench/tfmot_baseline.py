@@ -8,8 +8,8 @@ and weight decay, with the Keras 3 model's weights copied layer by layer and
 its outputs reproduced), at the number of non-zero kernel weights that the
 SFP reference configuration's deployed (shrunk) model has in the layers
 `prune_low_magnitude` prunes (the convolutions and the dense layer), with
-the training recipe of `train.train_and_evaluate`: the same data pipeline
-(subset, order), SGD with Nesterov momentum 0.9, cosine learning rate,
+the training recipe of `keras_sfp.training.run.train_and_evaluate`: the same
+data pipeline (subset, order), SGD with Nesterov momentum 0.9, cosine learning rate,
 epochs, batch size and evaluation subset.
 
 Schedules (tfmot's documented recipes):
@@ -41,8 +41,9 @@ from collections.abc import Mapping
 import keras
 import numpy as np
 
-import train
 from keras_sfp.latency import timing as latency
+from keras_sfp.training import inputs
+from keras_sfp.training.config import TrainConfig
 from models import resnet
 
 NAME = "tfmot_plm"
@@ -362,7 +363,7 @@ def train_and_evaluate(
     init_from: str,
     reference_shrunk: str,
     start: str,
-    config: train.TrainConfig,
+    config: TrainConfig,
     output_dir: str,
 ) -> dict:
     """Prunes a `tf_keras` copy of `init_from` with tfmot and compares it to SFP.
@@ -413,8 +414,9 @@ def train_and_evaluate(
     keras.utils.set_random_seed(config.seed)
     k.utils.set_random_seed(config.seed)
 
-    # The pipeline of `train.train_and_evaluate` (same subset, same order).
-    data, train_ds, test_ds, _, _, steps_per_epoch = train.input_data(config)
+    # The pipeline of `keras_sfp.training.run.train_and_evaluate` (same subset,
+    # same order).
+    data, train_ds, test_ds, _, _, steps_per_epoch = inputs.input_data(config)
     steps = config.epochs * steps_per_epoch
 
     source = keras.saving.load_model(init_from, compile=False)

@@ -7,9 +7,7 @@ from collections.abc import Sequence
 
 import keras
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+from keras_sfp import _checks
 
 
 def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -19,7 +17,7 @@ def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
         ValueError: If it is not three positive integers.
     """
     shape = tuple(input_shape)
-    if len(shape) != 3 or not all(_is_int(d) and d > 0 for d in shape):
+    if len(shape) != 3 or not all(_checks.is_int(d) and d > 0 for d in shape):
         raise ValueError(
             "`input_shape` must be three positive integers (height, width, "
             f"channels). Received: input_shape={input_shape!r}"
@@ -29,7 +27,7 @@ def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
 
 def check_num_classes(num_classes: int) -> None:
     """Raises `ValueError` unless `num_classes` is an integer >= 1."""
-    if not (_is_int(num_classes) and num_classes >= 1):
+    if not (_checks.is_int(num_classes) and num_classes >= 1):
         raise ValueError(
             "`num_classes` must be an integer >= 1. "
             f"Received: num_classes={num_classes!r}"

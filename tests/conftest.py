@@ -114,9 +114,7 @@ def calibrate_batch_norm(model, seed=0):
 def prune_once(model, rate=0.5, **kwargs):
     """`prune_filters(model, ...)` after one prune event, before any training."""
     pruned = keras_sfp.prune_filters(model, rate=rate, **kwargs)
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
-    callback.set_model(pruned)
-    callback.prune(0)
+    keras_sfp.FilterPruner(pruned).prune(0)
     return pruned
 
 

@@ -113,9 +113,7 @@ def test_target_macs_reaches_the_fraction(tmp_path, round_to):
 
     model = models.get_model("resnet20", (16, 16, 1))
     pruned = keras_sfp.prune_filters(model, target_macs=0.5, round_to=round_to)
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
-    callback.set_model(pruned)
-    callback.prune(0)
+    keras_sfp.FilterPruner(pruned).prune(0)
     total = keras_sfp.count_flops(model)
     small = keras_sfp.shrink(pruned)
     fraction = keras_sfp.count_flops(small) / total
@@ -159,14 +157,11 @@ def test_an_event_that_rounding_leaves_empty_warns():
     model = keras.Model(inputs, L.Dense(2)(x))
     # 16 * 0.7 = 11.2 -> 12 kept, equally far from 8 and 16: 16 (no pruning).
     pruned = keras_sfp.prune_filters(model, rate=0.3, round_to=8)
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
-    callback.set_model(pruned)
     with pytest.warns(UserWarning, match="pruned nothing at rate 0.300"):
-        callback.prune(0)
+        keras_sfp.FilterPruner(pruned).prune(0)
     assert keras_sfp.core.prune.wrappers(pruned)[0].mask.sum() == 16
     pruned = keras_sfp.prune_filters(model, rate=0.3, round_to=1)
-    callback.set_model(pruned)
-    callback.prune(0)
+    keras_sfp.FilterPruner(pruned).prune(0)
     assert keras_sfp.core.prune.wrappers(pruned)[0].mask.sum() == 12
 
 
@@ -190,9 +185,7 @@ def _two_groups():
 
 
 def _kept(pruned):
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=0)
-    callback.set_model(pruned)
-    callback.prune(0)
+    keras_sfp.FilterPruner(pruned).prune(0)
     return {w.name: int(w.mask.sum()) for w in keras_sfp.core.prune.wrappers(pruned)}
 
 

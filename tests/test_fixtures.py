@@ -58,9 +58,7 @@ def test_a_saved_pruned_model_shrinks_to_the_saved_shrunk_model(reference):
 
 def test_a_saved_pruned_model_resumes_with_the_same_masks(reference):
     pruned = _load("pruned.keras")
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=0)
-    callback.set_model(pruned)
-    callback.prune(1)  # the next event of the interrupted run
+    keras_sfp.FilterPruner(pruned).prune(1)  # the next event of the interrupted run
     for wrapper in keras_sfp.core.prune.wrappers(pruned):
         np.testing.assert_array_equal(
             wrapper.mask, reference["mask_after_" + wrapper.name], wrapper.name

@@ -140,9 +140,7 @@ def test_target_latency_reaches_the_prediction_with_multiples(tmp_path):
         model, target_latency=0.5, latency_table=table, criterion="l1"
     )
     assert table.measured and (tmp_path / "table.json").exists()  # cached
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
-    callback.set_model(pruned)
-    callback.prune(0)
+    keras_sfp.FilterPruner(pruned).prune(0)
     small = keras_sfp.shrink(pruned)
     # Every counted layer here has channels that vary, so the fake device's
     # latency is the MACs: the target is met, and not by much more.
@@ -158,7 +156,7 @@ def test_target_latency_reaches_the_prediction_with_multiples(tmp_path):
     x, _ = random_data(model, n=4)
     assert_shrink_exact(pruned, x)
 
-    # The rates are part of the saved model; a resumed callback keeps them.
+    # The rates are part of the saved model; a resumed run keeps them.
     path = str(tmp_path / "pruned.keras")
     pruned.save(path)
     restored = keras.saving.load_model(path)
@@ -166,9 +164,7 @@ def test_target_latency_reaches_the_prediction_with_multiples(tmp_path):
         keras_sfp.core.prune.wrappers(pruned), keras_sfp.core.prune.wrappers(restored)
     ):
         np.testing.assert_array_equal(a.channel_rates, b.channel_rates)
-    again = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
-    again.set_model(restored)
-    again.prune(0)
+    keras_sfp.FilterPruner(restored).prune(0)
     for a, b in zip(
         keras_sfp.core.prune.wrappers(pruned), keras_sfp.core.prune.wrappers(restored)
     ):
@@ -183,16 +179,14 @@ def test_schedules_scale_each_groups_rate():
         latency_table=LatencyTable(timer=MacTimer()),
         schedule="asymptotic",
     )
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=0)
-    callback.set_model(pruned)
-    callback._prepare()
-    rate = keras_sfp.core.prune.wrappers(pruned)[0].rate
-    final = callback._kept(rate, 8)
-    halfway = callback._kept(0.5 * rate, 8)
-    lengths = np.array(callback._plan["lengths"])
+    pruner = keras_sfp.FilterPruner(pruned)
+    rate = pruner.spec.rate
+    final = pruner.kept(rate)
+    halfway = pruner.kept(0.5 * rate)
+    lengths = np.array(pruner.lengths)
     assert np.all(halfway >= final) and np.any(halfway > final)
     # Each unit at its own final rate, halved: counts near those.
-    rates = callback._plan["unit_rates"]
+    rates = np.array([unit[0][0].channel_rate(unit[0][1]) for unit in pruner.units])
     expected = lengths - np.floor(lengths * rates * 0.5 + 1e-9)
     assert np.all(np.abs(halfway - expected) <= 8)
 

@@ -176,9 +176,7 @@ def _conv_bn_model():
 @pytest.mark.parametrize("criterion,conv_pruned", [("l2", 0), ("l2_bn", 1)])
 def test_l2_bn_scores_filters_folded_with_their_batch_norm(criterion, conv_pruned):
     model = keras_sfp.prune_filters(_conv_bn_model(), rate=0.25, criterion=criterion)
-    callback = keras_sfp.SoftFilterPrune()
-    callback.set_model(model)
-    callback.prune(0)
+    keras_sfp.FilterPruner(model).prune(0)
     # l2_bn scores |gamma| * ||w|| / sqrt(var + eps): 4, 0.2, 4.5, 12.
     expected = np.ones(4, "float32")
     expected[conv_pruned] = 0
@@ -193,9 +191,7 @@ def test_l2_bn_round_trips_through_a_keras_file(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert {w.criterion for w in wrappers(loaded)} == {"l2_bn"}
-    callback = keras_sfp.SoftFilterPrune()
-    callback.set_model(loaded)
-    callback.prune(0)
+    keras_sfp.FilterPruner(loaded).prune(0)
     np.testing.assert_array_equal(loaded.get_layer("sfp_conv").mask, [1, 0, 1, 1])
 
 

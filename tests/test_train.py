@@ -14,19 +14,17 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from absl import app
+from absl import app, flags
 
 import keras_sfp
 import models
 from conftest import BACKEND
+from keras_sfp.cli import train as cli
+from keras_sfp.training import config as config_lib
+from keras_sfp.training import inputs as inputs_lib
+from keras_sfp.training import run as run_lib
 
-# train.py is a top-level module of the repository, importable without an
-# (up-to-date) editable install too.
 _ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import train  # noqa: E402
 
 TRAIN_LIMIT, TEST_LIMIT, EPOCHS, BATCH = 256, 128, 2, 64
 
@@ -35,7 +33,7 @@ TRAIN_LIMIT, TEST_LIMIT, EPOCHS, BATCH = 256, 128, 2, 64
 def run(tmp_path_factory):
     """One tiny run shared by the tests: `(config, results, printed output)`."""
     keras.utils.set_random_seed(0)
-    config = train.TrainConfig(
+    config = config_lib.TrainConfig(
         model="resnet20",
         epochs=EPOCHS,
         batch_size=BATCH,
@@ -49,7 +47,7 @@ def run(tmp_path_factory):
     )
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        results = train.train_and_evaluate(config)
+        results = run_lib.train_and_evaluate(config)
     return config, results, stdout.getvalue()
 
 
@@ -185,7 +183,9 @@ def test_saved_model_serves_the_shrunk_model(run, test_images):
 
 def test_main_builds_config_from_flags(monkeypatch):
     seen = []
-    monkeypatch.setattr(train, "train_and_evaluate", seen.append)
+    monkeypatch.setattr(run_lib, "train_and_evaluate", seen.append)
+    values = flags.FlagValues()
+    cli.define_flags(values)
     argv = [
         "train.py",
         "--model=vgg_small",
@@ -205,15 +205,12 @@ def test_main_builds_config_from_flags(monkeypatch):
         "--recalibration_steps=5",
         "--distill",
     ]
-    try:
-        remaining = train.FLAGS(argv)
-        train.main(remaining)
-        with pytest.raises(app.UsageError, match="extra"):
-            train.main(["train.py", "extra"])
-    finally:
-        train.FLAGS.unparse_flags()
+    remaining = values(argv)
+    cli.main(remaining, values)
+    with pytest.raises(app.UsageError, match="extra"):
+        cli.main(["train.py", "extra"], values)
     (config,) = seen
-    assert config == train.TrainConfig(
+    assert config == config_lib.TrainConfig(
         model="vgg_small",
         epochs=3,
         hard_epochs=2,
@@ -234,12 +231,11 @@ def test_main_builds_config_from_flags(monkeypatch):
 
 
 def test_flag_defaults_are_the_config_defaults():
-    train.FLAGS(["train.py"])
-    try:
-        assert train.config_from_flags() == train.TrainConfig()
-    finally:
-        train.FLAGS.unparse_flags()
-    assert train.TrainConfig().resolved_output_dir() == os.path.join(
+    values = flags.FlagValues()
+    cli.define_flags(values)
+    values(["train.py"])
+    assert cli.config_from_flags(values) == config_lib.TrainConfig()
+    assert config_lib.TrainConfig().resolved_output_dir() == os.path.join(
         "runs", "resnet20_fashion_mnist"
     )
 
@@ -282,19 +278,18 @@ def test_flag_defaults_are_the_config_defaults():
 )
 def test_invalid_config_says_what_was_received(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        train.TrainConfig(**kwargs)
+        config_lib.TrainConfig(**kwargs)
 
 
 def test_pruning_schedule_flag_maps_to_prune_filters_argument():
-    assert train.pruning_schedule(train.TrainConfig(schedule="asymptotic")) == (
-        "asymptotic"
-    )
-    assert train.pruning_schedule(train.TrainConfig()) is None
+    asymptotic = config_lib.TrainConfig(schedule="asymptotic")
+    assert inputs_lib.pruning_schedule(asymptotic) == "asymptotic"
+    assert inputs_lib.pruning_schedule(config_lib.TrainConfig()) is None
 
 
 def test_step_schedule_divides_by_five_at_30_60_80_percent():
-    config = train.TrainConfig(lr_schedule="step", epochs=10, learning_rate=0.1)
-    lr = train.learning_rate_schedule(config, steps_per_epoch=10)
+    config = config_lib.TrainConfig(lr_schedule="step", epochs=10, learning_rate=0.1)
+    lr = run_lib.learning_rate_schedule(config, steps_per_epoch=10)
     got = [float(lr(step)) for step in (0, 30, 31, 60, 61, 80, 81, 99)]
     np.testing.assert_allclose(
         got, [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008], rtol=1e-6
@@ -369,14 +364,14 @@ needs_tensorflow_backend = pytest.mark.skipif(
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="exports on TensorFlow")
 def test_export_on_another_backend_says_how_to_export():
     with pytest.raises(ValueError, match="`export` needs the TensorFlow backend"):
-        train.TrainConfig(export="saved_model")
-    assert train.TrainConfig().resolved_export() == ""
-    assert train.TrainConfig(export="").resolved_export() == ""
+        config_lib.TrainConfig(export="saved_model")
+    assert config_lib.TrainConfig().resolved_export() == ""
+    assert config_lib.TrainConfig(export="").resolved_export() == ""
 
 
 @needs_tensorflow_backend
 def test_export_flag_writes_artifacts_and_metrics_beside_results(tmp_path):
-    config = train.TrainConfig(
+    config = config_lib.TrainConfig(
         epochs=1,
         batch_size=64,
         train_limit=256,
@@ -386,7 +381,7 @@ def test_export_flag_writes_artifacts_and_metrics_beside_results(tmp_path):
         output_dir=str(tmp_path),
         export="saved_model,tflite_int8",
     )
-    results = train.train_and_evaluate(config)
+    results = run_lib.train_and_evaluate(config)
     with open(tmp_path / "export" / "metrics.json") as f:
         metrics = json.load(f)
     assert results["export"] == metrics
@@ -413,7 +408,7 @@ def test_export_flag_writes_artifacts_and_metrics_beside_results(tmp_path):
 @pytest.mark.parametrize("export", ["onnx", "saved_model,tflite_int4", 3])
 def test_invalid_export_formats_say_what_was_received(export):
     with pytest.raises(ValueError, match="`export` must be a comma-separated"):
-        train.TrainConfig(export=export)
+        config_lib.TrainConfig(export=export)
 
 
 @pytest.mark.parametrize(
@@ -424,20 +419,20 @@ def test_invalid_export_formats_say_what_was_received(export):
     ],
 )
 def test_distribution_needs_its_backend(kwargs):
-    needed = train.DISTRIBUTE_BACKEND[kwargs["distribute"]]
+    needed = config_lib.DISTRIBUTE_BACKEND[kwargs["distribute"]]
     if BACKEND == needed:
-        assert train.TrainConfig(**kwargs).distribute == kwargs["distribute"]
+        assert config_lib.TrainConfig(**kwargs).distribute == kwargs["distribute"]
     else:
         with pytest.raises(ValueError, match=f"needs the {needed} backend"):
-            train.TrainConfig(**kwargs)
+            config_lib.TrainConfig(**kwargs)
 
 
 def test_learning_rate_defaults_to_a_fine_tuning_rate_with_init_from(run):
     config, results, _ = run
-    assert train.TrainConfig().resolved_learning_rate() == train.LEARNING_RATE
-    init = train.TrainConfig(init_from=results["artifacts"]["shrunk"])
-    assert init.resolved_learning_rate() == train.FINE_TUNE_LEARNING_RATE == 0.01
-    explicit = train.TrainConfig(
+    assert config_lib.TrainConfig().resolved_learning_rate() == config_lib.LEARNING_RATE
+    init = config_lib.TrainConfig(init_from=results["artifacts"]["shrunk"])
+    assert init.resolved_learning_rate() == config_lib.FINE_TUNE_LEARNING_RATE == 0.01
+    explicit = config_lib.TrainConfig(
         init_from=config.output_dir + "/shrunk.keras", learning_rate=0.05
     )
     assert explicit.resolved_learning_rate() == 0.05
@@ -446,9 +441,9 @@ def test_learning_rate_defaults_to_a_fine_tuning_rate_with_init_from(run):
 def test_hard_epochs_default_to_one_or_all_epochs_with_init_from(run):
     _, results, _ = run
     path = results["artifacts"]["shrunk"]
-    assert train.TrainConfig(epochs=5).resolved_hard_epochs() == 1
-    assert train.TrainConfig(epochs=5, init_from=path).resolved_hard_epochs() == 5
-    explicit = train.TrainConfig(epochs=5, init_from=path, hard_epochs=2)
+    assert config_lib.TrainConfig(epochs=5).resolved_hard_epochs() == 1
+    assert config_lib.TrainConfig(epochs=5, init_from=path).resolved_hard_epochs() == 5
+    explicit = config_lib.TrainConfig(epochs=5, init_from=path, hard_epochs=2)
     assert explicit.resolved_hard_epochs() == 2
 
 
@@ -460,24 +455,24 @@ def test_init_from_prunes_a_trained_model_or_continues_a_wrapped_one(run):
     _, results, _ = run
     artifacts = results["artifacts"]
     # A plain trained model (here the shrunk one): its weights, pruned afresh.
-    config = train.TrainConfig(
+    config = config_lib.TrainConfig(
         init_from=artifacts["shrunk"], rate=0.5, allocation="uniform"
     )
-    original, pruned = train.initial_models(config, _Data)
+    original, pruned = inputs_lib.initial_models(config, _Data)
     loaded = keras.saving.load_model(artifacts["shrunk"], compile=False)
     assert {w.rate for w in keras_sfp.core.prune.wrappers(pruned)} == {0.5}
     # By default a trained model is pruned with global allocation: groups
     # keep different fractions, for the MACs of rate 0.5's uniform counts.
-    tuned = train.TrainConfig(init_from=artifacts["shrunk"], rate=0.5)
+    tuned = config_lib.TrainConfig(init_from=artifacts["shrunk"], rate=0.5)
     assert tuned.resolved_allocation() == "global"
-    _, global_pruned = train.initial_models(tuned, _Data)
+    _, global_pruned = inputs_lib.initial_models(tuned, _Data)
     rates = {
         float(r)
         for w in keras_sfp.core.prune.wrappers(global_pruned)
         for r in w.channel_rates
     }
     assert len(rates) > 1
-    assert train.TrainConfig().resolved_allocation() is None
+    assert config_lib.TrainConfig().resolved_allocation() is None
     # The wrapped model starts from the file's weights.
     stripped = keras_sfp.strip_pruning(pruned)
     assert stripped.count_params() == loaded.count_params()
@@ -487,8 +482,8 @@ def test_init_from_prunes_a_trained_model_or_continues_a_wrapped_one(run):
         )
     # A pruned.keras: the same wrapped model (masks kept), and its full-width
     # architecture as the original.
-    config = train.TrainConfig(init_from=artifacts["pruned"], rate=0.5)
-    original, pruned = train.initial_models(config, _Data)
+    config = config_lib.TrainConfig(init_from=artifacts["pruned"], rate=0.5)
+    original, pruned = inputs_lib.initial_models(config, _Data)
     saved = keras.saving.load_model(artifacts["pruned"], compile=False)
     assert {w.rate for w in keras_sfp.core.prune.wrappers(pruned)} == {0.3}
     for ours, theirs in zip(
@@ -504,9 +499,9 @@ def test_init_from_a_model_that_does_not_fit_the_data_is_rejected(tmp_path):
     x = keras.layers.GlobalAveragePooling2D()(x)
     path = str(tmp_path / "small.keras")
     keras.Model(inputs, keras.layers.Dense(10)(x)).save(path)
-    config = train.TrainConfig(init_from=path)
+    config = config_lib.TrainConfig(init_from=path)
     with pytest.raises(ValueError, match="init_from=.*small.keras.*inputs"):
-        train.initial_models(config, _Data)
+        inputs_lib.initial_models(config, _Data)
 
 
 def test_init_from_a_model_that_outputs_probabilities_is_rejected(tmp_path):
@@ -517,12 +512,12 @@ def test_init_from_a_model_that_outputs_probabilities_is_rejected(tmp_path):
     outputs = keras.layers.Dense(10, activation="softmax")(x)
     keras.Model(inputs, outputs).save(path)
     with pytest.raises(ValueError, match="outputs logits.*softmax.keras"):
-        train.initial_models(train.TrainConfig(init_from=path), _Data)
+        inputs_lib.initial_models(config_lib.TrainConfig(init_from=path), _Data)
 
 
 def test_fine_tuning_from_a_trained_model_runs_end_to_end(run, tmp_path):
     _, results, _ = run
-    config = train.TrainConfig(
+    config = config_lib.TrainConfig(
         init_from=results["artifacts"]["shrunk"],
         epochs=1,
         batch_size=BATCH,
@@ -534,8 +529,8 @@ def test_fine_tuning_from_a_trained_model_runs_end_to_end(run, tmp_path):
         output_dir=str(tmp_path),
         distill=True,
     )
-    tuned = train.train_and_evaluate(config)
-    assert tuned["config"]["learning_rate"] == train.FINE_TUNE_LEARNING_RATE
+    tuned = run_lib.train_and_evaluate(config)
+    assert tuned["config"]["learning_rate"] == config_lib.FINE_TUNE_LEARNING_RATE
     # The original is the trained (shrunk) model; pruning it again at 0.3
     # leaves fewer MACs still, and the deployed model is the trained one.
     assert tuned["original"]["macs"] == results["shrunk"]["macs"]
@@ -554,8 +549,8 @@ def test_target_latency_builds_from_the_named_table(tmp_path, monkeypatch):
         latency_table, "_time_layer", lambda layer, shape, runs: 1e-3 * shape[-1]
     )
     path = str(tmp_path / "table.json")
-    config = train.TrainConfig(target_latency=0.7, latency_table=path)
-    original, pruned = train.initial_models(config, _Data)
+    config = config_lib.TrainConfig(target_latency=0.7, latency_table=path)
+    original, pruned = inputs_lib.initial_models(config, _Data)
     table = keras_sfp.LatencyTable.load(path)  # written by prune_filters
     assert table.entries
     rates = {
@@ -564,7 +559,7 @@ def test_target_latency_builds_from_the_named_table(tmp_path, monkeypatch):
     assert len(rates) > 1 and max(rates) > 0
     # The second run reads the file and measures nothing.
     monkeypatch.setattr(latency_table, "_time_layer", None)
-    _, again = train.initial_models(config, _Data)
+    _, again = inputs_lib.initial_models(config, _Data)
     for a, b in zip(
         keras_sfp.core.prune.wrappers(pruned), keras_sfp.core.prune.wrappers(again)
     ):

@@ -147,9 +147,7 @@ def test_channel_mask_is_the_layer_when_soft_and_zeroes_channels_when_hard():
 
 def test_hard_state_and_keep_survive_a_keras_file(tmp_path):
     model = keras_sfp.prune_filters(randomize_batch_norm(tiny_resnet()), rate=0.5)
-    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, prune_at_start=True)
-    callback.set_model(model)
-    callback.prune(0)
+    keras_sfp.FilterPruner(model).prune(0)
     set_hard(model, True)
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")

@@ -31,7 +31,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
     ends the model is pruned once more, so it is consistent with its masks.
 
     keras-sfp's defaults differ from the reference code where measurements
-    (`bench/accuracy.py`, README "Soft pruning") said so:
+    said so (the figures are in docs/benchmarks.md, from `bench/`):
 
     - `hard_epochs=1`: the masks are frozen for the last epoch of each `fit`
       call and enforced in the forward pass (pruned channels output exactly
@@ -39,8 +39,8 @@ class SoftFilterPrune(keras.callbacks.Callback):
       structure `shrink` deploys and the deployed model is the one that was
       trained. Without it the last event removes filters the network was
       still using and leaves every BatchNormalization's statistics stale
-      (the reference settings scored 30 to 50 points below these defaults
-      on short runs).
+      (the reference settings scored far below these defaults on short
+      runs).
       `hard_epochs` equal to the number of epochs prunes once and fine-tunes
       with frozen masks (Li et al., ICLR 2017), which measured best when
       fine-tuning a trained network for a few epochs.
@@ -52,9 +52,8 @@ class SoftFilterPrune(keras.callbacks.Callback):
       `prune_at_start="auto"` (or False) lets an untrained network train one
       epoch first, so that pruned filters do come back; with
       `criterion="l2_bn"` (and `reset_momentum=True`) the churn stays small
-      and, over 15 epochs, the deployed model matched the default's (+0.07 +-
-      0.22 points over 3 seeds), but on short schedules it measured well
-      below it (`bench/accuracy.py`, README).
+      and on long schedules the deployed model matched the default's, but on
+      short schedules it measured below it.
 
     The callback only acts between epochs (no batch-level hooks), so Keras
     keeps dispatching training steps asynchronously, and the soft epochs run
@@ -66,8 +65,8 @@ class SoftFilterPrune(keras.callbacks.Callback):
     BatchNormalization statistics follow the network that is deployed. Its
     moving averages would otherwise still hold statistics of the network
     before the last event: with Keras's default momentum (0.99), 21 % of them
-    remain 157 steps later, enough to turn a fine-tune at 85 % training
-    accuracy into a deployed model at 50 %. With `reset_batch_norm=True` the
+    remain 157 steps later, enough to take tens of points off a short
+    fine-tune's deployed accuracy. With `reset_batch_norm=True` the
     moving statistics restart from zero at the first hard epoch, average
     with a momentum of at most `batch_norm_momentum` (PyTorch's default
     window: the weights still move during a fine-tune, and Keras's 0.99

@@ -112,6 +112,8 @@ _CRITERIA: dict[str, Criterion] = {
     "fpgm": geometric_median_distance,
     "l2_bn": l2_norm,  # the BatchNormalization factor is applied by `score`
 }
+CRITERIA = tuple(_CRITERIA)
+"""The criteria's names (`prune_filters(criterion=...)`, `--criterion`)."""
 BN_AWARE = frozenset({"l2_bn"})
 """Criteria whose scores are multiplied by the following BatchNormalization's
 scale (`batch_norm_scale`) where there is one."""

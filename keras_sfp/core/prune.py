@@ -19,6 +19,7 @@ from keras_sfp.core.wrapper import (
 )
 from keras_sfp.graph import keras_graph as _keras_graph
 from keras_sfp.graph.channels import ChannelGraph
+from keras_sfp.latency.table import LatencyTable
 from keras_sfp.training import distributed
 
 WRAPPER_PREFIX = "sfp_"
@@ -137,7 +138,7 @@ def prune_filters(
             alone (its pruned residual channels are not all removed, so there
             are no MACs to balance). 1 keeps `floor` counts, as the paper.
             Defaults to 8, which measured fastest across models and runtimes
-            (README "Latency").
+            (docs/benchmarks.md, "Latency").
         skip: Names of layers to leave alone. Defaults to None.
         target_macs: Fraction of the model's multiply-accumulates to keep,
             in (0, 1], instead of a `rate`: the smallest rate whose unrounded
@@ -256,8 +257,6 @@ def prune_filters(
             allocation_lib.MacModel(graph, groups), target_macs, round_to
         )
     if target_latency is not None:
-        from keras_sfp.latency.table import LatencyTable
-
         table = latency_table or LatencyTable.for_device()
         groups = allocation_lib.pruned_groups(graph, lambda p: id(p) in targets)
         try:

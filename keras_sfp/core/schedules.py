@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import keras
 
+from keras_sfp import _checks
+
 
 def _check_rate(name: str, value: float) -> None:
     if (
@@ -92,10 +94,7 @@ class Asymptotic(PruningSchedule):
 
     def __init__(self, rate: float, epochs: int | None = None):
         _check_rate("rate", rate)
-        if epochs is not None and (not isinstance(epochs, int) or epochs < 2):
-            raise ValueError(
-                f"`epochs` must be an integer >= 2 or None. Received: epochs={epochs!r}"
-            )
+        _checks.optional_int_at_least("epochs", epochs, 2)
         self.rate = float(rate)
         self.epochs = epochs
 

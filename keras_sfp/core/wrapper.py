@@ -8,6 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sfp import _checks
 from keras_sfp.core import criteria as criteria_lib
 from keras_sfp.core import schedules as schedules_lib
 
@@ -41,10 +42,7 @@ def check_prune_args(
         raise ValueError(
             f"`coupling` must be one of {COUPLINGS}. Received: coupling={coupling!r}"
         )
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(
-            f"`round_to` must be an integer >= 1. Received: round_to={round_to!r}"
-        )
+    _checks.positive_int("round_to", round_to)
     schedules_lib.get(schedule, rate)
 
 

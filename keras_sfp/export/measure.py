@@ -27,6 +27,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_sfp import _checks
 from keras_sfp import export as export_lib
 from keras_sfp._tensorflow import import_tensorflow
 from keras_sfp.core.prune import strip_pruning
@@ -321,16 +322,9 @@ def export_and_measure(
             "The 'tflite_int8' format needs `representative_data` for calibration. "
             "Received: representative_data=None"
         )
-    if (
-        isinstance(latency_runs, bool)
-        or not isinstance(latency_runs, int)
-        or (latency_runs < 0)
-    ):
-        raise ValueError(
-            f"`latency_runs` must be an integer >= 0. Received: {latency_runs!r}"
-        )
+    _checks.int_at_least("latency_runs", latency_runs, 0)
     batch_sizes = tuple(batch_sizes)
-    if any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+    if not all(_checks.is_int(b) and b >= 1 for b in batch_sizes):
         raise ValueError(
             f"`batch_sizes` must be positive integers. Received: {batch_sizes!r}"
         )
@@ -457,15 +451,7 @@ def export_model_files(
     """
 
     formats = parse_formats(formats)
-    if (
-        isinstance(calibration_examples, bool)
-        or not isinstance(calibration_examples, int)
-        or calibration_examples < 1
-    ):
-        raise ValueError(
-            "`calibration_examples` must be a positive integer. "
-            f"Received: calibration_examples={calibration_examples!r}"
-        )
+    _checks.positive_int("calibration_examples", calibration_examples)
     data = data_lib.load_dataset(dataset, data_dir=data_dir)
     models = {name: _load_model(os.fspath(p)) for name, p in model_paths.items()}
     for name, model in models.items():

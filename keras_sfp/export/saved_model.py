@@ -33,6 +33,7 @@ import keras
 import numpy as np
 from absl import logging
 
+from keras_sfp import _checks
 from keras_sfp._tensorflow import (
     import_tensorflow,
     quiet_info_logs,
@@ -236,13 +237,7 @@ def export_saved_model(
             f"Received: fold_batch_norm={fold_batch_norm!r}"
         )
     spec = serving_spec(model, input_name)
-    if version is not None and (
-        isinstance(version, bool) or not isinstance(version, int) or version < 1
-    ):
-        raise ValueError(
-            "`version` must be a positive integer or None. "
-            f"Received: version={version!r}"
-        )
+    _checks.optional_int_at_least("version", version, 1)
     batches = None
     if warmup_inputs is not None:
         batches = _warmup_batches(warmup_inputs, spec)

@@ -6,7 +6,7 @@ and `t = beta - moving_mean * s`, so the layer's kernel can absorb `s` and its
 bias `t`. The folded model computes the same (up to float rounding) with one
 layer fewer per pair: TFLite's converter does this itself, but Keras on a CPU
 runs every BatchNormalization as separate small kernels whose fixed cost does
-not fall when `shrink` removes channels (README, "Latency").
+not fall when `shrink` removes channels (docs/benchmarks.md, "Latency").
 
 Folding is for deployment: the folded model has no BatchNormalization left to
 train.

@@ -94,9 +94,7 @@ def shrink(model: keras.Model) -> keras.Model:
     >>> x = keras.layers.Conv2D(8, 3)(inputs)
     >>> x = keras.layers.GlobalAveragePooling2D()(x)
     >>> pruned = prune_filters(keras.Model(inputs, keras.layers.Dense(2)(x)))
-    >>> callback = SoftFilterPrune()
-    >>> callback.set_model(pruned)
-    >>> callback.prune(0)["sfp_pruned"]  # floor(8 * 0.3) filters
+    >>> FilterPruner(pruned).prune(0)["sfp_pruned"]  # floor(8 * 0.3) filters
     2
     >>> shrink(pruned).layers[1].filters
     6

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
+from keras_sfp import _checks
 from keras_sfp.core.wrapper import unwrap
 from keras_sfp.latency import timing as latency
 
@@ -166,8 +167,8 @@ class LatencyTable:
         runs: int = 20,
         timer: Timer | None = None,
     ):
-        latency.check_count("batch_size", batch_size, 1)
-        latency.check_count("runs", runs, 1)
+        _checks.int_at_least("batch_size", batch_size, 1)
+        _checks.int_at_least("runs", runs, 1)
         self.path = path
         self.batch_size = batch_size
         self.device = latency.device_name() if device is None else str(device)

@@ -20,13 +20,7 @@ from typing import Any
 import keras
 import numpy as np
 
-
-def check_count(name: str, value, low: int) -> None:
-    """Raises a ValueError unless `value` is an integer >= `low`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(
-            f"`{name}` must be an integer >= {low}. Received: {name}={value!r}"
-        )
+from keras_sfp import _checks
 
 
 def device_name() -> str:
@@ -87,8 +81,8 @@ def time_alternately(
     >>> sorted(times), all(t >= 0 for t in times.values())
     (['a', 'b'], True)
     """
-    check_count("runs", runs, 1)
-    check_count("warmup", warmup, 0)
+    _checks.int_at_least("runs", runs, 1)
+    _checks.int_at_least("warmup", warmup, 0)
     if statistic not in STATISTICS:
         raise ValueError(
             f"`statistic` must be one of {sorted(STATISTICS)}. "

@@ -24,7 +24,7 @@ import os
 import keras
 import numpy as np
 
-from keras_sfp import _tensorflow
+from keras_sfp import _checks, _tensorflow
 
 logger = logging.getLogger(__name__)
 
@@ -214,12 +214,7 @@ class ImageDataset:
 
 
 def _check_limit(limit: int | None) -> None:
-    if limit is not None and (
-        isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
-    ):
-        raise ValueError(
-            f"`limit` must be None or an integer >= 1. Received: limit={limit!r}"
-        )
+    _checks.optional_int_at_least("limit", limit, 1)
 
 
 def _to_float_image(image, label):

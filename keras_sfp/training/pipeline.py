@@ -18,23 +18,11 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from keras_sfp import _tensorflow
+from keras_sfp import _checks, _tensorflow
 from keras_sfp.training.data import ArraySplit, to_float_images
 
 PAD_PIXELS = 4
 """Zero padding on each side before the random crop (He et al., 2016)."""
-
-
-def _check_padding(padding) -> None:
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(
-            f"`padding` must be an integer >= 0. Received: padding={padding!r}"
-        )
-
-
-def _check_positive(arg: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{arg}` must be an integer >= 1. Received: {arg}={value!r}")
 
 
 def random_crop_and_flip(image, seed, padding: int = PAD_PIXELS):
@@ -64,7 +52,7 @@ def random_crop_and_flip(image, seed, padding: int = PAD_PIXELS):
     >>> random_crop_and_flip(image, seed=tf.constant([1, 2])).shape
     TensorShape([32, 32, 3])
     """
-    _check_padding(padding)
+    _checks.int_at_least("padding", padding, 0)
     tf = _tensorflow.import_tensorflow("random_crop_and_flip")
     crop_seed, flip_seed = tf.unstack(
         tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
@@ -101,7 +89,7 @@ def crop_and_flip_batch(
     >>> out.shape, float(out.max()), float(out.min())
     ((2, 8, 8, 1), 1.0, 0.0)
     """
-    _check_padding(padding)
+    _checks.int_at_least("padding", padding, 0)
     n, height, width, _ = images.shape
     pad = [(0, 0), (padding, padding), (padding, padding), (0, 0)]
     padded = np.pad(images, pad)
@@ -227,11 +215,8 @@ def _shard_rows(batch: int, num_shards: int, shard_index: int) -> tuple[int, int
 
 def check_shards(batch_size: int, num_shards: int, shard_index: int) -> None:
     """Raises a `ValueError` unless shards cut `batch_size` into equal parts."""
-    _check_positive("num_shards", num_shards)
-    if isinstance(shard_index, bool) or not isinstance(shard_index, int):
-        raise ValueError(
-            f"`shard_index` must be an integer. Received: shard_index={shard_index!r}"
-        )
+    _checks.positive_int("num_shards", num_shards)
+    _checks.int_at_least("shard_index", shard_index, 0)
     if not 0 <= shard_index < num_shards:
         raise ValueError(
             f"`shard_index` must be in [0, num_shards={num_shards}). "
@@ -303,10 +288,10 @@ def make_pipeline(
     >>> images.shape, labels.shape
     ((32, 28, 28, 1), (32,))
     """
-    _check_positive("batch_size", batch_size)
-    _check_positive("shuffle_buffer", shuffle_buffer)
+    _checks.positive_int("batch_size", batch_size)
+    _checks.positive_int("shuffle_buffer", shuffle_buffer)
     if limit is not None:
-        _check_positive("limit", limit)
+        _checks.positive_int("limit", limit)
     check_shards(batch_size, num_shards, shard_index)
     if num_shards > 1 and training and seed is None:
         raise ValueError(
