@@ -1,5 +1,10 @@
 """SFP against the obvious alternatives, at equal realised MACs and epoch budgets.
 
+Why one module of over 400 lines: the recipes, their equal-MACs matching
+and the seeds loop are one experiment's definition, read together when a
+row changes; the job runner is `bench.jobs`, the report
+`bench.accuracy_report`.
+
 Every configuration is one `keras_sfp.training.run.train_and_evaluate` run (ResNet-20 on
 Fashion-MNIST), repeated over seeds, and reported as the mean and standard
 deviation of the deployed (shrunk) model's test accuracy, with the

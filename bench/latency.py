@@ -1,7 +1,11 @@
 """Is the shrunk model faster where it runs? Speedup against the MACs ratio.
 
+Why one module of over 400 lines: models, runtimes, batch sizes and
+round_to values form one grid whose rows are measured side by side in one
+process (timing as ratios); splitting it would split the grid.
+
 For each model, prunes once at the given rate (`prune_filters` +
-one `SoftFilterPrune` event, defaults otherwise) with each `--round_to`,
+one `FilterPruner` event, defaults otherwise) with each `--round_to`,
 shrinks, and times the original and every shrunk variant *alternately in
 one process* (`keras_sfp.latency.timing.time_alternately`: warm-up first, medians)
 on every runtime available here:

@@ -1,5 +1,9 @@
 """`tensorflow-model-optimization`'s `prune_low_magnitude` as an accuracy baseline.
 
+Why one module of over 400 lines: the whole baseline (a `tf_keras` copy
+of the model, the tfmot schedule matched to ours, its export and
+measurement) is kept apart from keras-sfp's own code on purpose.
+
 The tool users of the TensorFlow ecosystem reach for: unstructured magnitude
 pruning (Zhu & Gupta, "To prune, or not to prune", 2017) of a `tf_keras`
 model. `bench/accuracy.py` runs it on a `tf_keras` copy of the benchmark's

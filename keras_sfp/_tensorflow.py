@@ -59,7 +59,7 @@ def require_tensorflow_backend(feature: str) -> None:
             f"TensorFlow backend; Keras runs on {backend!r}. Save the model as "
             "`.keras` (it loads on every backend) and export it in a process "
             "started with KERAS_BACKEND=tensorflow, e.g. "
-            "`KERAS_BACKEND=tensorflow python -m keras_sfp.export.measure "
+            "`KERAS_BACKEND=tensorflow keras-sfp-export "
             "--model=shrunk.keras --output_dir=export`."
         )
 

@@ -165,7 +165,7 @@ def test_tflite_runner_dequantizes_integer_io(measured, data, tmp_path):
         ({"formats": "tflite_int8"}, "representative_data=None"),
         ({"models": {}}, r"Received: \{\}"),
         ({"test_data": (np.zeros((3, *SHAPE)), np.zeros(2))}, "3 images and 2 labels"),
-        ({"latency_runs": -1}, "Received: -1"),
+        ({"latency_runs": -1}, "Received: latency_runs=-1"),
         ({"batch_sizes": (1, 0)}, r"Received: \(1, 0\)"),
     ],
 )

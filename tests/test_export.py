@@ -21,6 +21,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 import keras_sfp
 from keras_sfp import export as export_lib
+from keras_sfp.export import saved_model
 from keras_sfp.training.data import load_fashion_mnist
 
 # tf.lite.Interpreter warns that LiteRT replaces it; it is what TF ships.
@@ -360,7 +361,7 @@ def test_failed_saved_model_export_leaves_no_version_directory(
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export_lib, "_write_warmup", fail)
+    monkeypatch.setattr(saved_model, "_write_warmup", fail)
     with pytest.raises(OSError, match="disk full"):
         export_lib.export_saved_model(
             trained.model, tmp_path, warmup_inputs=trained.x_test[:1]

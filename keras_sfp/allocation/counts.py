@@ -110,9 +110,10 @@ class MacModel:
         for node in graph.nodes:
             if node.layer is None or node.is_input:
                 continue
-            terms = flops.mac_terms(node.layer, node)
+            terms = flops.mac_terms(node.layer, node, graph.shape_of)
             if not terms:
-                constant += flops.node_macs(node.layer, node)  # nested models
+                # Nested models (counted through), layers not counted (0).
+                constant += flops.node_macs(node.layer, node, graph.shape_of)
                 continue
             cin = channel_form(graph, index, node.inputs[0])
             cout = channel_form(graph, index, node.outputs[0])

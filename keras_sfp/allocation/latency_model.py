@@ -74,11 +74,11 @@ class LatencyModel:
         for node in graph.nodes:
             if node.layer is None or node.is_input:
                 continue
-            if not flops.mac_terms(node.layer, node):
+            if not flops.mac_terms(node.layer, node, graph.shape_of):
                 continue
             cin = allocation.channel_form(graph, index, node.inputs[0])
             cout = allocation.channel_form(graph, index, node.outputs[0])
-            spec = LayerSpec(node.layer, node.inputs[0].shape)
+            spec = LayerSpec(node.layer, graph.shape_of(node.inputs[0]))
             if not cin[1] and not cout[1]:
                 self.constant += table.lookup(spec, round(cin[0]), round(cout[0]))
                 continue

@@ -68,6 +68,13 @@ def latency_rates(graph, groups, table, target_latency, round_to, criterion):
     ]
     cost = latency_model.LatencyModel(graph, groups, table, fewest, round_to)
     full = float(cost(lengths))
+    if not full > 0.0:
+        raise ValueError(
+            f"`latency_table` predicts {full} ms for the whole model, so it "
+            "cannot tell channel counts apart (every measured entry is 0: a "
+            "timer that measures nothing, or layers too small to time on this "
+            f"device). Received: latency_table at {table.path!r}"
+        )
     try:
         kept = allocation_lib.latency_kept(
             cost,

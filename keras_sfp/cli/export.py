@@ -70,8 +70,8 @@ def main(argv: Sequence[str]) -> None:
 
 def run_main() -> None:
     """The `keras-sfp-export` command (`python -m keras_sfp.cli.export`)."""
-    # Flags are defined here, not at import, so that importing this module
-    # next to train.py (which defines --model and --output_dir) is harmless.
+    # Flags are defined here, not at import: importing this module (its
+    # doctests, another program's) registers nothing.
     _define_flags()
     app.run(main)
 

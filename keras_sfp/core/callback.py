@@ -1,4 +1,10 @@
-"""The callback that runs Soft Filter Pruning inside `model.fit`."""
+"""The callback that runs Soft Filter Pruning inside `model.fit`.
+
+Why one module of over 400 lines: most of it is the class docstring (the
+defaults and what they were measured against); the `fit` hooks sequence
+the prune events and the BatchNormalization bookkeeping, which must be
+read in one order. The events themselves are `core.engine`'s.
+"""
 
 from __future__ import annotations
 

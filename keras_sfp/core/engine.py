@@ -60,7 +60,7 @@ class FilterPruner:
         self.model = model
         self.pruned = prune_lib.pruned_model(model)
         self.wrappers = prune_lib.wrappers(self.pruned)
-        self.graph = ChannelGraph(self.pruned)
+        self.graph = ChannelGraph(self.pruned, input_shape=self.spec.reference_shape)
         # Units: lists of (wrapper, start, length) slices of output channels
         # pruned with the same indices (a wrapper's whole output, unless a
         # merge split it between groups).
@@ -203,7 +203,7 @@ class FilterPruner:
         if rescore and rate > 0 and pruned == 0 and not self._warned_rounding:
             self._warned_rounding = True
             warnings.warn(
-                f"SoftFilterPrune pruned nothing at rate {rate:.3f}: with "
+                f"keras-sfp pruned nothing at rate {rate:.3f}: with "
                 f"round_to={self.spec.round_to} every group keeps all its channels "
                 f"(widths {sorted(set(self.lengths))}). Pass a smaller "
                 "`round_to` to prune_filters.",

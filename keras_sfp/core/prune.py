@@ -1,4 +1,9 @@
-"""Entry points that add and remove the pruning wrappers."""
+"""Entry points that add and remove the pruning wrappers.
+
+Why one module of over 400 lines: `prune_filters` validates and wraps in
+one pass over the graph, and about half of it is its docstring; targets
+are `allocation.targets`', the state `core.state`'s, zeros `core.zeros`'.
+"""
 
 from __future__ import annotations
 
@@ -88,6 +93,7 @@ def prune_filters(
     target_latency: float | None = None,
     latency_table=None,
     allocation: str | None = None,
+    input_shape=None,
 ) -> keras.Model:
     """Prepares a model for Soft Filter Pruning.
 
@@ -176,6 +182,13 @@ def prune_filters(
             weights carry no importance). Needs `coupling="group"`. None
             means `"uniform"`, or `"global"` with `target_latency` (which
             allocates globally by latency). Defaults to None.
+        input_shape: For a model whose inputs' size is unknown
+            (`keras.Input((None, None, 3))`, a fully convolutional network):
+            the input size, batch excluded (one per input for several), at
+            which MACs are counted for rounding, `target_macs`, global
+            allocation and latency, e.g. the size it trains at. Stored in the
+            wrappers. Needed for such a model unless `coupling="layer"`;
+            ignored for a model of fixed size. Defaults to None.
 
     Returns:
         A new model of the same kind (functional if `model` nests models
@@ -226,9 +239,25 @@ def prune_filters(
         DEFAULT_RATE if rate is None else rate, criterion, coupling, round_to, schedule
     )
     _keras_graph.check_graph_model(model)
+    if any(
+        isinstance(layer, (FilterPruning, ChannelMask))
+        for layer in _keras_graph.all_layers(model)
+    ):
+        raise ValueError(
+            "`model` is already prepared by prune_filters (it holds "
+            "FilterPruning wrappers): continue training it with "
+            "SoftFilterPrune, or call keras_sfp.strip_pruning first to prune "
+            f"it anew. Received: model {model.name!r}"
+        )
     skip = _check_skip(model, skip)
     model = _keras_graph.inline(model)
-    graph = ChannelGraph(model, skip=skip)
+    reference = _keras_graph.check_input_shape(model, input_shape)
+    if reference is not None and not _keras_graph.has_unknown_sizes(model):
+        reference = None  # the model's own shapes
+    graph = ChannelGraph(model, skip=skip, input_shape=reference)
+    if coupling == "group" and reference is None:
+        for tensor in model.inputs:
+            graph.shape_of(tensor)  # a ValueError for inputs of unknown size
     targets = {id(layer) for layer in prunable_layers(model, graph=graph)}
     if not targets:
         raise ValueError(
@@ -290,6 +319,7 @@ def prune_filters(
                 coupling=coupling,
                 round_to=round_to,
                 channel_rates=channel_rates.get(id(layer)),
+                reference_shape=reference,
                 name=WRAPPER_PREFIX + layer.name,
             )
         elif id(layer) in masked:

@@ -17,7 +17,7 @@ import keras
 
 from keras_sfp.core import prune as prune_lib
 
-SETTINGS = ("rate", "criterion", "schedule", "coupling", "round_to")
+SETTINGS = ("rate", "criterion", "schedule", "coupling", "round_to", "reference_shape")
 """The settings `prune_filters` stores in every wrapper."""
 
 
@@ -31,6 +31,8 @@ class PruningSpec:
         schedule: The schedule (None, a name, or a schedule object).
         coupling: `"group"` or `"layer"`.
         round_to: Kept counts are multiples of this.
+        reference_shape: The input shapes MACs are counted at, for a model
+            whose inputs' size is unknown; None otherwise.
     """
 
     rate: float
@@ -38,11 +40,12 @@ class PruningSpec:
     schedule: Any
     coupling: str
     round_to: int
+    reference_shape: tuple | None = None
 
 
 def _comparable(value) -> Any:
     """A value that is equal for equal settings (objects by their config)."""
-    if value is None or isinstance(value, (str, int, float)):
+    if value is None or isinstance(value, (str, int, float, tuple)):
         return value
     try:
         return json.dumps(
@@ -73,7 +76,7 @@ def spec_of(model: keras.Model) -> PruningSpec:
     >>> model = keras.Model(inputs, keras.layers.Dense(2)(x))
     >>> spec_of(prune_filters(model, rate=0.25, criterion="l1"))
     PruningSpec(rate=0.25, criterion='l1', schedule=None, coupling='group', \
-round_to=8)
+round_to=8, reference_shape=None)
     """
     pruned = prune_lib.pruned_model(model)
     if pruned is None:

@@ -4,7 +4,8 @@ The state lives in the wrappers (`FilterPruning.hard`, `ChannelMask.hard`),
 which the forward pass reads when it is traced; `set_hard` switches every
 wrapper of a model and rebuilds the compiled functions that were traced with
 the other state, and `has_state` says whether a model and its functions are
-in a state. Nothing else keeps a copy.
+in a state. Nothing else keeps a copy; the trainer's `_keras_sfp_hard`
+records only which state its compiled functions were traced in.
 """
 
 from __future__ import annotations

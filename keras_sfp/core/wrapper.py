@@ -163,6 +163,10 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
             `target_latency`). Each must be at most `rate`, the schedule's
             final rate, which scales them at earlier events. Defaults to
             None.
+        reference_shape: For a model whose inputs' size is unknown, the
+            input shapes (one per model input, batch excluded) at which its
+            MACs are counted (`prune_filters(input_shape=...)`). Defaults to
+            None.
         **kwargs: Passed to `keras.layers.Wrapper`.
 
     Raises:
@@ -185,6 +189,7 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
         coupling: str = "group",
         round_to: int = 8,
         channel_rates=None,
+        reference_shape=None,
         **kwargs,
     ):
         if type(layer) not in PRUNABLE_TYPES:
@@ -201,6 +206,11 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
         self.coupling = coupling
         self.round_to = int(round_to)
         self.channel_rates = _channel_rates(channel_rates, rate, num_outputs(layer))
+        self.reference_shape = (
+            None
+            if reference_shape is None
+            else tuple(tuple(int(d) for d in shape) for shape in reference_shape)
+        )
         self._hard = False
         self._mask = _channel_values(
             "mask", np.ones(num_outputs(layer)), num_outputs(layer)
@@ -293,6 +303,9 @@ class FilterPruning(_HostState, keras.layers.Wrapper):
                 "channel_rates": None
                 if self.channel_rates is None
                 else self.channel_rates.tolist(),
+                "reference_shape": None
+                if self.reference_shape is None
+                else [list(shape) for shape in self.reference_shape],
             }
         )
         return config

@@ -1,5 +1,9 @@
 """Export models in several formats and measure what each artifact costs and gains.
 
+Why one module of over 400 lines: exporting and measuring share the
+artifacts' paths, runners and metrics layout; the command line is in
+`keras_sfp.cli.export`.
+
 `export_and_measure` writes, for each named model, the artifacts of
 `keras_sfp.export.saved_model` (SavedModel, TFLite float32/float16/dynamic/int8) and a
 `.keras` reference, then reloads every artifact the way it is deployed

@@ -17,7 +17,15 @@ dynamic-range int8 or full-integer int8 (calibrated on representative data).
 
 Every artifact is written to a temporary name next to its destination and
 renamed into place when complete, so a failed export leaves nothing half
-written (and TF Serving never loads a partial version).
+written (and TF Serving never loads a partial version). Before the rename the
+artifact gets the permissions any file the user creates gets (folders
+`0o777 & ~umask`, files `0o666 & ~umask`, not tempfile's owner-only 0o700 and
+0o600), so a server running as another user can load it. A staging name
+(`.tmp-[<version>-]sfp-<host>-<pid>-<random>`) records which process writes
+it: the staging folders of exports that were killed (SIGKILL, power loss) are
+removed by the next export into the same directory, once their process is
+gone (or, for another host's or an older release's, after a day); a running
+export's folder is kept (`keras_sfp.export._staging`).
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ from keras_sfp._tensorflow import (
     import_tensorflow,
     quiet_info_logs,
     require_tensorflow_backend,
+)
+from keras_sfp.export._staging import (
+    apply_umask,
+    remove_stale_staging,
+    staging_prefix,
 )
 from keras_sfp.graph import fold
 
@@ -182,8 +195,10 @@ def export_saved_model(
     `output_name`: `model(images, training=False)`. TF Serving serves the
     highest version in `export_dir`, so each export adds a version and never
     replaces one. The version is written to a temporary directory inside
-    `export_dir` (its name is not an integer, so TF Serving ignores it) and
-    renamed when complete.
+    `export_dir` (its name is not an integer, so TF Serving ignores it),
+    given the permissions of newly created files (the umask's) and renamed
+    when complete. Staging folders that killed exports left in `export_dir`
+    are removed first (`keras_sfp.export._staging.remove_stale_staging`).
 
     Args:
         model: A built Keras model with one input and one output.
@@ -243,6 +258,7 @@ def export_saved_model(
         batches = _warmup_batches(warmup_inputs, spec)
     export_dir = os.fspath(export_dir)
     os.makedirs(export_dir, exist_ok=True)
+    remove_stale_staging(export_dir)
     if version is None:
         version = _next_version(export_dir)
     version_dir = os.path.join(export_dir, str(version))
@@ -261,11 +277,12 @@ def export_saved_model(
             "exported as it is.",
             model.name,
         )
-    staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
+    staging = tempfile.mkdtemp(prefix=staging_prefix(version), dir=export_dir)
     try:
         write_saved_model(model, staging, spec, output_name)
         if batches is not None:
             _write_warmup(staging, batches, input_name)
+        apply_umask(staging)
         os.rename(staging, version_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -3,8 +3,12 @@
 `export_tflite` writes the SavedModel that `keras_sfp.export.saved_model`
 writes (same signature, same input and output names) to a temporary folder
 and converts it with `tf.lite.TFLiteConverter`; full-integer int8 is
-calibrated on representative data. The flatbuffer is written to a temporary
-name and renamed into place when complete.
+calibrated on representative data, and refused (`ValueError`, nothing
+written) when that data yields no batch, where the converter would silently
+write a float32 model. The flatbuffer is written to a temporary name, given
+the permissions of newly created files (the umask's) and renamed into place
+when complete; staging folders of killed exports in the same directory are
+removed first (`keras_sfp.export._staging.remove_stale_staging`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from keras_sfp._tensorflow import (
     import_tensorflow,
     quiet_info_logs,
 )
+from keras_sfp.export._staging import (
+    apply_umask,
+    remove_stale_staging,
+    staging_prefix,
+)
 from keras_sfp.export.saved_model import (
     SERVING_SIGNATURE,
     check_name,
@@ -33,10 +42,61 @@ tf = import_tensorflow("TFLite export (keras_sfp.export.tflite)")
 QUANTIZATIONS = (None, "float16", "dynamic", "int8")
 
 
+def _describe(representative_data: Any) -> str:
+    text = repr(representative_data)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+class _Calibration:
+    """The converter's `representative_dataset`: float batches, counted.
+
+    TFLite's converter writes a float32 model, without a word, when the
+    representative dataset yields nothing; counting the batches it draws
+    lets `export_tflite` refuse that instead.
+    """
+
+    def __init__(self, source: Any, batches_of: Callable[[Any], Iterable[Any]]):
+        self.source = source
+        self.batches_of = batches_of
+        self.calls = 0
+        self.batches = 0
+        self.failed = False  # whether the source itself raised
+
+    def __call__(self) -> Iterable[list[np.ndarray]]:
+        self.calls += 1
+        try:
+            for batch in self.batches_of(self.source):
+                self.batches += 1
+                yield [np.asarray(batch, np.float32)]
+        except Exception:
+            self.failed = True
+            raise
+
+    def empty_error(self) -> ValueError:
+        return ValueError(
+            "`representative_data` yielded no input batch, so int8 calibration "
+            "had nothing to measure (TFLite would write a float32 model). Pass "
+            "an array of examples or an iterable (or a callable returning one) "
+            "that yields at least one batch. Received: "
+            f"representative_data={_describe(self.source)}, which yielded 0 "
+            "batches"
+        )
+
+
+def _iterate(source: Any) -> Iterable[Any]:
+    batches = source() if callable(source) else source
+    if not isinstance(batches, Iterable):
+        raise TypeError(
+            "`representative_data`, a callable, must return an iterable of input "
+            f"batches. Received: it returned {_describe(batches)}"
+        )
+    return batches
+
+
 def _representative_dataset(
     representative_data: Any, spec: tf.TensorSpec
-) -> Callable[[], Iterable[list[np.ndarray]]]:
-    """The converter's `representative_dataset`: one-example float batches."""
+) -> _Calibration:
+    """The converter's `representative_dataset`, refusing what is surely empty."""
     if isinstance(representative_data, (np.ndarray, tf.Tensor)):
         examples = np.asarray(representative_data, np.float32)
         if len(examples) == 0 or not spec.shape.is_compatible_with(examples.shape):
@@ -44,15 +104,20 @@ def _representative_dataset(
                 "`representative_data` must be a non-empty array of input examples "
                 f"of shape {tuple(spec.shape)}. Received: shape {examples.shape}"
             )
-        return lambda: ([example[None]] for example in examples)
+        return _Calibration(examples, lambda source: (e[None] for e in source))
     if callable(representative_data) or isinstance(representative_data, Iterable):
-
-        def batches():
-            source = representative_data
-            for batch in source() if callable(source) else source:
-                yield [np.asarray(batch, np.float32)]
-
-        return batches
+        try:
+            size = None if callable(representative_data) else len(representative_data)
+        except TypeError:  # a generator, or a dataset of unknown cardinality
+            size = None
+        if size == 0:
+            raise ValueError(
+                "`representative_data` must hold at least one input batch to "
+                "calibrate int8 (TFLite would write a float32 model). Received: "
+                f"representative_data={_describe(representative_data)}, with 0 "
+                "batches"
+            )
+        return _Calibration(representative_data, _iterate)
     raise TypeError(
         "`representative_data` must be an array of examples, an iterable of input "
         "batches or a callable returning one. "
@@ -111,7 +176,8 @@ def export_tflite(
         TypeError: If `model` is not a Keras model or `representative_data`
             is of an unusable kind.
         ValueError: If `quantization` is unknown, `"int8"` lacks
-            `representative_data`, an int8-only option is given for another
+            `representative_data` or it holds or yields no batch (nothing
+            is written then), an int8-only option is given for another
             mode, the input has free dimensions besides the batch (TFLite's
             builtin kernels need them static: pass `input_shape`), `path`
             exists and `overwrite` is False, or the model has several inputs
@@ -165,7 +231,8 @@ def export_tflite(
         )
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as staging:
+    remove_stale_staging(directory)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=staging_prefix()) as staging:
         saved_model_dir = os.path.join(staging, "saved_model")
         write_saved_model(model, saved_model_dir, spec, output_name)
         converter = tf.lite.TFLiteConverter.from_saved_model(
@@ -181,10 +248,26 @@ def export_tflite(
             if integer_io:
                 converter.inference_input_type = tf.int8
                 converter.inference_output_type = tf.int8
-        with quiet_info_logs():
-            flatbuffer = converter.convert()
+        try:
+            with quiet_info_logs():
+                flatbuffer = converter.convert()
+        except Exception as error:
+            # A conversion that drew no batch fails for want of one, unless
+            # the data itself raised (its own error is then the clearer one).
+            calibration = representative_dataset
+            if (
+                calibration
+                and calibration.calls
+                and not calibration.batches
+                and not calibration.failed
+            ):
+                raise calibration.empty_error() from error
+            raise
+        if representative_dataset is not None and not representative_dataset.batches:
+            raise representative_dataset.empty_error()
         staged = os.path.join(staging, "model.tflite")
         with open(staged, "wb") as f:
             f.write(flatbuffer)
+        apply_umask(staged)
         os.replace(staged, path)
     return path

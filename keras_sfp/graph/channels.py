@@ -1,5 +1,10 @@
 """Channel dependency graph: which channels must be pruned together.
 
+Why one module of about 600 lines: building the groups and answering
+questions about them (zeros, removable channels, offsets) read the same
+per-node rule table and segment lists; split, each half would need the
+other's internals.
+
 Every tracked tensor's channel axis is described as a list of *segments*,
 each a slice of a *channel set*. A set is created by a producer (a `Conv2D`
 creates one for its filters) or by a boundary (a model input, a layer the
@@ -103,13 +108,20 @@ class ChannelGraph:
             functional models called once are analysed through.
         skip: Names of layers whose channels must not be pruned. Defaults to
             None.
+        input_shape: For a model whose inputs' spatial size is unknown
+            (`keras.Input((None, None, 3))`): the size at which `shape_of`
+            gives every tensor's shape (MACs and latencies are counted at
+            it), batch excluded; one shape per input for several. Defaults
+            to None (the model's own shapes).
 
     Raises:
-        ValueError: If `model` is not a built Sequential or functional model.
+        ValueError: If `model` is not a built Sequential or functional
+            model, or `input_shape` does not match its inputs.
     """
 
-    def __init__(self, model: keras.Model, skip=None):
+    def __init__(self, model: keras.Model, skip=None, input_shape=None):
         _keras_graph.check_graph_model(model)
+        self.input_shape = _keras_graph.check_input_shape(model, input_shape)
         self.model = model
         self.skip = set(skip or ())
         self.sets: list[ChannelSet] = []
@@ -129,6 +141,11 @@ class ChannelGraph:
         self.names = {
             id(node.operation): node.name for node in self.nodes if node.rename
         }
+        self._shapes = None
+        if self.input_shape is not None:
+            self._shapes = _keras_graph.reference_shapes(
+                model, self.nodes, self.input_shape
+            )
         for node in self.nodes:
             self._visit(node)
         for tensor in model.outputs:
@@ -136,6 +153,29 @@ class ChannelGraph:
         self._block_nonzero_exits()
 
     # -- union-find ---------------------------------------------------------
+
+    def shape_of(self, tensor) -> tuple:
+        """`tensor`'s shape, at `input_shape` where one was given.
+
+        Raises:
+            ValueError: If a dimension other than the batch's is unknown (the
+                model takes inputs of any size and no `input_shape` was
+                given).
+        """
+        shape = tuple(tensor.shape)
+        if self._shapes is not None:
+            shape = self._shapes.get(id(tensor), shape)
+        if None in shape[1:]:
+            raise ValueError(
+                f"Model {self.model.name!r} takes inputs of unknown size "
+                f"{[tuple(t.shape)[1:] for t in self.model.inputs]}: its MACs "
+                "(and latencies) are counted at a reference size. Pass "
+                "`input_shape=` (batch excluded), e.g. the size it is trained "
+                f"at. Received: input_shape=None (tensor {tensor.name!r} of "
+                f"shape {tensor.shape})"
+            )
+        return shape
+
     def find(self, set_id: int) -> int:
         while self._parent[set_id] != set_id:
             self._parent[set_id] = self._parent[self._parent[set_id]]

@@ -18,6 +18,7 @@ import collections
 import dataclasses
 
 import keras
+import numpy as np
 from keras.src.models.functional import Functional
 from keras.src.ops.function import map_graph
 
@@ -356,6 +357,70 @@ def all_layers(model) -> list:
 def fill_in(graph_node: GraphNode, tensor_map: dict):
     """The node's call arguments with tensors replaced via `tensor_map[id(t)]`."""
     return graph_node.node.arguments.fill_in(tensor_map)
+
+
+def has_unknown_sizes(model) -> bool:
+    """Whether an input of `model` has a dimension other than the batch's
+    left unknown (`keras.Input((None, None, 3))`)."""
+    return any(None in tuple(t.shape)[1:] for t in model.inputs)
+
+
+def check_input_shape(model, input_shape) -> list[tuple] | None:
+    """`input_shape` (one shape, or one per model input, batch excluded) as a
+    list of tuples of ints matching `model`'s inputs, or None for None."""
+    if input_shape is None:
+        return None
+    shapes = list(input_shape)
+    if shapes and not isinstance(shapes[0], (list, tuple)):
+        shapes = [shapes]
+    ok = len(shapes) == len(model.inputs)
+    for shape, tensor in zip(shapes, model.inputs) if ok else ():
+        known = tuple(tensor.shape)[1:]
+        ok = ok and len(shape) == len(known)
+        for value, want in zip(shape, known) if ok else ():
+            ok = ok and _is_size(value) and want in (None, int(value))
+    if not ok:
+        wanted = [tuple(t.shape)[1:] for t in model.inputs]
+        raise ValueError(
+            "`input_shape` must give the size of every dimension of the model's "
+            f"input{'s' if len(wanted) > 1 else ''} but the batch's, matching "
+            f"{wanted[0] if len(wanted) == 1 else wanted} where known. "
+            f"Received: input_shape={input_shape!r}"
+        )
+    return [tuple(int(v) for v in shape) for shape in shapes]
+
+
+def _is_size(value) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, np.integer))
+        and value > 0
+    )
+
+
+def reference_shapes(model, graph_nodes, input_shapes: list) -> dict:
+    """`{id(tensor): shape}` of every tensor of `model`'s graph when its
+    inputs have `input_shapes` (`check_input_shape`'s, batch excluded).
+
+    Shapes are computed symbolically (`compute_output_spec`): nothing runs
+    and no node is added to the model's layers.
+    """
+    tensor_map = {}
+    for tensor, shape in zip(model.inputs, input_shapes):
+        tensor_map[id(tensor)] = keras.KerasTensor(
+            (tensor.shape[0], *shape), dtype=tensor.dtype
+        )
+    for node in graph_nodes:
+        if node.is_input:
+            continue
+        if node.is_alias:
+            tensor_map[id(node.outputs[0])] = tensor_map[id(node.inputs[0])]
+            continue
+        args, kwargs = fill_in(node, tensor_map)
+        outputs = node.operation.compute_output_spec(*args, **kwargs)
+        for old, new in zip(node.outputs, keras.tree.flatten(outputs)):
+            tensor_map[id(old)] = new
+    return {key: tuple(value.shape) for key, value in tensor_map.items()}
 
 
 _ZEROS = keras.initializers.Zeros()

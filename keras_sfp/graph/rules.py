@@ -1,5 +1,10 @@
 """How each layer acts on channels: the rules behind the graph and `shrink`.
 
+Why one module of over 400 lines: it is the table of every Keras layer
+type's channel behaviour, and a layer's zero propagation and weight slicing
+are read together (`op_rules` has the `keras.ops` calls, `layer_rule` the
+shared base).
+
 A layer (or `keras.ops` call) is one of four kinds:
 
 - *producer*: creates new channels that can be pruned (`Conv2D`, the
@@ -301,7 +306,10 @@ def rule_for(node) -> LayerRule:
     if not _keras_graph.is_layer(op):
         return op_rules.rule_for_op(node)
     if type(op) in layer_rule.USER_RULES:
-        return layer_rule.USER_RULES[type(op)]
+        rule = layer_rule.USER_RULES[type(op)]
+        if rule.kind in ("channelwise", "merge"):
+            _check_user_rule(node, rule.kind)
+        return rule
     rank = len(node.outputs[0].shape) if node.outputs else 0
     if not _channels_last(op):
         return boundary(f"{name}: channels_first data format")
@@ -411,6 +419,58 @@ def _reshape_rule(node) -> LayerRule:
     ):
         return LayerRule("channelwise", slice_weights=_slice_reshape, zero=same)
     return boundary(f"{node.name}: Reshape from {before} to {after} moves channels")
+
+
+def _check_user_rule(node, kind: str) -> None:
+    """Refuses a `register_layer` rule that the layer does not follow.
+
+    The layer is run on random inputs, then with one input channel changed
+    (the first, a middle and the last, of every input): a channelwise or
+    merge layer may change only the same output channel. Unknown spatial
+    sizes are taken as 3.
+
+    Raises:
+        ValueError: Naming the layer, if another output channel changed.
+    """
+    rng = np.random.default_rng(0)
+    values = {}
+    for tensor in node.inputs:
+        shape = [3 if d is None else d for d in tensor.shape]
+        values[id(tensor)] = rng.uniform(0.5, 1.5, shape).astype("float32")
+
+    def run():
+        args, kwargs = _keras_graph.fill_in(node, values)
+        out = node.operation(*args, **kwargs)
+        return keras.ops.convert_to_numpy(out).astype(np.float64)
+
+    base = run()
+    channels = base.shape[-1]
+    for tensor in node.inputs:
+        original = values[id(tensor)]
+        if original.shape[-1] != channels:
+            raise ValueError(
+                f"Layer {node.name!r} of type {type(unwrap(node.operation)).__name__} "
+                f"is registered as {kind!r} (register_layer) but its input has "
+                f"{original.shape[-1]} channels and its output {channels}."
+            )
+        for c in sorted({0, channels // 2, channels - 1}):
+            changed = original.copy()
+            changed[..., c] += rng.uniform(1.0, 2.0, changed.shape[:-1])
+            values[id(tensor)] = changed
+            moved = np.abs(run() - base).reshape(-1, channels).max(axis=0)
+            values[id(tensor)] = original
+            scale = np.abs(base).max() + 1e-12
+            others = np.flatnonzero(moved > 1e-5 * scale)
+            others = others[others != c]
+            if others.size:
+                raise ValueError(
+                    f"Layer {node.name!r} of type "
+                    f"{type(unwrap(node.operation)).__name__} is registered as "
+                    f"{kind!r} (register_layer), but changing its input "
+                    f"channel {c} changed output channels {others[:5].tolist()}: "
+                    "it mixes channels, so pruning through it would not be "
+                    "exact. Register it as 'boundary' (or not at all)."
+                )
 
 
 def probe_zero(node, upstream=None) -> np.ndarray | None:

@@ -16,6 +16,7 @@ measured here: that raises instead of mixing two devices' timings.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -88,6 +89,19 @@ def _time_layer(layer: keras.layers.Layer, input_shape: tuple, runs: int) -> flo
     return max(times["layer"] - times["identity"], 0.0)
 
 
+def _check_time(value, what: str) -> None:
+    """A ValueError unless `value` is a finite number of milliseconds >= 0."""
+    try:
+        ok = math.isfinite(float(value)) and float(value) >= 0.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"Latency table times must be finite milliseconds >= 0. "
+            f"Received: {value!r} from {what}"
+        )
+
+
 class LayerSpec:
     """One layer call of a model, with its channel counts left free.
 
@@ -105,7 +119,8 @@ class LayerSpec:
         # Depthwise convolutions (and depthwise-form grouped Conv2D, which
         # `shrink` keeps depthwise): the output count follows the input's.
         groups = config.get("groups", 1)
-        self.tied = isinstance(layer, keras.layers.DepthwiseConv2D) or (
+        depthwise = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+        self.tied = isinstance(layer, depthwise) or (
             1 < groups == cin == config.get("filters")
         )
         self.step = 1 if self.tied else groups  # input counts divide by groups
@@ -205,13 +220,28 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str, **kwargs) -> LatencyTable:
-        """Reads a table written by `save`."""
-        with open(path) as f:
-            data = json.load(f)
-        table = cls(
-            path, int(data["batch_size"]), data["device"], data["runtime"], **kwargs
-        )
-        table.entries = {k: float(v) for k, v in data["entries"].items()}
+        """Reads a table written by `save`.
+
+        Raises:
+            ValueError: If the file is not such a table (corrupt, truncated,
+                or with entries that are not finite non-negative times).
+        """
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            batch_size = int(data["batch_size"])
+            device, runtime = str(data["device"]), str(data["runtime"])
+            entries = {str(k): float(v) for k, v in data["entries"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f"`path` is not a latency table written by LatencyTable.save "
+                f"({type(error).__name__}: {error}); delete it to measure the "
+                f"table again. Received: path={path!r}"
+            ) from None
+        for key, value in entries.items():
+            _check_time(value, f"entry {key!r} of {path!r}")
+        table = cls(path, batch_size, device, runtime, **kwargs)
+        table.entries = entries
         return table
 
     def save(self, path: str | None = None) -> str:
@@ -257,6 +287,7 @@ class LatencyTable:
             layer = spec.build(int(cin), cout)
             if self.timer is not None:
                 value = self.timer(layer, shape)
+                _check_time(value, f"`timer` for {spec.cls.__name__} at {shape}")
             else:
                 value = _time_layer(layer, shape, self.runs)
             self.entries[key] = float(value)
