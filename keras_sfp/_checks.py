@@ -35,3 +35,38 @@ def optional_int_at_least(name: str, value, minimum: int) -> int | None:
             f"Received: {name}={value!r}"
         )
     return int(value)
+
+
+def is_number(value) -> bool:
+    """True for Python and NumPy real numbers, False for bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def positive_number(name: str, value) -> float:
+    """`value` as a float if it is a number > 0, else a ValueError."""
+    if not is_number(value) or not value > 0:
+        raise ValueError(
+            f"`{name}` must be a positive number. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def number_in(name: str, value, low: float, high: float, closed: bool = False) -> float:
+    """`value` as a float if it is a number in [low, high) ([low, high] if
+    `closed`), else a ValueError."""
+    number = is_number(value)
+    inside = number and (low <= value <= high if closed else low <= value < high)
+    if not inside:
+        interval = f"[{low:g}, {high:g}{']' if closed else ')'}"
+        kind = "" if number else "a number "
+        raise ValueError(
+            f"`{name}` must be {kind}in {interval}. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def boolean(name: str, value) -> bool:
+    """`value` if it is a bool, else a ValueError."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a bool. Received: {name}={value!r}")
+    return value

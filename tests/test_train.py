@@ -405,7 +405,7 @@ def test_export_flag_writes_artifacts_and_metrics_beside_results(tmp_path):
 
 
 @needs_tensorflow_backend
-@pytest.mark.parametrize("export", ["onnx", "saved_model,tflite_int4", 3])
+@pytest.mark.parametrize("export", ["coreml", "saved_model,tflite_int4", 3])
 def test_invalid_export_formats_say_what_was_received(export):
     with pytest.raises(ValueError, match="`export` must be a comma-separated"):
         config_lib.TrainConfig(export=export)

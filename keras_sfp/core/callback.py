@@ -182,35 +182,15 @@ class SoftFilterPrune(keras.callbacks.Callback):
                 "`prune_at_start` must be 'auto', True or False. "
                 f"Received: prune_at_start={prune_at_start!r}"
             )
-        if not isinstance(reset_momentum, bool):
-            raise ValueError(
-                "`reset_momentum` must be a bool. "
-                f"Received: reset_momentum={reset_momentum!r}"
-            )
+        _checks.boolean("reset_momentum", reset_momentum)
         sparse_epochs = _checks.int_at_least("sparse_epochs", sparse_epochs, 0)
-        if isinstance(sparsity, bool) or not (
-            isinstance(sparsity, (int, float, np.floating)) and sparsity > 0
-        ):
-            raise ValueError(
-                f"`sparsity` must be a positive number. Received: sparsity={sparsity!r}"
-            )
-        if not isinstance(reset_batch_norm, bool):
-            raise ValueError(
-                "`reset_batch_norm` must be a bool. "
-                f"Received: reset_batch_norm={reset_batch_norm!r}"
-            )
+        _checks.positive_number("sparsity", sparsity)
+        _checks.boolean("reset_batch_norm", reset_batch_norm)
         self.hard_epochs = hard_epochs
         self.prune_at_start = prune_at_start
         self.reset_momentum = reset_momentum
-        if batch_norm_momentum is not None and (
-            isinstance(batch_norm_momentum, bool)
-            or not isinstance(batch_norm_momentum, (int, float, np.floating))
-            or not 0.0 <= batch_norm_momentum < 1.0
-        ):
-            raise ValueError(
-                "`batch_norm_momentum` must be in [0, 1) or None. "
-                f"Received: batch_norm_momentum={batch_norm_momentum!r}"
-            )
+        if batch_norm_momentum is not None:
+            _checks.number_in("batch_norm_momentum", batch_norm_momentum, 0, 1)
         if recalibration_data is not None:
             batch_norm_lib.check_data(recalibration_data, "recalibration_data")
         self.reset_batch_norm = reset_batch_norm

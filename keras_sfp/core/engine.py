@@ -100,7 +100,7 @@ class FilterPruner:
     @property
     def never_pruned(self) -> bool:
         """True before the model's first prune event (`last_event` -2)."""
-        return self.wrappers[0].last_event < -1
+        return state.never_pruned(self.pruned)
 
     def rate(self, epoch: int, epochs: int | None = None) -> float:
         """The schedule's rate for the event after `epoch` (0 before training).

@@ -9,7 +9,6 @@ objects with `get_config`, registered for `.keras` serialization.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 
 import keras
@@ -18,12 +17,7 @@ from keras_sfp import _checks
 
 
 def _check_rate(name: str, value: float) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not 0.0 <= value < 1.0
-    ):
-        raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value!r}")
+    _checks.number_in(name, value, 0, 1)
 
 
 @keras.saving.register_keras_serializable(package="keras_sfp")
@@ -129,6 +123,10 @@ class Asymptotic(PruningSchedule):
 
     def get_config(self) -> dict:
         return {"rate": self.rate, "epochs": self.epochs}
+
+
+NAMES = ("constant", "asymptotic")
+"""The schedules `get` (and `--pruning_schedule`) know by name."""
 
 
 def get(schedule: PruningSchedule | Callable | None, rate: float) -> Callable:

@@ -71,6 +71,23 @@ def set_hard(
         owner._keras_sfp_hard = bool(hard)
 
 
+def never_pruned(model) -> bool:
+    """True before the first prune event of a model prepared by
+    `prune_filters` (every wrapper's `last_event` is -2)."""
+    from_wrappers = {w.last_event < -1 for w in _filter_wrappers(model)}
+    if len(from_wrappers) != 1:
+        raise ValueError(
+            "`model` must be prepared by keras_sfp.prune_filters, with one "
+            "pruning history for all its wrappers. Received: model "
+            f"{model.name!r} with {'no wrapper' if not from_wrappers else 'both'}"
+        )
+    return from_wrappers.pop()
+
+
+def _filter_wrappers(model) -> list:
+    return [layer for layer in model.layers if isinstance(layer, FilterPruning)]
+
+
 def has_state(model, hard: bool, trainer=None) -> bool:
     """True if `model`'s wrappers, and its compiled functions, are all `hard`.
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-
 import keras
 import numpy as np
 from keras import ops
@@ -33,10 +31,7 @@ def check_prune_args(
     rate: float, criterion, coupling: str, round_to: int, schedule=None
 ) -> None:
     """Validates the pruning options shared by `prune_filters` and the wrapper."""
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
-        raise ValueError(f"`rate` must be a number in [0, 1). Received: rate={rate!r}")
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"`rate` must be in [0, 1). Received: rate={rate!r}")
+    _checks.number_in("rate", rate, 0, 1)
     criteria_lib.get(criterion)
     if coupling not in COUPLINGS:
         raise ValueError(

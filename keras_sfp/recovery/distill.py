@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import keras
 
+from keras_sfp import _checks
 from keras_sfp.core import prune as prune_lib
 
 _KerasDistiller = getattr(getattr(keras, "distillation", None), "Distiller", None)
@@ -113,20 +114,8 @@ def distiller(
             "`student` must be a model prepared by keras_sfp.prune_filters. "
             f"Received: student {getattr(student, 'name', student)!r}"
         )
-    if isinstance(temperature, bool) or not (
-        isinstance(temperature, (int, float)) and temperature > 0
-    ):
-        raise ValueError(
-            "`temperature` must be a positive number. "
-            f"Received: temperature={temperature!r}"
-        )
-    if isinstance(student_loss_weight, bool) or not (
-        isinstance(student_loss_weight, (int, float)) and 0 <= student_loss_weight <= 1
-    ):
-        raise ValueError(
-            "`student_loss_weight` must be a number in [0, 1]. "
-            f"Received: student_loss_weight={student_loss_weight!r}"
-        )
+    _checks.positive_number("temperature", temperature)
+    _checks.number_in("student_loss_weight", student_loss_weight, 0, 1, closed=True)
     # The Distiller freezes its teacher (`trainable = False`): freeze a copy.
     frozen = keras.models.clone_model(teacher)
     frozen.set_weights(teacher.get_weights())

@@ -10,7 +10,7 @@ The model zoo `models` is a top-level package of the repository checkout, not
 installed with `keras_sfp`: without it (an installed `keras-sfp-train` run
 outside the checkout) only `init_from` runs, which need no model from the zoo.
 
-Over 400 lines for one reason: the help of the 39 options lives here, once,
+Over 400 lines for one reason: the help of the 40 options lives here, once,
 next to the field it describes, and the checks of their combinations with it.
 """
 
@@ -23,8 +23,9 @@ import keras
 
 from keras_sfp import _checks
 from keras_sfp.allocation import targets
-from keras_sfp.core import criteria, wrapper
+from keras_sfp.core import criteria, schedules, wrapper
 from keras_sfp.training import data as data_lib
+from keras_sfp.training import files
 
 try:  # the repository's model zoo (see the module docstring)
     import models
@@ -41,7 +42,7 @@ PRUNE_AT_START = {"auto": "auto", "true": True, "false": False}
 # from-scratch learning rate.
 LEARNING_RATE = 0.1
 FINE_TUNE_LEARNING_RATE = 0.01
-PRUNING_SCHEDULES = ("constant", "asymptotic")
+PRUNING_SCHEDULES = schedules.NAMES
 DISTRIBUTE = ("none", "mirrored", "data_parallel", "multi_process")
 # Which Keras backend each distribution needs.
 DISTRIBUTE_BACKEND = {
@@ -157,7 +158,7 @@ class TrainConfig:
         "hard_epochs=...)), at most epochs; None means 1 from scratch and all "
         "of them with init_from (prune once, then fine-tune with frozen "
         "masks: on short fine-tuning runs this measured better than soft "
-        "epochs; docs, Soft pruning).",
+        "epochs; docs/benchmarks.md, Fine-tuning a trained network).",
         minimum=0,
     )
     prune_at_start: str = option(
@@ -254,7 +255,17 @@ class TrainConfig:
         choices=data_lib.PIPELINES,
     )
     output_dir: str | None = option(
-        None, "Where artifacts go; None means runs/<model>_<dataset>."
+        None,
+        "Where artifacts go; None means runs/<model>_<dataset>. An existing "
+        "non-empty folder is refused unless overwrite is set or the run "
+        "resumes from a backup in backup_dir; every file is written "
+        "atomically (a temporary file, then a rename).",
+    )
+    overwrite: bool = option(
+        False,
+        "Write into an existing non-empty output_dir, replacing the files of "
+        "the earlier run there (each only once its new version is complete; "
+        "other files are left).",
     )
     seed: int = option(0, "Seed of Python, NumPy, TensorFlow and the input pipeline.")
     train_limit: int = option(
@@ -333,14 +344,12 @@ def _validate(config: TrainConfig) -> None:
     for field in options():  # the integers that may not be None
         minimum = field.metadata.get("minimum")
         if minimum is not None and field.default is not None:
-            _checks.int_at_least(field.name, getattr(config, field.name), minimum)
-    if config.hard_epochs is not None and (
-        not _checks.is_int(config.hard_epochs) or config.hard_epochs < 0
-    ):
-        raise ValueError(
-            "`hard_epochs` must be an integer >= 0 or None. "
-            f"Received: hard_epochs={config.hard_epochs!r}"
-        )
+            value = _checks.int_at_least(
+                field.name, getattr(config, field.name), minimum
+            )
+            object.__setattr__(config, field.name, value)  # NumPy ints as ints
+    hard_epochs = _checks.optional_int_at_least("hard_epochs", config.hard_epochs, 0)
+    object.__setattr__(config, "hard_epochs", hard_epochs)
     if config.hard_epochs is not None and config.hard_epochs > config.epochs:
         raise ValueError(
             "`hard_epochs` must be at most `epochs`. Received: "
@@ -397,7 +406,7 @@ def _validate(config: TrainConfig) -> None:
             f"Received: distribute={config.distribute!r}"
         )
     _validate_export(config.export, backend)
-    for name in ("reset_momentum", "distill"):
+    for name in ("reset_momentum", "distill", "overwrite"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(
                 f"`{name}` must be a bool. Received: {name}={getattr(config, name)!r}"
@@ -424,11 +433,11 @@ def _validate(config: TrainConfig) -> None:
             "`init_from` must be the path of an existing .keras file or "
             f"None. Received: init_from={config.init_from!r}"
         )
-    if not isinstance(config.dataset, str) or not config.dataset:
-        raise ValueError(
-            "`dataset` must be a non-empty dataset name. "
-            f"Received: dataset={config.dataset!r}"
-        )
+    if config.init_from is not None:
+        files.check_keras_file(config.init_from, "init_from")
+    data_lib.check_dataset_name(config.dataset, "dataset")
+    for name in ("backup_dir", "output_dir"):
+        files.check_folder_path(name, getattr(config, name))
     if models is None and config.init_from is None:
         raise ValueError(
             "Training a new `model` needs the repository's model zoo `models` "
@@ -449,8 +458,8 @@ def _validate_export(export, backend: str) -> None:
         raise ValueError(
             "`export` needs the TensorFlow backend (the exporters trace "
             f"a tf.function); Keras runs on {backend!r}. Export the "
-            "saved shrunk.keras with `KERAS_BACKEND=tensorflow python -m "
-            "keras_sfp.export.measure`, or pass export=''. "
+            "saved shrunk.keras with `KERAS_BACKEND=tensorflow "
+            "keras-sfp-export`, or pass export=''. "
             f"Received: export={export!r}"
         )
     # Imported here: it needs TensorFlow, like the export.

@@ -1,5 +1,9 @@
 """Image-classification data: Fashion-MNIST from IDX files, anything else via TFDS.
 
+Why one module of over 400 lines: every dataset source (IDX files,
+`keras.datasets`, TFDS) ends in the same `Dataset` record and shares its
+checks.
+
 `load_dataset` gives one interface for every source: both splits of
 `(image, label)` pairs with `float32` images in `[0, 1]` of shape
 `(height, width, channels)` and `int32` labels, plus the input shape, the
@@ -317,6 +321,43 @@ def _load_tfds_dataset(
         num_train=sizes[0],
         num_test=sizes[1],
     )
+
+
+def check_dataset_name(name, argument: str = "name") -> None:
+    """Checks that `name` is a dataset `load_dataset` knows, before any loading.
+
+    `"fashion_mnist"` always is; another name must be a dataset registered in
+    TensorFlow Datasets (optionally with `/config` and `:version`). Community
+    datasets (`namespace:name`) and, without TensorFlow Datasets, every other
+    name are checked when they are loaded.
+
+    Raises:
+        ValueError: If `name` is empty, not a string or not a TFDS dataset;
+            the message names `argument` and the value.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"`{argument}` must be 'fashion_mnist' or a TFDS dataset name. "
+            f"Received: {argument}={name!r}"
+        )
+    if name == "fashion_mnist" or not _tensorflow.available():
+        return
+    try:
+        import tensorflow_datasets as tfds  # Heavy import; only other names.
+        from tensorflow_datasets.core import naming
+    except ImportError:  # pragma: no cover - loading says what is missing
+        return
+    try:
+        dataset_name, _ = naming.parse_builder_name_kwargs(name)
+        if dataset_name.namespace:
+            return  # a community dataset: its index is read when it loads
+        tfds.builder_cls(dataset_name.name)
+    except ValueError:  # DatasetNotFoundError and malformed names
+        raise ValueError(
+            f"`{argument}` must be 'fashion_mnist' or the name of a TFDS "
+            "dataset (tfds.list_builders()), optionally with /config and "
+            f":version. Received: {argument}={name!r}"
+        ) from None
 
 
 def load_dataset(

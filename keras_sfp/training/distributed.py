@@ -31,6 +31,8 @@ import sys
 import keras
 import numpy as np
 
+from keras_sfp.training import files
+
 ENVIRONMENT = {
     "coordinator_address": "JAX_COORDINATOR_ADDRESS",
     "num_processes": "JAX_NUM_PROCESSES",
@@ -172,6 +174,29 @@ def all_processes(value: int) -> list[int]:
     return [int(v) for v in np.asarray(gathered).reshape(-1)]
 
 
+def chief_value(value: int) -> int:
+    """Process 0's `value`, in every process (one decision for all of them)."""
+    return all_processes(value)[0]
+
+
+def backup_folder(backup_dir: str | os.PathLike, index: int | None = None) -> str:
+    """This process's (or process `index`'s) folder of `BackupAndRestore`."""
+    backup_dir = os.fspath(backup_dir)
+    if process_count() == 1:
+        return backup_dir
+    index = process_index() if index is None else index
+    return os.path.join(backup_dir, f"process_{index}")
+
+
+def has_backup(backup_dir: str | os.PathLike | None, index: int | None = None) -> bool:
+    """True if `BackupAndRestore(backup_dir)` of this process (or process
+    `index`) would resume from a backup: its training metadata is there."""
+    if not backup_dir:
+        return False
+    folder = backup_folder(backup_dir, index)
+    return os.path.isfile(os.path.join(folder, "training_metadata.json"))
+
+
 def free_port() -> int:
     """A free TCP port on this machine, for a local coordinator."""
     with socket.socket() as s:
@@ -201,9 +226,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def __init__(self, backup_dir, **kwargs):
         kwargs.setdefault("double_checkpoint", True)
-        if process_count() > 1:
-            backup_dir = os.path.join(backup_dir, f"process_{process_index()}")
-        super().__init__(backup_dir, **kwargs)
+        super().__init__(backup_folder(backup_dir), **kwargs)
 
     def _restored_epoch(self) -> int:
         return int(getattr(self.model, "_initial_epoch", None) or 0)
@@ -229,8 +252,12 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         with open(previous) as f:
             if json.load(f).get("epoch") != epoch:
                 return
-        shutil.copyfile(self._prev_weights_path, self._weights_path)
-        shutil.copyfile(previous, self._training_metadata_path)
+        for source, target in (
+            (self._prev_weights_path, self._weights_path),
+            (previous, self._training_metadata_path),
+        ):
+            with files.atomic_path(target) as temporary:
+                shutil.copyfile(source, temporary)
         self._load_model()
 
     def on_epoch_end(self, epoch, logs=None):

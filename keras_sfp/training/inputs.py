@@ -15,6 +15,7 @@ from absl import logging
 import keras_sfp
 from keras_sfp.training import config as config_lib
 from keras_sfp.training import data as data_lib
+from keras_sfp.training import files
 from keras_sfp.training import pipeline as pipeline_lib
 from keras_sfp.training.config import TrainConfig
 
@@ -61,7 +62,7 @@ def _check_fits(model: keras.Model, data, path: str) -> None:
         )
 
 
-def _warn_ignored_settings(config: TrainConfig, wrapper) -> None:
+def _warn_ignored_settings(config: TrainConfig, spec) -> None:
     """A wrapped `init_from` keeps its own pruning settings: say which differ."""
     ours = {
         "criterion": config.criterion,
@@ -70,16 +71,16 @@ def _warn_ignored_settings(config: TrainConfig, wrapper) -> None:
         "schedule": pruning_schedule(config),
     }
     differ = {
-        name: (value, getattr(wrapper, name))
+        name: (value, getattr(spec, name))
         for name, value in ours.items()
-        if value != getattr(wrapper, name)
+        if value != getattr(spec, name)
     }
     # `rate` and `target_macs` only when given (None: the default rate).
-    if config.rate is not None and config.rate != wrapper.rate:
-        differ["rate"] = (config.rate, wrapper.rate)
+    if config.rate is not None and config.rate != spec.rate:
+        differ["rate"] = (config.rate, spec.rate)
     for name in ("target_macs", "target_latency"):
         if getattr(config, name) is not None:
-            differ[name] = (getattr(config, name), f"rate {wrapper.rate}")
+            differ[name] = (getattr(config, name), f"rate {spec.rate}")
     logging.warning(
         "%s is already wrapped for pruning: training continues with its masks "
         "and its own pruning settings%s",
@@ -106,11 +107,10 @@ def initial_models(config: TrainConfig, data) -> tuple[keras.Model, keras.Model]
     used (for MACs and latency), not its weights.
     """
     if config.init_from:
-        loaded = keras.saving.load_model(config.init_from, compile=False)
+        loaded = files.load_model(config.init_from, "init_from")
         _check_fits(loaded, data, config.init_from)
-        wrapped = keras_sfp.core.prune.wrappers(loaded)
-        if wrapped:
-            _warn_ignored_settings(config, wrapped[0])
+        if keras_sfp.core.prune.wrappers(loaded):
+            _warn_ignored_settings(config, keras_sfp.spec_of(loaded))
             return keras_sfp.strip_pruning(loaded), loaded
         model = loaded
     else:

@@ -52,7 +52,7 @@ def collect(
             "output_dir": output_dir,
             "export": export,
             "learning_rate": config.resolved_learning_rate(),
-            "rate": keras_sfp.core.prune.wrappers(pruned)[0].rate,
+            "rate": keras_sfp.spec_of(pruned).rate,
             "hard_epochs": config.resolved_hard_epochs(),
             "allocation": config.resolved_allocation(),
             "distill": distilled,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import json
 import os
 import time
 from typing import Any
@@ -38,7 +37,7 @@ import keras_sfp
 from keras_sfp import _tensorflow
 from keras_sfp.latency import timing as latency
 from keras_sfp.training import data as data_lib
-from keras_sfp.training import distributed, inputs, report
+from keras_sfp.training import distributed, files, inputs, report
 from keras_sfp.training import pipeline as pipeline_lib
 from keras_sfp.training.config import (
     PRUNE_AT_START,
@@ -115,13 +114,13 @@ def measure_latency(
 
 
 def _callbacks(
-    config: TrainConfig, output_dir: str, train_ds
+    config: TrainConfig, output_dir: str, train_ds, resuming: bool = False
 ) -> tuple[list, str | None]:
     """`SoftFilterPrune`, backup, CSV and (where possible) TensorBoard logging.
 
-    Only process 0 of a multi-process run logs to files.
+    Only process 0 of a multi-process run logs to files; `resuming`: the run
+    continues from a backup, so `history.csv` keeps its earlier rows.
     """
-    resuming = False
     recalibration_data = None
     if config.recalibration_steps and distributed.process_count() == 1:
         recalibration_data = train_ds
@@ -145,7 +144,6 @@ def _callbacks(
     if config.backup_dir:
         backup = distributed.BackupAndRestore(config.backup_dir)
         callbacks.append(backup)
-        resuming = os.path.exists(backup._training_metadata_path)
         if not isinstance(train_ds, pipeline_lib.ArrayBatches):
             logging.warning(
                 "backup_dir with a tf.data pipeline: a resumed run reshuffles "
@@ -157,7 +155,7 @@ def _callbacks(
     if not distributed.is_chief():
         return callbacks, None
     csv = os.path.join(output_dir, "history.csv")
-    callbacks.append(keras.callbacks.CSVLogger(csv, append=resuming))
+    callbacks.append(files.CSVLogger(csv, append=resuming))
     # Keras writes TensorBoard logs with tf.summary, on any backend.
     if not _tensorflow.available() or importlib.util.find_spec("tensorboard") is None:
         logging.warning(
@@ -193,8 +191,16 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         convolution: `[original, kept]`), per-epoch `history`, `train_seconds`,
         `artifacts` (paths) and `table`.
 
+    Every file is written atomically (`keras_sfp.training.files`): a failed
+    or interrupted run keeps the earlier run's files. An existing non-empty
+    output folder is refused (before anything is loaded or written) unless
+    `config.overwrite` or the run resumes from `config.backup_dir`.
+
     Raises:
         ValueError: If `config` is invalid (raised by `TrainConfig`).
+        keras_sfp.training.files.OutputDirError: A `ValueError`, if the output
+            folder holds an earlier run's files and the run neither
+            overwrites nor resumes.
         TypeError: If `config` is not a `TrainConfig`.
 
     Example:
@@ -220,8 +226,7 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         "shard_index": distributed.process_index(),
     }
     output_dir = config.resolved_output_dir()
-    if chief:
-        os.makedirs(output_dir, exist_ok=True)
+    resuming = prepare_output_dir(config, output_dir)
     keras.utils.set_random_seed(config.seed)
 
     data, train_ds, test_ds, num_train, num_test, steps_per_epoch = inputs.input_data(
@@ -231,13 +236,15 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
     with distribution_scope(config):
         original, pruned = inputs.initial_models(config, data)
         trainer = pruned
-        fresh = keras_sfp.core.prune.wrappers(pruned)[0].last_event < -1
+        fresh = keras_sfp.core.state.never_pruned(pruned)
         if config.distill and config.init_from and fresh:
             # The loaded network teaches the pruned one (a `pruned.keras`
             # continuing its masks has no unpruned teacher).
             trainer = keras_sfp.distiller(original, pruned)
         _compile(trainer, learning_rate_schedule(config, steps_per_epoch))
-        callbacks, tensorboard_dir = _callbacks(config, output_dir, train_ds)
+        if chief:  # created once the data and the models are ready
+            os.makedirs(output_dir, exist_ok=True)
+        callbacks, tensorboard_dir = _callbacks(config, output_dir, train_ds, resuming)
         logging.info(
             "Training %s on %s (%d examples, %d steps/epoch) for %d epochs in %s "
             "(Keras backend %s)",
@@ -287,19 +294,20 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
     }
     export = config.resolved_export()
     if chief:  # the other processes hold the same models: one writes
-        pruned.save(artifacts["pruned"])
-        shrunk.save(artifacts["shrunk"])
+        files.save_model(pruned, artifacts["pruned"])
+        files.save_model(shrunk, artifacts["shrunk"])
     if chief and keras.backend.backend() == "tensorflow":
         artifacts["saved_model"] = os.path.join(output_dir, "saved_model")
-        with _tensorflow.quiet_info_logs():
-            shrunk.export(
-                artifacts["saved_model"], format="tf_saved_model", verbose=False
-            )
+        with (
+            _tensorflow.quiet_info_logs(),
+            files.atomic_path(artifacts["saved_model"]) as staging,
+        ):
+            shrunk.export(staging, format="tf_saved_model", verbose=False)
     elif chief:
         logging.warning(
             "Keras runs on %s: no SavedModel or TFLite artifacts (they trace a "
             "tf.function). %s loads on every backend; export it with "
-            "`KERAS_BACKEND=tensorflow python -m keras_sfp.export.measure --model=%s`.",
+            "`KERAS_BACKEND=tensorflow keras-sfp-export --model=%s`.",
             keras.backend.backend(),
             artifacts["shrunk"],
             artifacts["shrunk"],
@@ -324,12 +332,44 @@ def train_and_evaluate(config: TrainConfig | None = None) -> dict[str, Any]:
         )
     results["table"] = report.format_table(results)
     if chief:
-        with open(artifacts["results"], "w") as f:
-            json.dump(results, f, indent=2)
+        files.write_json(artifacts["results"], results)
         print(results["table"])
     # The others wait for process 0's timing and writing, then all exit.
     distributed.barrier("train_and_evaluate")
     return results
+
+
+def prepare_output_dir(config: TrainConfig, output_dir: str) -> bool:
+    """Applies the rule of run folders (`keras_sfp.training.files.check_output_dir`).
+
+    Process 0 decides, for every process: the run resumes if its backup
+    (`config.backup_dir`) holds one, else an existing non-empty `output_dir`
+    is refused unless `config.overwrite`. Nothing is created here.
+
+    Returns:
+        Whether the run resumes from a backup.
+
+    Raises:
+        keras_sfp.training.files.OutputDirError: If the run may not write to
+            `output_dir` (in every process).
+    """
+    refused, resumes, error = 2, 1, None
+    decision = 0
+    if distributed.is_chief():
+        resuming = distributed.has_backup(config.backup_dir)
+        try:
+            files.check_output_dir(output_dir, config.overwrite, resuming)
+        except files.OutputDirError as raised:
+            error, decision = raised, refused
+        else:
+            decision = resumes if resuming else 0
+    decision = distributed.chief_value(decision)
+    if decision == refused:
+        raise error or files.OutputDirError(
+            "Process 0 refused the run's `output_dir` (see its error). "
+            f"Received: output_dir={output_dir!r}"
+        )
+    return decision == resumes
 
 
 def export_artifacts(
@@ -348,7 +388,8 @@ def export_artifacts(
     training images.
 
     Returns:
-        The metrics of `keras_sfp.export.measure.export_and_measure`.
+        The metrics of `keras_sfp.export.measure.export_and_measure`, with
+        the artifacts' paths in `export_dir`.
     """
     test_limit = config.test_limit or None
     from keras_sfp.export import (
@@ -356,13 +397,29 @@ def export_artifacts(
     )  # TensorFlow, needed for the artifacts
 
     representative, _ = data_lib.as_arrays(data.train, 200)
-    metrics = deploy.export_and_measure(
-        {"original": keras_sfp.strip_pruning(pruned), "shrunk": shrunk},
-        export_dir,
-        config.resolved_export(),
-        data_lib.as_arrays(data.test, test_limit),
-        representative_data=representative,
-        latency_runs=config.latency_runs,
-    )
+    # Written to a staging folder swapped in when complete: a failed export
+    # leaves the previous `export_dir` as it was.
+    with files.atomic_path(export_dir) as staging:
+        metrics = deploy.export_and_measure(
+            {"original": keras_sfp.strip_pruning(pruned), "shrunk": shrunk},
+            staging,
+            config.resolved_export(),
+            data_lib.as_arrays(data.test, test_limit),
+            representative_data=representative,
+            latency_runs=config.latency_runs,
+        )
+        metrics = _relocated(metrics, staging, os.fspath(export_dir))
+        files.write_json(os.path.join(staging, "metrics.json"), metrics)
     print(metrics["table"])
     return metrics
+
+
+def _relocated(value, staging: str, final: str):
+    """`value` with the paths under `staging` moved to `final`."""
+    if isinstance(value, dict):
+        return {k: _relocated(v, staging, final) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relocated(v, staging, final) for v in value]
+    if isinstance(value, str) and (value + os.sep).startswith(staging + os.sep):
+        return final + value[len(staging) :]
+    return value
