@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 
 
 def is_int(value) -> bool:
@@ -70,3 +71,32 @@ def boolean(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be a bool. Received: {name}={value!r}")
     return value
+
+
+STRATEGY_UPSTREAM = "keras-team/keras#20585, tensorflow/tensorflow#72388"
+
+
+def check_strategy() -> None:
+    """Stops a `tf.distribute.MultiWorkerMirroredStrategy` before `fit` fails.
+
+    Raises:
+        RuntimeError: If such a strategy is in scope.
+    """
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not hasattr(tf, "distribute"):
+        return
+    strategy = tf.distribute.get_strategy()
+    kinds = tuple(
+        getattr(module, "MultiWorkerMirroredStrategy", None)
+        for module in (tf.distribute, tf.distribute.experimental)
+    )
+    if isinstance(strategy, tuple(k for k in kinds if k is not None)):
+        raise RuntimeError(
+            "tf.distribute.MultiWorkerMirroredStrategy does not work with "
+            "Keras 3: `fit` fails converting PerReplica values to tensors, for "
+            f"any model ({STRATEGY_UPSTREAM}). Train on several hosts with the JAX "
+            "backend instead: keras_sfp.training.distributed.initialize() and "
+            "keras_sfp.training.distributed.data_parallel() (train.py "
+            "--distribute=multi_process). MirroredStrategy (one host, several "
+            "devices) works."
+        )

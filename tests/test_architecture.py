@@ -145,3 +145,21 @@ def test_no_module_imports_keras_sfp_inside_a_function(name):
                 if targets - lazy:
                     hidden.append(f"line {inner.lineno} in {node.name}")
     assert not hidden, hidden
+
+
+LIBRARY = ("core", "recovery", "graph", "allocation", "latency")
+PROGRAMS = ("training", "export", "cli")
+
+
+def test_the_library_does_not_import_the_programs():
+    # The pruning library runs without the training program, the exporters
+    # (TensorFlow) and the command lines; they build on it, not it on them.
+    graph = _graph(MODULES)
+    found = [
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        if name.split(".")[1:2] and name.split(".")[1] in LIBRARY
+        for target in targets
+        if target.split(".")[1:2] and target.split(".")[1] in PROGRAMS
+    ]
+    assert not found, found

@@ -19,7 +19,6 @@ from keras_sfp.core import prune as prune_lib
 from keras_sfp.core.wrapper import unwrap
 from keras_sfp.recovery import batch_norm as batch_norm_lib
 from keras_sfp.recovery import sparsity as sparsity_lib
-from keras_sfp.training import distributed
 
 
 class SoftFilterPrune(keras.callbacks.Callback):
@@ -258,7 +257,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
         return bool(self.hard_epochs and epochs and epoch >= epochs - self.hard_epochs)
 
     def on_train_begin(self, logs=None):
-        distributed.check_strategy()
+        _checks.check_strategy()
         self._prepare()
         self._last_epoch = None
         self._statistics = None

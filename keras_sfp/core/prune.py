@@ -11,6 +11,7 @@ import warnings
 
 import keras
 
+from keras_sfp import _checks
 from keras_sfp.allocation import counts as allocation_lib
 from keras_sfp.allocation import targets as targets_lib
 from keras_sfp.core import zeros as zeros_lib
@@ -25,7 +26,6 @@ from keras_sfp.core.wrapper import (
 from keras_sfp.graph import keras_graph as _keras_graph
 from keras_sfp.graph.channels import ChannelGraph
 from keras_sfp.latency.table import LatencyTable
-from keras_sfp.training import distributed
 
 WRAPPER_PREFIX = "sfp_"
 DEFAULT_RATE = 0.3
@@ -213,7 +213,7 @@ def prune_filters(
     >>> [type(layer).__name__ for layer in pruned.layers][1]
     'FilterPruning'
     """
-    distributed.check_strategy()
+    _checks.check_strategy()
     targets_lib.check_targets(target_macs, target_latency, rate, coupling)
     allocation_mode = targets_lib.check_allocation(allocation, target_latency, coupling)
     if allocation_mode == "global" and schedule not in (
@@ -308,8 +308,7 @@ def prune_filters(
     masked = {id(layer) for layer in _maskable_offset_layers(graph)}
 
     def clone(layer):
-        config = layer.get_config()
-        new = _keras_graph.layer_from_config(layer, config)
+        new = _keras_graph.layer_from_config(layer)
         if id(layer) in targets:
             new = FilterPruning(
                 new,

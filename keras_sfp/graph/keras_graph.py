@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 
 import keras
 import numpy as np
@@ -45,6 +46,7 @@ class GraphNode:
     node: object  # the Keras node (for `arguments.fill_in`); None for an alias
     opaque: str | None = None  # why a custom layer is not looked into
     rename: str | None = None  # the layer's name once inlined, if it must change
+    in_block: bool = False  # a sublayer call of a traced custom layer
 
     @property
     def layer(self):
@@ -132,12 +134,15 @@ def nodes(model) -> list[GraphNode]:
     return _used(_expand(ordered, all_layers(model)), model.outputs)
 
 
-def _expand(ordered, layers, prefix: str = "") -> list[GraphNode]:
+def _expand(
+    ordered, layers, prefix: str = "", in_block: bool = False
+) -> list[GraphNode]:
     """GraphNodes of `ordered`, inlining what `_inner` can look into.
 
     The layers of a custom layer whose sublayer names repeat elsewhere (each
     instance of a block class naming its convolution "conv1") are renamed
-    `<block name>_<name>` once inlined; `prefix` carries that down.
+    `<block name>_<name>` once inlined; `prefix` carries that down, and
+    `in_block` that the nodes come from a custom layer's `call`.
     """
     calls = collections.Counter(id(node.operation) for node in ordered)
     result = []
@@ -147,13 +152,18 @@ def _expand(ordered, layers, prefix: str = "") -> list[GraphNode]:
         inner = None if node.is_input else _inner(node, calls[id(op)], layers)
         if inner is None or isinstance(inner, str):
             rename = prefix + op.name if prefix and is_layer(op) else None
-            result.append(GraphNode(op, ins, outs, node, opaque=inner, rename=rename))
+            result.append(
+                GraphNode(op, ins, outs, node, inner, rename, in_block=in_block)
+            )
             continue
         inner_ins, inner_outs, inner_nodes, clash = inner
         inner_prefix = prefix + (f"{op.name}_" if clash else "")
+        block = in_block or not is_graph_model(op)
         result.extend(GraphNode(None, [o], [i], None) for o, i in zip(ins, inner_ins))
         result.extend(
-            n for n in _expand(inner_nodes, layers, inner_prefix) if not n.is_input
+            n
+            for n in _expand(inner_nodes, layers, inner_prefix, block)
+            if not n.is_input
         )
         result.extend(GraphNode(None, [i], [o], None) for i, o in zip(inner_outs, outs))
     return result
@@ -520,16 +530,86 @@ def _structure(model, attribute: str, flat: list):
     return flat if len(flat) > 1 else flat[0]
 
 
-def layer_from_config(layer, config=None):
+def layer_from_config(layer, config=None, node: GraphNode | None = None):
     """A new layer like `layer` from `config` (default: its own config).
 
     The config comes from a live object, not a file, so a `Lambda`'s Python
     function may be restored (Keras refuses that by default, for files).
+    A layer of the user's that `node` takes out of a custom block (or that
+    was copied from one) records no build config (`_build_on_call`).
+
+    A layer (or `keras.ops` operation) whose `get_config` raises
+    `NotImplementedError` (created with arguments Keras cannot serialize)
+    cannot be copied: `layer` itself is returned, shared by reference
+    (`shared`), with a warning.
     """
-    config = layer.get_config() if config is None else config
+    if config is None:
+        config = config_or_none(layer)
+        if config is None:
+            return shared(layer)
     if isinstance(layer, keras.layers.Lambda):
-        return layer.__class__.from_config(config, safe_mode=False)
-    return layer.__class__.from_config(config)
+        new = layer.__class__.from_config(config, safe_mode=False)
+    else:
+        new = layer.__class__.from_config(config)
+    if (node is not None and node.in_block) or _builds_on_call(layer):
+        _build_on_call(new)
+    return new
+
+
+def config_or_none(operation) -> dict | None:
+    """`operation.get_config()`, or None if it raises `NotImplementedError`."""
+    try:
+        return operation.get_config()
+    except NotImplementedError:
+        return None
+
+
+def shared(operation):
+    """`operation` itself, for a new model, with a warning if it is a layer.
+
+    Used for layers whose `get_config` raises `NotImplementedError`: the new
+    model calls the same layer, so it shares its weights with the model it
+    came from, and saving it to `.keras` fails as saving that model does.
+    """
+    if is_layer(operation):
+        warnings.warn(
+            f"Layer {operation.name!r} of type {type(operation).__name__} cannot "
+            "be copied: its get_config() raises NotImplementedError (it was "
+            "created with arguments Keras cannot serialize). keras-sfp leaves "
+            "its channels intact and uses the layer itself in the new model, "
+            "which therefore shares its weights with the original, and cannot "
+            "be saved to a .keras file until the layer implements get_config() "
+            "(saving raises that NotImplementedError).",
+            stacklevel=3,
+        )
+    return operation
+
+
+def _no_build_config():
+    return None
+
+
+def _builds_on_call(layer) -> bool:
+    return vars(layer).get("get_build_config") is _no_build_config
+
+
+def _build_on_call(layer) -> None:
+    """Makes a layer of the user's save no build config.
+
+    Inside its custom block, a sublayer's build shapes are never saved: the
+    block rebuilds it when called, with the tuple shapes of `KerasTensor`s.
+    Taken out of the block (inlined), it is a layer of a functional model,
+    whose build config Keras saves as JSON and rebuilds from with lists: a
+    `build` computing `input_shape[:-1] + (c,)` then fails to load. Without
+    a build config it is built, as in its block, when the loaded model
+    calls it. Layers that save a build config of their own keep it.
+    """
+    package = type(layer).__module__.split(".")[0]
+    if package in ("keras", "keras_sfp"):
+        return
+    if type(layer).get_build_config is not keras.layers.Layer.get_build_config:
+        return
+    layer.get_build_config = _no_build_config
 
 
 def clone_operation(node: GraphNode):
@@ -537,13 +617,20 @@ def clone_operation(node: GraphNode):
     op = node.operation
     if not is_layer(op):
         return op
-    return WeightsOnBuild(layer_from_config(op, config_of(node)), op.get_weights())
+    config = config_of(node)
+    if config is None:  # cannot be copied: used as it is
+        return shared(op)
+    new = layer_from_config(op, config, node)
+    return WeightsOnBuild(new, op.get_weights())
 
 
-def config_of(node: GraphNode) -> dict:
-    """The config of a node's layer, with the name it takes once inlined."""
-    config = node.operation.get_config()
-    if node.rename:
+def config_of(node: GraphNode) -> dict | None:
+    """The config of a node's layer, with the name it takes once inlined.
+
+    None for a layer whose `get_config` raises `NotImplementedError`.
+    """
+    config = config_or_none(node.operation)
+    if config is not None and node.rename:
         config["name"] = node.rename
     return config
 

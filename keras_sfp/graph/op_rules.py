@@ -5,7 +5,8 @@ with two; `keras.ops.concatenate` joins channels; `keras.ops.split`,
 `x[..., a:b]` and `keras.ops.slice` along the channel axis hand each output
 a range of the input's channels (kind `"split"`, with a `resize` that
 re-cuts the split for the kept channels); `keras.ops.pad` of the spatial
-axes is channelwise, and a non-zero constant is recorded as the rule's
+axes and reductions over them (`keras.ops.mean(x, axis=(1, 2))`) are
+channelwise, and a non-zero constant is recorded as the rule's
 `border` so that the graph can check what the next layer makes of it.
 Anything else is a boundary.
 """
@@ -43,7 +44,12 @@ _ELEMENTWISE_OPS = {
             "Relu Relu6 "
             "Sigmoid SparseSigmoid Softplus Softsign SoftShrink SparsePlus Silu "
             "Squareplus LogSigmoid LeakyRelu HardSigmoid HardSilu Elu Selu "
-            "Gelu Celu TanhShrink HardTanh HardShrink Threshold Erf"
+            "Gelu Celu TanhShrink HardTanh HardShrink Threshold Erf "
+            # keras.activations.relu (any arguments) records an operation
+            # of its own
+            "ReLU "
+            "Cos Cosh Tan Arcsin Arccos Arctanh Arccosh Log Log2 Log10 Exp2 "
+            "Reciprocal Rsqrt Cbrt Trunc Erfinv NanToNum"
         ).split()
     ),
 }
@@ -66,6 +72,23 @@ def rule_for_op(node) -> LayerRule:
     if len(node.inputs) == 2 and _ELEMENTWISE_OPS[cls] is not None:
         return LayerRule("merge", zero=_ELEMENTWISE_OPS[cls])
     return boundary(f"{name}: {len(node.inputs)} tensor arguments")
+
+
+def _reduce_op(node, name) -> LayerRule:
+    """A reduction over axes other than the batch's and the channels'.
+
+    `keras.ops.mean(x, axis=(1, 2), keepdims=True)` (a squeeze-and-excitation
+    gate written with ops) keeps each channel apart, like global pooling.
+    Whether a zero channel stays zero is measured (`Max`'s `initial`).
+    """
+    rank, axis = _rank(node), node.operation.axis
+    if axis is None:
+        return boundary(f"{name}: reduces every axis")
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    axes = {int(a) % rank for a in axes}
+    if not axes or 0 in axes or rank - 1 in axes:
+        return boundary(f"{name}: reduces the batch or the channel axis")
+    return LayerRule("channelwise")
 
 
 def _rank(node) -> int:
@@ -188,4 +211,5 @@ _SPECIAL_OPS = {
     "GetItem": _getitem_op,
     "Slice": _slice_op,
     "Pad": _pad_op,
+    **dict.fromkeys("Mean Sum Max Min Amax Amin Var Std Prod".split(), _reduce_op),
 }

@@ -307,6 +307,12 @@ def rule_for(node) -> LayerRule:
         return op_rules.rule_for_op(node)
     if type(op) in layer_rule.USER_RULES:
         rule = layer_rule.USER_RULES[type(op)]
+        if op.weights and _keras_graph.config_or_none(op) is None:
+            # Its weights could not be sliced: a copy needs its config.
+            return boundary(
+                f"{name} ({cls}) cannot be copied (get_config raises "
+                "NotImplementedError), so its weights cannot be sliced"
+            )
         if rule.kind in ("channelwise", "merge"):
             _check_user_rule(node, rule.kind)
         return rule
@@ -381,6 +387,8 @@ def rule_for(node) -> LayerRule:
             "names are also used outside it"
         )
     if node.opaque:
+        if _scalar_weights(op):
+            return _scalar_weights_rule(node, f"{name} ({cls}) {node.opaque}")
         return boundary(f"{name} ({cls}) {node.opaque}")
     return boundary(f"{name} ({cls}) is not understood by the channel graph")
 
@@ -421,6 +429,32 @@ def _reshape_rule(node) -> LayerRule:
     return boundary(f"{node.name}: Reshape from {before} to {after} moves channels")
 
 
+def _scalar_weights(layer) -> bool:
+    """A custom layer whose weights are all per-tensor scalars (size 1)."""
+    return bool(layer.weights) and all(
+        int(np.prod(w.shape)) == 1 for w in layer.weights
+    )
+
+
+def _keep_weights(layer, config, weights, keep):
+    return config, weights
+
+
+def _scalar_weights_rule(node, reason: str) -> LayerRule:
+    """A custom layer with scalar weights only (`scale * x + bias`).
+
+    It cannot be inlined (its weights would have nowhere to live), but it has
+    no per-channel state: if it is measured to act channel by channel (as
+    for `register_layer`), it is channelwise, its weights kept as they are.
+    Whether it keeps zero channels zero is measured too (a bias does not).
+    """
+    try:
+        _check_user_rule(node, "channelwise")
+    except Exception:  # noqa: BLE001 - mixing channels, or not runnable
+        return boundary(reason)
+    return LayerRule("channelwise", slice_weights=_keep_weights)
+
+
 def _check_user_rule(node, kind: str) -> None:
     """Refuses a `register_layer` rule that the layer does not follow.
 
@@ -436,7 +470,9 @@ def _check_user_rule(node, kind: str) -> None:
     values = {}
     for tensor in node.inputs:
         shape = [3 if d is None else d for d in tensor.shape]
-        values[id(tensor)] = rng.uniform(0.5, 1.5, shape).astype("float32")
+        values[id(tensor)] = rng.uniform(0.5, 1.5, shape).astype(
+            tensor.dtype or "float32"
+        )
 
     def run():
         args, kwargs = _keras_graph.fill_in(node, values)

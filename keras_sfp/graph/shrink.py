@@ -129,6 +129,8 @@ def _rebuild_layer(graph: ChannelGraph, node, keep):
     if not _keras_graph.is_layer(layer):
         return layer  # a stateless operation (a keras.ops call): reuse it
     config = _keras_graph.config_of(node)
+    if config is None:  # cannot be copied; nothing to slice (`rules.rule_for`)
+        return _keras_graph.shared(layer)
     weights = layer.get_weights()
     kind = graph.kinds[id(node)]
     if kind == "producer":
@@ -143,7 +145,7 @@ def _rebuild_layer(graph: ChannelGraph, node, keep):
         keep_in = _index(graph, node.inputs[0], keep)
         if keep_in is not None and len(keep_in) < node.inputs[0].shape[-1]:
             config, weights = rule.slice_weights(layer, config, weights, keep_in)
-    new = _keras_graph.layer_from_config(layer, config)
+    new = _keras_graph.layer_from_config(layer, config, node)
     return _keras_graph.WeightsOnBuild(new, weights)
 
 

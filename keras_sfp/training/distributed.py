@@ -9,8 +9,8 @@ in every process, and computes the same masks everywhere.
 
 TensorFlow's `MultiWorkerMirroredStrategy` does not work with Keras 3
 (`fit` fails converting `PerReplica` values, keras-team/keras#20585 and
-tensorflow/tensorflow#72388); `check_strategy` stops it early with a clear
-error. `MirroredStrategy` (one host, several devices) works.
+tensorflow/tensorflow#72388); `keras_sfp._checks.check_strategy` stops it early
+with a clear error. `MirroredStrategy` (one host, several devices) works.
 
 A two-process launch on one machine (`train.py` calls `initialize`)::
 
@@ -26,11 +26,11 @@ import json
 import os
 import shutil
 import socket
-import sys
 
 import keras
 import numpy as np
 
+from keras_sfp import _checks
 from keras_sfp.training import files
 
 ENVIRONMENT = {
@@ -40,7 +40,7 @@ ENVIRONMENT = {
 }
 """Environment variables read for arguments left as None."""
 
-UPSTREAM = "keras-team/keras#20585, tensorflow/tensorflow#72388"
+UPSTREAM = _checks.STRATEGY_UPSTREAM
 
 
 def _jax(what: str):
@@ -263,29 +263,3 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_epoch_end(self, epoch, logs=None):
         barrier(f"keras_sfp_backup_{epoch}")  # all finished: no half-done epoch
         super().on_epoch_end(epoch, logs)
-
-
-def check_strategy() -> None:
-    """Stops a `tf.distribute.MultiWorkerMirroredStrategy` before `fit` fails.
-
-    Raises:
-        RuntimeError: If such a strategy is in scope.
-    """
-    tf = sys.modules.get("tensorflow")
-    if tf is None or not hasattr(tf, "distribute"):
-        return
-    strategy = tf.distribute.get_strategy()
-    kinds = tuple(
-        getattr(module, "MultiWorkerMirroredStrategy", None)
-        for module in (tf.distribute, tf.distribute.experimental)
-    )
-    if isinstance(strategy, tuple(k for k in kinds if k is not None)):
-        raise RuntimeError(
-            "tf.distribute.MultiWorkerMirroredStrategy does not work with "
-            "Keras 3: `fit` fails converting PerReplica values to tensors, for "
-            f"any model ({UPSTREAM}). Train on several hosts with the JAX "
-            "backend instead: keras_sfp.training.distributed.initialize() and "
-            "keras_sfp.training.distributed.data_parallel() (train.py "
-            "--distribute=multi_process). MirroredStrategy (one host, several "
-            "devices) works."
-        )
