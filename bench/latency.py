@@ -175,7 +175,7 @@ def _tflite_runners(named, int8: bool, directory: str) -> dict:
     """`{(runtime, variant): images -> outputs}`, each model converted once
     (the interpreter takes any batch size)."""
     from keras_sfp import export
-    from keras_sfp.export import measure as deploy
+    from keras_sfp.export import runners as runners_lib
 
     calibration = _images(named["original"], 8)
     runners = {}
@@ -183,7 +183,7 @@ def _tflite_runners(named, int8: bool, directory: str) -> dict:
         if key.endswith("folded"):
             continue  # the converter folds BatchNormalization itself
         path = export.export_tflite(model, os.path.join(directory, f"{key}.tflite"))
-        runners[("tflite", key)] = deploy.tflite_runner(path)
+        runners[("tflite", key)] = runners_lib.tflite_runner(path)
         if int8:
             path = export.export_tflite(
                 model,
@@ -191,7 +191,7 @@ def _tflite_runners(named, int8: bool, directory: str) -> dict:
                 quantization="int8",
                 representative_data=calibration,
             )
-            runners[("tflite_int8", key)] = deploy.tflite_runner(path)
+            runners[("tflite_int8", key)] = runners_lib.tflite_runner(path)
     return runners
 
 

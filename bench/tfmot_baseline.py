@@ -410,7 +410,7 @@ def train_and_evaluate(
     # TensorFlow-only modules, imported here so that the benchmark imports
     # this module on a backend without TensorFlow (`missing()` says why not).
     from keras_sfp import export
-    from keras_sfp.export import measure as deploy
+    from keras_sfp.export import runners as runners_lib
 
     k = _tf_keras()
     sparsity = _tfmot_sparsity()
@@ -463,8 +463,8 @@ def train_and_evaluate(
         (1, *data.input_shape), dtype=np.float32
     )
     runners = {
-        "tfmot": deploy.tflite_runner(tflite),
-        "sfp": deploy.tflite_runner(ref_tflite),
+        "tfmot": runners_lib.tflite_runner(tflite),
+        "sfp": runners_lib.tflite_runner(ref_tflite),
     }
     times = latency.time_alternately(
         {key: (lambda run=run: run(batch)) for key, run in runners.items()},

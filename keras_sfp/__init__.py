@@ -8,8 +8,9 @@ Usage:
     small = keras_sfp.shrink(pruned)
 
 The core runs on every Keras 3 backend (TensorFlow, JAX, PyTorch).
-`export_saved_model` and `export_tflite` need TensorFlow: they are imported
-when first used, so `import keras_sfp` works without it.
+`export_saved_model`, `export_tflite`, `export_onnx` and `export_openvino`
+need TensorFlow: they are imported when first used, so `import keras_sfp`
+works without it.
 """
 
 from keras_sfp.core import criteria, schedules
@@ -33,6 +34,8 @@ __version__ = "0.1.0"
 
 # Public names whose module imports TensorFlow (PEP 562 lazy attributes).
 _TENSORFLOW_EXPORTS = {
+    "export_onnx": "keras_sfp.export",
+    "export_openvino": "keras_sfp.export",
     "export_saved_model": "keras_sfp.export",
     "export_tflite": "keras_sfp.export",
 }
@@ -49,6 +52,8 @@ __all__ = [
     "criteria",
     "describe",
     "distiller",
+    "export_onnx",
+    "export_openvino",
     "export_saved_model",
     "export_tflite",
     "fold_batch_norm",

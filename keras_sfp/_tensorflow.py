@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-
-import keras
+import os
+import re
+import sys
+import tempfile
+import threading
 
 
 def available() -> bool:
@@ -34,7 +37,8 @@ def import_tensorflow(feature: str):
             `feature` and what works without TensorFlow.
     """
     try:
-        import tensorflow as tf
+        with quiet_native_logs():
+            import tensorflow as tf
     except ImportError as error:
         raise ImportError(
             f"{feature} needs TensorFlow, which is not installed "
@@ -52,6 +56,8 @@ def require_tensorflow_backend(feature: str) -> None:
         RuntimeError: On another backend; the message says how to get there
             from a `.keras` file, which loads on every backend.
     """
+    import keras  # here: importing this module must not import Keras (`quiet_startup`)
+
     backend = keras.backend.backend()
     if backend != "tensorflow":
         raise RuntimeError(
@@ -94,3 +100,154 @@ def quiet_info_logs():
     finally:
         for handler in handlers:
             handler.removeFilter(drop)
+
+
+# Loggers third-party converters reconfigure: tf2onnx's conversion calls
+# `logging.basicConfig` (a root handler), sets the absl and TensorFlow
+# loggers' levels and TF_CPP_MIN_LOG_LEVEL; OpenVINO's converter sets the
+# root logger's level and filters.
+_KEPT_LOGGERS = ("", "tensorflow", "absl", "tf2onnx", "openvino")
+_KEPT_ENVIRONMENT = ("TF_CPP_MIN_LOG_LEVEL", "TF_CPP_MAX_VLOG_LEVEL")
+
+
+@contextlib.contextmanager
+def keep_logging_state():
+    """Restores, after the block, the logging settings a converter changes.
+
+    The levels, handlers, filters and `propagate` of the root, `tensorflow`,
+    `absl`, `tf2onnx` and `openvino` loggers, absl's verbosity and
+    TF_CPP_MIN_LOG_LEVEL (and TF_CPP_MAX_VLOG_LEVEL) are put back as they
+    were: a library call leaves the user's logging as it found it.
+    """
+    from absl import logging as absl_logging
+
+    loggers = {name: logging.getLogger(name) for name in _KEPT_LOGGERS}
+    saved = {
+        name: (lg.level, list(lg.handlers), list(lg.filters), lg.propagate)
+        for name, lg in loggers.items()
+    }
+    verbosity = absl_logging.get_verbosity()
+    environment = {name: os.environ.get(name) for name in _KEPT_ENVIRONMENT}
+    try:
+        yield
+    finally:
+        if absl_logging.get_verbosity() != verbosity:  # sets absl's level too
+            absl_logging.set_verbosity(verbosity)
+        for name, lg in loggers.items():
+            level, handlers, filters, propagate = saved[name]
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.filters[:] = filters
+            lg.propagate = propagate
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# What TensorFlow, XLA and TFLite's native code write to file descriptor 2
+# that says nothing to the user of a CPU machine: absl's notice that it logs
+# before being initialised (TF and XLA each carry a copy), C++ INFO lines
+# (`I0000 00:00:... port.cc:153] oneDNN custom operations are on`,
+# `cudart_stub.cc:31] Could not find cuda drivers`), the CUDA probe's error
+# without a GPU (`cuda_platform.cc:52] failed call to cuInit`), the CPU
+# feature notice, and what the TFLite converter and interpreter print
+# (`fully_quantize: 0, inference_type: 6, ...`, `Estimated count of
+# arithmetic ops`, `INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`).
+_NATIVE_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|I\d{4} [\d:.]+ +\d+ \S+:\d+\] "
+    r"|E\d{4} [\d:.]+ +\d+ \S+:\d+\] failed call to cuInit"
+    r"|To enable the following instructions: .*rebuild TensorFlow"
+    r"|INFO: (Created TensorFlow Lite|Initialized TensorFlow Lite runtime)"
+    r"|fully_quantize: \d+, inference_type: "
+    r"|Estimated count of arithmetic ops: "
+)
+_STDERR_LOCK = threading.RLock()
+_depth = 0
+
+
+def is_native_noise(line: str) -> bool:
+    """Whether `quiet_native_logs` drops `line` (see `_NATIVE_NOISE`)."""
+    return _NATIVE_NOISE.match(line) is not None
+
+
+@contextlib.contextmanager
+def quiet_native_logs():
+    """Drops native libraries' known noise from stderr inside the block.
+
+    TensorFlow's C++ logging (absl), XLA's CUDA probe and the TFLite
+    converter and interpreter write straight to file descriptor 2, past
+    Python's `logging` and `TF_CPP_MIN_LOG_LEVEL` (absl prints what is
+    logged before it is initialised whatever the level). Inside the block
+    descriptor 2 goes to a temporary file; at its end the lines are written
+    back to stderr except the known noise (`is_native_noise`): warnings,
+    errors and anything unrecognised still show, after the block. Nothing
+    outside the block is touched (no logging level, no environment
+    variable). Blocks nest; while one is open, other threads' stderr is
+    held back until it closes too.
+    """
+    global _depth
+    with _STDERR_LOCK:
+        if _depth:
+            _depth += 1
+            try:
+                yield
+            finally:
+                _depth -= 1
+            return
+        try:
+            sys.stderr.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+        try:
+            saved = os.dup(2)
+        except OSError:  # no descriptor 2 (a detached process): nothing to do
+            yield
+            return
+        _depth = 1
+        try:
+            with tempfile.TemporaryFile() as capture:
+                os.dup2(capture.fileno(), 2)
+                try:
+                    yield
+                finally:
+                    try:
+                        sys.stderr.flush()
+                    except (AttributeError, ValueError, OSError):
+                        pass
+                    os.dup2(saved, 2)
+                    capture.seek(0)
+                    text = capture.read().decode("utf-8", "replace")
+                    kept = [
+                        line
+                        for line in text.splitlines(keepends=True)
+                        if not is_native_noise(line)
+                    ]
+                    if kept:
+                        os.write(2, "".join(kept).encode("utf-8", "replace"))
+        finally:
+            _depth = 0
+            os.close(saved)
+
+
+def quiet_startup() -> None:
+    """Imports Keras (and TensorFlow, on its backend) without native noise.
+
+    For an entry point, before anything else imports Keras: the absl notice
+    and the INFO lines TensorFlow logs while it loads, and the CUDA probe's
+    `failed call to cuInit` on a machine without a GPU (run here by listing
+    the devices), are dropped (`quiet_native_logs`); what else they write
+    still shows. Does nothing more if Keras is imported already (the lines
+    are out then). Sets no logging level or environment variable.
+    """
+    if "keras" in sys.modules:
+        return
+    with quiet_native_logs():
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()

@@ -28,7 +28,8 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "formats",
         "saved_model,tflite,tflite_int8",
-        f"Comma-separated {measure.FORMATS}.",
+        f"Comma-separated {measure.FORMATS} (onnx and openvino need "
+        "keras-sfp[runtimes]).",
     )
     flags.DEFINE_string(
         "dataset", "fashion_mnist", "Dataset of keras_sfp.training.data."

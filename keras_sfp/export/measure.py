@@ -5,11 +5,13 @@ artifacts' paths, runners and metrics layout; the command line is in
 `keras_sfp.cli.export`.
 
 `export_and_measure` writes, for each named model, the artifacts of
-`keras_sfp.export.saved_model` (SavedModel, TFLite float32/float16/dynamic/int8) and a
-`.keras` reference, then reloads every artifact the way it is deployed
-(`tf.saved_model.load` and its `serving_default` signature,
-`tf.lite.Interpreter` or LiteRT's) and records its size on disk, its top-1
-accuracy on test data and its median CPU latency per batch, in
+`keras_sfp.export` (SavedModel, TFLite float32/float16/dynamic/int8, ONNX,
+OpenVINO IR) and a `.keras` reference, then reloads every artifact the way
+it is deployed (`tf.saved_model.load` and its `serving_default` signature,
+LiteRT's interpreter or `tf.lite.Interpreter` without it, ONNX Runtime's
+CPU execution provider, OpenVINO's CPU plugin) and records its size on
+disk, how far its outputs are from the Keras model's on the test images,
+its top-1 accuracy on them and its median CPU latency per batch, in
 `metrics.json` and a printed table. `train.py --export=...` calls it with the
 original architecture (the trained model with its pruned filters zeroed, as
 `strip_pruning` gives it) beside the shrunk one.
@@ -24,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,13 +37,25 @@ from keras_sfp import export as export_lib
 from keras_sfp._tensorflow import import_tensorflow
 from keras_sfp.core.prune import strip_pruning
 from keras_sfp.core.wrapper import FilterPruning
+from keras_sfp.export import onnx as onnx_lib
+from keras_sfp.export import runners as runners_lib
 from keras_sfp.latency import timing as latency_lib
 from keras_sfp.training import data as data_lib
 
 tf = import_tensorflow("keras_sfp.export.measure")
 
-FORMATS = ("saved_model", "tflite", "tflite_float16", "tflite_dynamic", "tflite_int8")
+FORMATS = (
+    "saved_model",
+    "tflite",
+    "tflite_float16",
+    "tflite_dynamic",
+    "tflite_int8",
+    "onnx",
+    "openvino",
+)
 """Artifact formats `export_and_measure` writes."""
+
+_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 
 _QUANTIZATION = {
     "tflite": None,
@@ -81,83 +94,6 @@ def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _tflite_interpreter(path: str, num_threads: int):
-    try:  # LiteRT, where its package is installed, replaces tf.lite.Interpreter
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        Interpreter = tf.lite.Interpreter
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*Interpreter is deprecated")
-        return Interpreter(model_path=path, num_threads=num_threads)
-
-
-def tflite_runner(path: str, num_threads: int | None = None) -> Callable:
-    """A function `images -> float32 outputs` running a `.tflite` file.
-
-    One interpreter per batch size (resized from the file's batch of 1);
-    integer inputs and outputs of full-integer models are quantized and
-    dequantized with the tensors' scale and zero point.
-
-    Args:
-        path: The `.tflite` file.
-        num_threads: Interpreter threads; `None` uses all CPU cores. Defaults
-            to None.
-
-    Returns:
-        The function.
-    """
-    num_threads = num_threads or os.cpu_count() or 1
-    interpreters = {}
-
-    def run(images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images, np.float32)
-        interpreter = interpreters.get(len(images))
-        if interpreter is None:
-            interpreter = _tflite_interpreter(path, num_threads)
-            index = interpreter.get_input_details()[0]["index"]
-            interpreter.resize_tensor_input(index, images.shape, strict=True)
-            interpreter.allocate_tensors()
-            interpreters[len(images)] = interpreter
-        inp = interpreter.get_input_details()[0]
-        out = interpreter.get_output_details()[0]
-        if np.issubdtype(inp["dtype"], np.integer):
-            scale, zero = inp["quantization"]
-            info = np.iinfo(inp["dtype"])
-            images = np.clip(np.round(images / scale + zero), info.min, info.max)
-        interpreter.set_tensor(inp["index"], images.astype(inp["dtype"]))
-        interpreter.invoke()
-        outputs = interpreter.get_tensor(out["index"])
-        if np.issubdtype(out["dtype"], np.integer):
-            scale, zero = out["quantization"]
-            outputs = (outputs.astype(np.float32) - zero) * scale
-        return outputs.astype(np.float32)
-
-    return run
-
-
-def saved_model_runner(path: str) -> Callable:
-    """A function `images -> outputs` calling a SavedModel's `serving_default`.
-
-    Args:
-        path: A SavedModel directory with a one-input, one-output
-            `serving_default` signature (a version directory of
-            `export_saved_model`).
-
-    Returns:
-        The function; it keeps the loaded SavedModel alive.
-    """
-    loaded = tf.saved_model.load(path)
-    signature = loaded.signatures[export_lib.SERVING_SIGNATURE]
-    (input_name,) = signature.structured_input_signature[1]
-    (output_name,) = signature.structured_outputs
-
-    def run(images: np.ndarray) -> np.ndarray:
-        return signature(**{input_name: tf.constant(images)})[output_name].numpy()
-
-    run.loaded = loaded  # owns the variables the signature reads
-    return run
-
-
 def _save_without_optimizer(model: keras.Model, path: str) -> None:
     # A compiled model saves its optimizer state too, which is no part of
     # what is deployed; a copy from the config is not compiled.
@@ -169,6 +105,9 @@ def _save_without_optimizer(model: keras.Model, path: str) -> None:
 
 
 def _size_bytes(path: str) -> int:
+    if path.endswith(".xml") and os.path.isfile(path):  # OpenVINO IR: with .bin
+        weights = onnx_lib.openvino_weights_path(path)
+        return os.path.getsize(path) + os.path.getsize(weights)
     if os.path.isfile(path):
         return os.path.getsize(path)
     return sum(
@@ -178,12 +117,38 @@ def _size_bytes(path: str) -> int:
     )
 
 
-def _accuracy(run: Callable, x: np.ndarray, y: np.ndarray) -> float:
-    correct = 0
-    for start in range(0, len(x), _EVAL_BATCH):
-        logits = run(x[start : start + _EVAL_BATCH])
-        correct += int(np.sum(np.argmax(logits, -1) == y[start : start + _EVAL_BATCH]))
-    return correct / len(x)
+def _outputs(run: Callable, x: np.ndarray) -> np.ndarray:
+    """`run`'s float32 outputs on `x`, in batches of `_EVAL_BATCH`."""
+    return np.concatenate(
+        [
+            np.asarray(run(x[start : start + _EVAL_BATCH]), np.float32)
+            for start in range(0, len(x), _EVAL_BATCH)
+        ]
+    )
+
+
+def output_difference(outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How far `outputs` are from `reference` (the Keras model's).
+
+    Returns:
+        `max_abs_diff`, the largest absolute difference, and
+        `max_rel_diff`, that over the reference's scale (its largest
+        absolute value; the absolute difference where that is 0).
+
+    Example:
+    >>> output_difference(np.array([[1.0, -4.0]]), np.array([[1.0, -3.0]]))
+    {'max_abs_diff': 1.0, 'max_rel_diff': 0.3333333333333333}
+    """
+    outputs = np.asarray(outputs, np.float64)
+    reference = np.asarray(reference, np.float64)
+    if outputs.shape != reference.shape:
+        raise ValueError(
+            f"An artifact's outputs have shape {outputs.shape}, the Keras model's "
+            f"{reference.shape}"
+        )
+    diff = float(np.max(np.abs(outputs - reference), initial=0.0))
+    scale = float(np.max(np.abs(reference), initial=0.0))
+    return {"max_abs_diff": diff, "max_rel_diff": diff / scale if scale else diff}
 
 
 def _add_speedups(models: Mapping[str, Any]) -> None:
@@ -211,6 +176,13 @@ def _latency_cell(artifact: Mapping, batch: str) -> str:
     return f"{latency[batch]:.2f} ({speedup:.2f}x)"
 
 
+def _diff_cell(artifact: Mapping) -> str:
+    diff = artifact.get("max_rel_diff")
+    if diff is None:
+        return "-"
+    return "0" if diff == 0 else f"{diff:.1e}"
+
+
 def format_metrics_table(metrics: Mapping[str, Any]) -> str:
     """The plain-text table of `export_and_measure`'s metrics.
 
@@ -218,10 +190,12 @@ def format_metrics_table(metrics: Mapping[str, Any]) -> str:
         metrics: What `export_and_measure` returns (without `table`).
 
     Returns:
-        One row per artifact and model, the models of an artifact adjacent.
+        One row per artifact and model, the models of an artifact adjacent;
+        `rel diff` is the artifact's largest output difference from the
+        Keras model relative to the output scale (`max_rel_diff`).
     """
     batch_sizes = metrics["batch_sizes"]
-    header = ("artifact", "model", "size KB", "accuracy") + tuple(
+    header = ("artifact", "model", "size KB", "accuracy", "rel diff") + tuple(
         f"ms@{b}" for b in batch_sizes
     )
     rows = [header]
@@ -239,6 +213,7 @@ def format_metrics_table(metrics: Mapping[str, Any]) -> str:
                     model_name,
                     f"{a['size_bytes'] / 1024:,.1f}",
                     f"{a['accuracy']:.4f}",
+                    _diff_cell(a),
                     *(_latency_cell(a, str(b)) for b in batch_sizes),
                 )
             )
@@ -269,13 +244,20 @@ def export_and_measure(
     Writes `<output_dir>/<name>/model.keras` (the reference, without
     optimizer state),
     `<output_dir>/<name>/saved_model/<version>/` (the next free version, with
-    warmup requests at the latency batch sizes) and
-    `<output_dir>/<name>/model[_<quantization>].tflite` (replaced if
-    present), then `<output_dir>/metrics.json`. For each artifact it records
-    the size on disk in bytes (a SavedModel's whole version directory), the
-    top-1 accuracy on `test_data` and the median milliseconds per call at
-    each batch size, all artifacts timed in alternation on the same batch
-    (the first test images).
+    warmup requests at the latency batch sizes),
+    `<output_dir>/<name>/model[_<quantization>].tflite`,
+    `<output_dir>/<name>/model.onnx` and `<output_dir>/<name>/model.xml`
+    (OpenVINO IR, with `model.bin`) (files replaced if present), then
+    `<output_dir>/metrics.json`. For each artifact it records the size on
+    disk in bytes (a SavedModel's whole version directory, an IR's `.xml`
+    and `.bin`), how far its outputs on the test images are from the Keras
+    model's (`max_abs_diff`, and `max_rel_diff` relative to the largest
+    absolute Keras output), the top-1 accuracy on `test_data` and the
+    median milliseconds per call at each batch size, all artifacts timed in
+    alternation on the same batch (the first test images). ONNX runs in
+    ONNX Runtime (CPU execution provider), OpenVINO IR on OpenVINO's CPU
+    plugin in float32, TFLite in LiteRT's interpreter (`tf.lite` without
+    `ai-edge-litert`).
 
     Args:
         models: `{name: model}`, e.g. `{"original": ..., "shrunk": ...}`.
@@ -288,14 +270,16 @@ def export_and_measure(
         latency_runs: Timed calls per artifact and batch size; 0 skips the
             latency. Defaults to 50.
         batch_sizes: Batch sizes of the latency. Defaults to (1, 32).
-        num_threads: TFLite interpreter threads; `None` uses all CPU cores,
-            as TensorFlow does for the SavedModel. Defaults to None.
+        num_threads: TFLite, ONNX Runtime and OpenVINO threads; `None` uses
+            all CPU cores, as TensorFlow does for the SavedModel. Defaults
+            to None.
 
     Returns:
         The metrics also written to `metrics.json`: `formats`, `num_test`,
-        `batch_sizes`, `latency_runs`, `num_threads`, `models` (per name:
-        `params` and `artifacts`, per artifact `path`, `size_bytes`,
-        `accuracy` and `latency_ms` keyed by batch size) and `table`.
+        `batch_sizes`, `latency_runs`, `num_threads`, `tflite_interpreter`,
+        `models` (per name: `params` and `artifacts`, per artifact `path`,
+        `size_bytes`, `max_abs_diff`, `max_rel_diff`, `accuracy` and
+        `latency_ms` keyed by batch size) and `table`.
 
     Raises:
         ValueError: If a format is unknown, `"tflite_int8"` lacks
@@ -343,6 +327,7 @@ def export_and_measure(
         "batch_sizes": list(batch_sizes),
         "latency_runs": latency_runs,
         "num_threads": num_threads,
+        "tflite_interpreter": runners_lib.tflite_interpreter_name(),
         "models": {},
     }
     runners = {}
@@ -351,13 +336,27 @@ def export_and_measure(
         os.makedirs(directory, exist_ok=True)
         paths = {"keras": os.path.join(directory, "model.keras")}
         _save_without_optimizer(model, paths["keras"])
-        runners[name, "keras"] = latency_lib.compiled_predict(model)
+        runners[name, "keras"] = runners_lib.keras_runner(model)
         for fmt in formats:
             if fmt == "saved_model":
                 paths[fmt] = export_lib.export_saved_model(
                     model, os.path.join(directory, "saved_model"), warmup_inputs=warmup
                 )
-                runners[name, fmt] = saved_model_runner(paths[fmt])
+                runners[name, fmt] = runners_lib.saved_model_runner(paths[fmt])
+                continue
+            if fmt == "onnx":
+                paths[fmt] = onnx_lib.export_onnx(
+                    model, os.path.join(directory, _FILES[fmt]), overwrite=True
+                )
+                runners[name, fmt] = runners_lib.onnx_runner(paths[fmt], num_threads)
+                continue
+            if fmt == "openvino":
+                paths[fmt] = onnx_lib.export_openvino(
+                    model, os.path.join(directory, _FILES[fmt]), overwrite=True
+                )
+                runners[name, fmt] = runners_lib.openvino_runner(
+                    paths[fmt], num_threads
+                )
                 continue
             quantization = _QUANTIZATION[fmt]
             paths[fmt] = export_lib.export_tflite(
@@ -369,18 +368,21 @@ def export_and_measure(
                 ),
                 overwrite=True,
             )
-            runners[name, fmt] = tflite_runner(paths[fmt], num_threads)
+            runners[name, fmt] = runners_lib.tflite_runner(paths[fmt], num_threads)
+        reference = _outputs(runners[name, "keras"], x_test)
+        artifacts = {}
+        for fmt, path in paths.items():
+            outputs = _outputs(runners[name, fmt], x_test)
+            artifacts[fmt] = {
+                "path": path,
+                "size_bytes": _size_bytes(path),
+                **output_difference(outputs, reference),
+                "accuracy": float(np.mean(np.argmax(outputs, -1) == y_test)),
+                "latency_ms": None,
+            }
         metrics["models"][name] = {
             "params": model.count_params(),
-            "artifacts": {
-                fmt: {
-                    "path": path,
-                    "size_bytes": _size_bytes(path),
-                    "accuracy": _accuracy(runners[name, fmt], x_test, y_test),
-                    "latency_ms": None,
-                }
-                for fmt, path in paths.items()
-            },
+            "artifacts": artifacts,
         }
     if latency_runs:
         for b in batch_sizes:

@@ -24,6 +24,7 @@ import numpy as np
 from keras_sfp._tensorflow import (
     import_tensorflow,
     quiet_info_logs,
+    quiet_native_logs,
 )
 from keras_sfp.export._staging import (
     apply_umask,
@@ -249,7 +250,8 @@ def export_tflite(
                 converter.inference_input_type = tf.int8
                 converter.inference_output_type = tf.int8
         try:
-            with quiet_info_logs():
+            # The converter prints (`fully_quantize: 0, ...`) to descriptor 2.
+            with quiet_info_logs(), quiet_native_logs():
                 flatbuffer = converter.convert()
         except Exception as error:
             # A conversion that drew no batch fails for want of one, unless
