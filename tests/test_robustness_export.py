@@ -368,3 +368,15 @@ def test_stale_tflite_staging_is_removed_and_others_kept(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(
         [alive.name, other_host.name, new_legacy.name, users.name, "m.tflite"]
     )
+
+
+def test_a_damaged_keras_file_is_named_by_the_export_command(tmp_path):
+    # Before: Keras's "File not found" for a file that exists.
+    from keras_sfp.export import measure
+
+    bad = tmp_path / "shrunk.keras"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="not a valid .keras file") as error:
+        measure.export_model_files({"shrunk": str(bad)}, tmp_path / "out")
+    assert str(bad) in str(error.value)
+    assert not (tmp_path / "out").exists()

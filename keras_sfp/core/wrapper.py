@@ -1,4 +1,9 @@
-"""The layer wrappers: a convolution's filter mask, the channel masks of hard epochs."""
+"""The layer wrappers: a convolution's filter mask, the channel masks of hard epochs.
+
+Why one module of about 400 lines: both wrappers share the host-side state
+(mask, hard flag, last event) that `.keras` files and backups save, and its
+checks.
+"""
 
 from __future__ import annotations
 

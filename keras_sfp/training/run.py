@@ -1,5 +1,10 @@
 """`train_and_evaluate`: train with Soft Filter Pruning, shrink, measure, save.
 
+Why one module of over 400 lines: the steps below share the run's folder,
+distribution scope and chief-only writes; the configuration is
+`training.config`, the inputs `training.inputs`, the report
+`training.report`, the file writes `training.files`.
+
 1. Load an image-classification dataset (`keras_sfp.training.data.load_dataset`).
 2. Build a model from `models`, wrap it with `keras_sfp.prune_filters`, compile
    it (SGD with Nesterov momentum 0.9, the SFP paper's optimizer; He et al.,
