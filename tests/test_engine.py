@@ -71,3 +71,18 @@ def test_spec_of_refuses_wrappers_that_disagree():
         keras_sfp.spec_of(pruned)
     with pytest.raises(ValueError, match="disagree on `round_to`"):
         keras_sfp.FilterPruner(pruned)
+
+
+def test_a_callback_warns_once_over_several_fits():
+    import warnings
+
+    pruned = keras_sfp.prune_filters(tiny_resnet(), rate=0.5, round_to=1)
+    pruned.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    x, y = random_data(pruned, n=8)
+    callback = keras_sfp.SoftFilterPrune(hard_epochs=0, reset_momentum=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            pruned.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    slots = [w for w in caught if "found no optimizer slot" in str(w.message)]
+    assert len(slots) == 1

@@ -203,6 +203,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
         self._stale_statistics = False
         self.verbose = verbose
         self._pruner = None
+        self._warned = set()
         self._last_epoch = None
 
     # -- set-up --------------------------------------------------------------
@@ -226,6 +227,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
     def _prepare(self):
         _ = self.pruned  # raises this callback's ValueError without wrappers
         self._pruner = engine.FilterPruner(self.model)
+        self._pruner.warned = self._warned  # once per callback, not per fit
 
     def _soft_epochs(self) -> int | None:
         """Epochs of the current `fit` call whose end re-scores the masks."""

@@ -94,8 +94,7 @@ class FilterPruner:
             else np.array([unit[0][0].channel_rate(unit[0][1]) for unit in self.units])
         )
         self._kept_cache = {}  # rate -> kept counts per unit
-        self._warned_slots = False
-        self._warned_rounding = False
+        self.warned = set()  # the warnings given once: "slots", "rounding"
 
     @property
     def never_pruned(self) -> bool:
@@ -200,8 +199,8 @@ class FilterPruner:
             member.kernel.assign(keras.ops.convert_to_numpy(member.kernel) * mask)
             if member.bias is not None:
                 member.bias.assign(keras.ops.convert_to_numpy(member.bias) * mask)
-        if rescore and rate > 0 and pruned == 0 and not self._warned_rounding:
-            self._warned_rounding = True
+        if rescore and rate > 0 and pruned == 0 and "rounding" not in self.warned:
+            self.warned.add("rounding")
             warnings.warn(
                 f"keras-sfp pruned nothing at rate {rate:.3f}: with "
                 f"round_to={self.spec.round_to} every group keeps all its channels "
@@ -228,10 +227,10 @@ class FilterPruner:
                 for slot in _slots(optimizer, weight):
                     slot.assign(keras.ops.convert_to_numpy(slot) * mask)
                     found += 1
-        if not found and not self._warned_slots:
-            self._warned_slots = True
+        if not found and "slots" not in self.warned:
+            self.warned.add("slots")
             warnings.warn(
-                "SoftFilterPrune(reset_momentum=True) found no optimizer slot "
+                "keras-sfp (reset_momentum=True) found no optimizer slot "
                 f"for the pruned kernels in {type(optimizer).__name__} "
                 "(plain SGD has none): nothing was reset.",
                 stacklevel=2,
