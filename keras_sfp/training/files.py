@@ -62,8 +62,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
     Example:
 
-    >>> with atomic_path("run/pruned.keras") as tmp:  # doctest: +SKIP
-    ...     model.save(tmp)
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+    >>> with atomic_path(path) as tmp:
+    ...     with open(tmp, "w") as f:
+    ...         _ = f.write("kept")
+    >>> try:
+    ...     with atomic_path(path) as tmp:
+    ...         with open(tmp, "w") as f:
+    ...             _ = f.write("half writ")
+    ...         raise OSError("disk full")
+    ... except OSError:
+    ...     pass
+    >>> open(path).read(), sorted(os.listdir(os.path.dirname(path)))
+    ('kept', ['notes.txt'])
     """
     path = os.fspath(path)
     temporary = _temporary_name(path)
