@@ -15,7 +15,17 @@ on every runtime available here:
   device-resident inputs, blocking on the result: a GPU when JAX has one);
 - `tflite`: the TFLite float flatbuffer through the interpreter (XNNPACK),
   all CPU cores (TensorFlow backend only);
-- `tflite_int8`: full-integer post-training quantization (`--int8`).
+- `tflite_int8`: full-integer post-training quantization (`--int8`);
+- `onnx`: `keras_sfp.export_onnx` (BatchNormalization folded) in an ONNX
+  Runtime session on the CPU execution provider, all CPU cores;
+- `openvino`: `keras_sfp.export_openvino` (folded) compiled for the CPU by
+  OpenVINO in float32 (`INFERENCE_PRECISION_HINT`), all CPU cores.
+
+`--runtimes` picks among them (`tflite`, `onnx` and `openvino` need the
+TensorFlow backend and their packages: `keras-sfp[runtimes]`; one whose
+package is missing is skipped with a message). Every results file names the
+CPU, its vector extensions and the GPU where one is used (`bench.machine`):
+a figure holds on that machine, not on another.
 
 Besides the `round_to` variants: `latency`, `prune_filters(target_latency=...)`
 over this device's per-layer latency table (`--latency_aware`, cached under
@@ -25,10 +35,14 @@ ends with a summary table: one line per model, runtime and batch size.
 
 Each row gives the MACs ratio (original / shrunk), the measured speedup and
 their quotient, the *efficiency* (1.0 is the physical limit of a MACs
-reduction). Results go to `bench/results/latency_<device>.{md,json,png}`;
+reduction). Results go to `bench/results/<--name>_<device>.{md,json,png}`
+(`--name` defaults to `latency`);
 the PNG plots speedup against MACs ratio per runtime.
 
-    python -m bench.latency                        # 2-core CPU, ~30 min
+    python -m bench.latency    # 2-core CPU; longer now that ONNX Runtime and OpenVINO run too
+    python -m bench.latency --models=resnet56 --round_to=8,16 \
+        --batch_sizes=1,32 --runtimes=keras,tflite,onnx,openvino \
+        --nolatency_aware --nofold --name=latency_runtimes
     KERAS_BACKEND=jax python -m bench.latency      # a GPU through JAX/XLA
 
 On a GPU the input sizes are those of the issue's table (224x224 for the
@@ -51,6 +65,7 @@ from absl import app, flags
 
 import keras_sfp  # noqa: E402
 import models  # noqa: E402
+from bench import machine as machine_lib
 from bench import tables
 from keras_sfp.latency import timing as latency  # noqa: E402
 
@@ -64,6 +79,10 @@ MODELS = {
     "resnet20": (lambda s: models.get_model("resnet20", (s, s, 1)), 0.3, 28, 28),
 }
 SMALL = ("resnet56", "resnet20")  # CIFAR-size inputs: batch 128 on a CPU too
+# Runtimes besides Keras, each on an artifact exported from every variant
+# (the folded variants excepted: each export folds BatchNormalization).
+EXPORTED = ("tflite", "onnx", "openvino")
+RUNTIMES = ("keras", *EXPORTED)
 
 
 flags.DEFINE_list("models", list(MODELS), "Models to measure.")
@@ -85,7 +104,15 @@ flags.DEFINE_string("cache_dir", None, "Latency tables (default: ~/.cache).")
 flags.DEFINE_bool(
     "fold", True, "Add BatchNormalization-folded variants (Keras runtime)."
 )
+flags.DEFINE_list(
+    "runtimes",
+    list(RUNTIMES),
+    f"Runtimes to time, among {', '.join(RUNTIMES)} (tflite_int8 with --int8).",
+)
 flags.DEFINE_string("out", "bench/results", "Directory of the results.")
+flags.DEFINE_string(
+    "name", "latency", "Results file stem: <out>/<name>_<device>.{md,json,png}."
+)
 
 
 def _app(constructor, size: int) -> keras.Model:
@@ -171,9 +198,21 @@ def _runs_for(macs: int, batch: int, runs: int) -> int:
     return int(np.clip(20.0 / max(seconds, 1e-3), 5, 100))
 
 
-def _tflite_runners(named, int8: bool, directory: str) -> dict:
-    """`{(runtime, variant): images -> outputs}`, each model converted once
-    (the interpreter takes any batch size)."""
+def _available(runtime: str) -> bool:
+    """Whether `runtime`'s packages import here (a message where not)."""
+    import importlib.util
+
+    needs = {"onnx": ("onnx", "tf2onnx", "onnxruntime"), "openvino": ("openvino",)}
+    missing = [m for m in needs.get(runtime, ()) if not importlib.util.find_spec(m)]
+    if missing:
+        print(f"skipping runtime {runtime}: {', '.join(missing)} not installed")
+    return not missing
+
+
+def _exported_runners(named, runtimes, int8: bool, directory: str) -> dict:
+    """`{(runtime, variant): images -> outputs}`, each model exported once
+    per runtime of `runtimes` among `EXPORTED` (each runner takes any batch
+    size)."""
     from keras_sfp import export
     from keras_sfp.export import runners as runners_lib
 
@@ -181,17 +220,27 @@ def _tflite_runners(named, int8: bool, directory: str) -> dict:
     runners = {}
     for key, model in named.items():
         if key.endswith("folded"):
-            continue  # the converter folds BatchNormalization itself
-        path = export.export_tflite(model, os.path.join(directory, f"{key}.tflite"))
-        runners[("tflite", key)] = runners_lib.tflite_runner(path)
-        if int8:
-            path = export.export_tflite(
-                model,
-                os.path.join(directory, f"{key}_int8.tflite"),
-                quantization="int8",
-                representative_data=calibration,
+            continue  # every export folds BatchNormalization itself
+        stem = os.path.join(directory, key.replace("=", "_").replace(" ", "_"))
+        if "tflite" in runtimes:
+            path = export.export_tflite(model, f"{stem}.tflite")
+            runners[("tflite", key)] = runners_lib.tflite_runner(path)
+            if int8:
+                path = export.export_tflite(
+                    model,
+                    f"{stem}_int8.tflite",
+                    quantization="int8",
+                    representative_data=calibration,
+                )
+                runners[("tflite_int8", key)] = runners_lib.tflite_runner(path)
+        if "onnx" in runtimes:
+            path = export.export_onnx(model, f"{stem}.onnx")
+            runners[("onnx", key)] = runners_lib.onnx_runner(path)
+        if "openvino" in runtimes:
+            path = export.export_openvino(model, f"{stem}.xml")
+            runners[("openvino", key)] = runners_lib.openvino_runner(
+                path, precision="f32"
             )
-            runners[("tflite_int8", key)] = runners_lib.tflite_runner(path)
     return runners
 
 
@@ -208,30 +257,41 @@ def measure_model(
     runs: int = 0,
     table=None,
     fold: bool = False,
+    runtimes=None,
 ) -> list[dict]:
     """Rows of one model: every runtime and batch, variants side by side.
 
     `table`: a `LatencyTable` to add the latency-aware variant with, or None;
-    `fold`: add the folded variants (see `variants`).
+    `fold`: add the folded variants (see `variants`); `runtimes`: names of
+    `RUNTIMES` to time (None: every one whose packages are installed; the
+    exported ones on the TensorFlow backend only).
     """
+    runtimes = list(RUNTIMES if runtimes is None else runtimes)
+    unknown = sorted(set(runtimes) - set(RUNTIMES))
+    if unknown:
+        raise ValueError(f"Unknown runtimes {unknown}; expected some of {RUNTIMES}")
     _, rate, cpu_size, gpu_size = MODELS[name]
     size = gpu_size if on_gpu() else cpu_size
     named = variants(name, size, round_tos, table is not None, table, fold)
     macs = {key: keras_sfp.count_flops(m) for key, m in named.items()}
     backend = keras.backend.backend()
     directory = tempfile.TemporaryDirectory()
-    tflite = {}
+    exported = {}
     if backend == "tensorflow":
-        tflite = _tflite_runners(named, int8, directory.name)
+        chosen = [r for r in runtimes if r in EXPORTED and _available(r)]
+        exported = _exported_runners(named, chosen, int8, directory.name)
     rows = []
     for batch in batches:
         if not on_gpu() and batch > 32 and name not in SMALL:
             continue
         x = _images(named["original"], batch)
-        runners = {
-            (f"keras-{backend}", key): latency.keras_runner(m, x)
-            for key, m in named.items()
-        } | {key: functools.partial(run, x) for key, run in tflite.items()}
+        runners = {}
+        if "keras" in runtimes:
+            runners = {
+                (f"keras-{backend}", key): latency.keras_runner(m, x)
+                for key, m in named.items()
+            }
+        runners |= {key: functools.partial(run, x) for key, run in exported.items()}
         calls = _runs_for(macs["original"], batch, runs)
         start = time.perf_counter()
         times = latency.time_alternately(runners, runs=calls, warmup=3)
@@ -266,6 +326,8 @@ def measure_model(
 
 def markdown(rows: list[dict], device: str) -> str:
     lines = [
+        f"{machine_lib.header(device)}.",
+        "",
         f"Device: {device}; Keras {keras.__version__} on "
         f"{keras.backend.backend()}. One prune event at the rate shown, "
         "defaults otherwise; original and shrunk variants timed alternately in "
@@ -288,12 +350,14 @@ def markdown(rows: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], device: str | None = None) -> str:
     """One line per model, runtime and batch: each variant's speedup.
 
     A variant's MACs ratio is shown beside its speedup where it differs from
     the default's (`round_to=8`): the latency-aware variant keeps other
-    counts; folding removes no MACs.
+    counts; folding removes no MACs. With `device`
+    (`keras_sfp.latency.timing.device_name()`), the table opens with the
+    machine's line (`bench.machine.header`).
     """
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     lines = []
@@ -321,7 +385,8 @@ def summary(rows: list[dict]) -> str:
         )
     columns = ["model", "runtime", "batch", "MACs ratio", *variants]
     align = "llr" + "r" * (len(columns) - 3)
-    return "\n".join(tables.markdown_table(columns, lines, align)) + "\n"
+    head = [] if device is None else [f"{machine_lib.header(device)}.", ""]
+    return "\n".join(head + tables.markdown_table(columns, lines, align)) + "\n"
 
 
 def plot(rows: list[dict], path: str, device: str) -> None:
@@ -363,7 +428,7 @@ def plot(rows: list[dict], path: str, device: str) -> None:
                         marker=markers[r["variant"]],
                         color=colors[r["model"]],
                     )
-            where = "CPU" if runtime.startswith("tflite") else device
+            where = device if runtime.startswith("keras") else "CPU"
             axis.set_title(f"{runtime} ({where}), batch {batch}", fontsize=9)
             axis.set(xlim=(1, limit), ylim=(0.5, limit))
             if i == len(runtimes) - 1:
@@ -391,7 +456,7 @@ def main(argv):
     batches = [int(b) for b in options.batch_sizes]
     stem = "cpu" if device == "CPU" else device.lower().replace(" ", "_")
     os.makedirs(options.out, exist_ok=True)
-    base = os.path.join(options.out, f"latency_{stem}")
+    base = os.path.join(options.out, f"{options.name}_{stem}")
     table = None
     if options.latency_aware:
         from keras_sfp.latency.table import LatencyTable
@@ -408,6 +473,7 @@ def main(argv):
                 options.runs,
                 table,
                 options.fold,
+                options.runtimes,
             )
         )
         result = {
@@ -415,13 +481,14 @@ def main(argv):
             "backend": keras.backend.backend(),
             "keras": keras.__version__,
             "machine": platform.platform(),
-            "cpus": os.cpu_count(),
+            **machine_lib.describe(device),
+            "runtimes": list(dict.fromkeys(r["runtime"] for r in rows)),
             "rows": rows,
         }
         with open(base + ".json", "w") as f:
             json.dump(result, f, indent=1)
         with open(base + ".md", "w") as f:
-            f.write(markdown(rows, device) + "\n" + summary(rows))
+            f.write(markdown(rows, device) + "\n" + summary(rows, device))
     plot(rows, base + ".png", device)
     print(markdown(rows, device))
 
