@@ -39,7 +39,7 @@ reduction). Results go to `bench/results/<--name>_<device>.{md,json,png}`
 (`--name` defaults to `latency`);
 the PNG plots speedup against MACs ratio per runtime.
 
-    python -m bench.latency    # 2-core CPU; longer now that ONNX Runtime and OpenVINO run too
+    python -m bench.latency    # every model and runtime: the longest run
     python -m bench.latency --models=resnet56 --round_to=8,16 \
         --batch_sizes=1,32 --runtimes=keras,tflite,onnx,openvino \
         --nolatency_aware --nofold --name=latency_runtimes
