@@ -18,7 +18,7 @@ CORE_TESTS := tests/test_wrapper.py tests/test_callback.py tests/test_prune.py \
 	tests/test_allocation.py tests/test_model_zoo_patterns.py \
 	tests/test_latency_table.py tests/test_fold.py tests/test_batch_norm.py \
 	tests/test_distill.py tests/test_sparsity.py tests/test_fixtures.py \
-	tests/test_engine.py \
+	tests/test_engine.py tests/test_machine.py \
 	keras_sfp/core keras_sfp/graph keras_sfp/allocation keras_sfp/recovery \
 	keras_sfp/latency
 CORE_SELECT := -k "not resnet32 and not resnet56 and not resnet110"

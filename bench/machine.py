@@ -8,62 +8,8 @@ table names the CPU, its vector extensions and the GPU where one is used.
 from __future__ import annotations
 
 import os
-import platform
 
-# The vector extensions that decide which kernels a runtime picks, in the
-# order they are reported (x86 /proc/cpuinfo flag names).
-X86_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avx2", "fma")
-ARM_FLAGS = {"asimd": "neon", "neon": "neon", "sve": "sve", "sve2": "sve2"}
-
-
-def _read_cpuinfo() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def cpu_info(cpuinfo: str | None = None, machine: str | None = None) -> dict:
-    """`{"model": name, "extensions": [...]}` of this CPU (or of `cpuinfo`).
-
-    Args:
-        cpuinfo: The text of `/proc/cpuinfo`; `None` reads this machine's.
-        machine: `platform.machine()`'s answer (`"x86_64"`, `"aarch64"`);
-            `None` asks this machine.
-
-    Returns:
-        The first `model name` (or, on ARM, `Hardware` / `CPU part`) of
-        `cpuinfo`, else `platform.processor()` or the architecture; and the
-        extensions of `X86_FLAGS` present (`neon`, `sve`, `sve2` on ARM).
-
-    Example:
-    >>> text = "model name\\t: Xeon\\nflags\\t\\t: fpu avx2 fma avx512f\\n"
-    >>> cpu_info(text, "x86_64")
-    {'model': 'Xeon', 'extensions': ['avx512f', 'avx2', 'fma']}
-    """
-    text = _read_cpuinfo() if cpuinfo is None else cpuinfo
-    machine = platform.machine() if machine is None else machine
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip().lower(), value.strip())
-    model = (
-        fields.get("model name")
-        or fields.get("hardware")
-        or platform.processor()
-        or machine
-        or "unknown CPU"
-    )
-    flags = set((fields.get("flags") or fields.get("features") or "").split())
-    if machine.lower() in ("aarch64", "arm64") or "asimd" in flags:
-        extensions = list(dict.fromkeys(v for k, v in ARM_FLAGS.items() if k in flags))
-        if not extensions and machine.lower() in ("aarch64", "arm64"):
-            extensions = ["neon"]  # Advanced SIMD is mandatory on ARMv8-A
-    else:
-        extensions = [flag for flag in X86_FLAGS if flag in flags]
-    return {"model": model, "extensions": extensions}
+from keras_sfp.latency.machine import cpu_info
 
 
 def cpu_description(cpuinfo: str | None = None, machine: str | None = None) -> str:

@@ -25,6 +25,7 @@ from keras_sfp.core.wrapper import (
 )
 from keras_sfp.graph import keras_graph as _keras_graph
 from keras_sfp.graph.channels import ChannelGraph
+from keras_sfp.latency import machine, timing
 from keras_sfp.latency.table import LatencyTable
 
 WRAPPER_PREFIX = "sfp_"
@@ -87,7 +88,7 @@ def prune_filters(
     criterion="l2",
     schedule=None,
     coupling: str = "group",
-    round_to: int = 8,
+    round_to: int | str = 8,
     skip=None,
     target_macs: float | None = None,
     target_latency: float | None = None,
@@ -143,6 +144,10 @@ def prune_filters(
             With `coupling="layer"` each layer rounds to its nearest multiple
             alone (its pruned residual channels are not all removed, so there
             are no MACs to balance). 1 keeps `floor` counts, as the paper.
+            `"auto"`: the multiple this machine's kernels run fastest at
+            (`keras_sfp.latency.machine.auto_round_to`: 16 with AVX-512, 8
+            with AVX2 or on a GPU, 4 with NEON); the wrappers store the
+            number.
             Defaults to 8, which measured fastest across models and runtimes
             (docs/benchmarks.md, "Latency").
         skip: Names of layers to leave alone. Defaults to None.
@@ -235,6 +240,8 @@ def prune_filters(
             "passed with `target_latency`. Received: "
             f"latency_table={latency_table!r}, target_latency={target_latency!r}"
         )
+    if round_to == "auto":
+        round_to = machine.auto_round_to(device=timing.device_name())
     check_prune_args(
         DEFAULT_RATE if rate is None else rate, criterion, coupling, round_to, schedule
     )

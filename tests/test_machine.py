@@ -1,0 +1,50 @@
+"""`round_to="auto"`: the channel multiple of the machine's kernels."""
+
+import pytest
+
+import keras_sfp
+from conftest import tiny_resnet
+from keras_sfp.latency import machine
+
+
+@pytest.mark.parametrize(
+    "extensions, device, expected",
+    [
+        (["avx512f", "avx512_vnni", "avx2", "fma"], "CPU", 16),
+        (["avx2", "fma"], "CPU", 8),
+        (["neon"], "CPU", 4),
+        ([], "CPU", 8),
+        (["avx512f"], "NVIDIA H200", 8),
+    ],
+)
+def test_auto_round_to_follows_the_vector_width(extensions, device, expected):
+    assert machine.auto_round_to(extensions, device) == expected
+
+
+def test_cpu_info_reads_x86_and_arm_flags():
+    x86 = "model name\t: Xeon\nflags\t\t: fpu avx2 fma avx512f amx_tile\n"
+    assert machine.cpu_info(x86, "x86_64") == {
+        "model": "Xeon",
+        "extensions": ["avx512f", "amx_tile", "avx2", "fma"],
+    }
+    arm = "Features\t: fp asimd sve\nCPU part\t: 0xd0c\n"
+    assert machine.cpu_info(arm, "aarch64")["extensions"] == ["neon", "sve"]
+
+
+@pytest.mark.parametrize("flags, expected", [("avx512f avx2", 16), ("asimd", 4)])
+def test_prune_filters_stores_the_machines_round_to(monkeypatch, flags, expected):
+    cpuinfo = f"model name : test\nflags : {flags}\n"
+    arch = "aarch64" if "asimd" in flags else "x86_64"
+    real = machine.cpu_info
+    monkeypatch.setattr(machine, "cpu_info", lambda: real(cpuinfo, arch))
+    pruned = keras_sfp.prune_filters(tiny_resnet(widths=(32, 64)), round_to="auto")
+    assert keras_sfp.spec_of(pruned).round_to == expected
+    keras_sfp.FilterPruner(pruned).prune(0)
+    for wrapper in keras_sfp.core.prune.wrappers(pruned):
+        kept = int(wrapper.mask.sum())
+        assert kept % expected == 0 or kept == len(wrapper.mask)
+
+
+def test_round_to_must_be_a_number_or_auto():
+    with pytest.raises(ValueError, match="Received: round_to='fast'"):
+        keras_sfp.prune_filters(tiny_resnet(), round_to="fast")
