@@ -17,12 +17,14 @@ deploy and to interrupt:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import socket
 import stat
+import tempfile
 import threading
 import time
 
@@ -186,3 +188,13 @@ def apply_umask(path: str) -> None:
         for name in filenames:
             if not os.path.islink(os.path.join(dirpath, name)):
                 os.chmod(os.path.join(dirpath, name), file_mode)
+
+
+@contextlib.contextmanager
+def staging_dir(directory: str):
+    """A fresh staging folder in `directory` (created if needed), after the
+    stale ones of killed exports are removed; deleted on leaving."""
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_staging(directory)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=staging_prefix()) as path:
+        yield path

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
@@ -39,8 +38,7 @@ from keras_sfp._tensorflow import (
 )
 from keras_sfp.export._staging import (
     apply_umask,
-    remove_stale_staging,
-    staging_prefix,
+    staging_dir,
 )
 from keras_sfp.export.saved_model import check_name, serving_spec
 from keras_sfp.graph import fold
@@ -238,6 +236,7 @@ def export_onnx(
     >>> x = keras.layers.Conv2D(4, 3)(inputs)
     >>> x = keras.layers.GlobalAveragePooling2D()(x)
     >>> model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    >>> import tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
     >>> path == export_onnx(model, path)
     True
@@ -256,9 +255,7 @@ def export_onnx(
         lambda p: [p],
         "export_onnx",
     )
-    os.makedirs(directory, exist_ok=True)
-    remove_stale_staging(directory)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=staging_prefix()) as staging:
+    with staging_dir(directory) as staging:
         staged = os.path.join(staging, "model.onnx")
         _keras_export(model, staged, "onnx", spec, opset_version=opset)
         _rename_onnx(staged, input_name, output_name, onnx)
@@ -325,6 +322,7 @@ def export_openvino(
     >>> x = keras.layers.Conv2D(4, 3)(inputs)
     >>> x = keras.layers.GlobalAveragePooling2D()(x)
     >>> model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    >>> import tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "model.xml")
     >>> path == export_openvino(model, path)
     True
@@ -348,9 +346,7 @@ def export_openvino(
         lambda p: [p, openvino_weights_path(p)],
         "export_openvino",
     )
-    os.makedirs(directory, exist_ok=True)
-    remove_stale_staging(directory)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=staging_prefix()) as staging:
+    with staging_dir(directory) as staging:
         keras_xml = os.path.join(staging, "keras.xml")
         _keras_export(model, keras_xml, "openvino", spec)
         with quiet_native_logs():

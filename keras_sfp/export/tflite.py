@@ -14,7 +14,6 @@ removed first (`keras_sfp.export._staging.remove_stale_staging`).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -28,8 +27,7 @@ from keras_sfp._tensorflow import (
 )
 from keras_sfp.export._staging import (
     apply_umask,
-    remove_stale_staging,
-    staging_prefix,
+    staging_dir,
 )
 from keras_sfp.export.saved_model import (
     SERVING_SIGNATURE,
@@ -189,6 +187,7 @@ def export_tflite(
     >>> x = keras.layers.Conv2D(4, 3)(inputs)
     >>> x = keras.layers.GlobalAveragePooling2D()(x)
     >>> model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    >>> import tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
     >>> calibration = np.random.default_rng(0).random((16, 28, 28, 1))
     >>> path == export_tflite(
@@ -231,9 +230,7 @@ def export_tflite(
             f"`path` exists; pass overwrite=True to replace it. Received: path={path!r}"
         )
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    remove_stale_staging(directory)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=staging_prefix()) as staging:
+    with staging_dir(directory) as staging:
         saved_model_dir = os.path.join(staging, "saved_model")
         write_saved_model(model, saved_model_dir, spec, output_name)
         converter = tf.lite.TFLiteConverter.from_saved_model(

@@ -408,18 +408,10 @@ def _is_size(value) -> bool:
     )
 
 
-def reference_shapes(model, graph_nodes, input_shapes: list) -> dict:
-    """`{id(tensor): shape}` of every tensor of `model`'s graph when its
-    inputs have `input_shapes` (`check_input_shape`'s, batch excluded).
-
-    Shapes are computed symbolically (`compute_output_spec`): nothing runs
-    and no node is added to the model's layers.
-    """
-    tensor_map = {}
-    for tensor, shape in zip(model.inputs, input_shapes):
-        tensor_map[id(tensor)] = keras.KerasTensor(
-            (tensor.shape[0], *shape), dtype=tensor.dtype
-        )
+def _propagate(graph_nodes, tensor_map: dict, call) -> None:
+    """Walks `graph_nodes` in order: each node's `call(node, args, kwargs)`
+    gets its arguments with tensors taken from `tensor_map` (by `id` of the
+    original tensor), and its outputs are recorded there in turn."""
     for node in graph_nodes:
         if node.is_input:
             continue
@@ -427,9 +419,27 @@ def reference_shapes(model, graph_nodes, input_shapes: list) -> dict:
             tensor_map[id(node.outputs[0])] = tensor_map[id(node.inputs[0])]
             continue
         args, kwargs = fill_in(node, tensor_map)
-        outputs = node.operation.compute_output_spec(*args, **kwargs)
+        outputs = call(node, args, kwargs)
         for old, new in zip(node.outputs, keras.tree.flatten(outputs)):
             tensor_map[id(old)] = new
+
+
+def reference_shapes(model, graph_nodes, input_shapes: list) -> dict:
+    """`{id(tensor): shape}` of every tensor of `model`'s graph when its
+    inputs have `input_shapes` (`check_input_shape`'s, batch excluded).
+
+    Shapes are computed symbolically (`compute_output_spec`): nothing runs
+    and no node is added to the model's layers.
+    """
+    tensor_map = {
+        id(tensor): keras.KerasTensor((tensor.shape[0], *shape), dtype=tensor.dtype)
+        for tensor, shape in zip(model.inputs, input_shapes)
+    }
+    _propagate(
+        graph_nodes,
+        tensor_map,
+        lambda node, args, kwargs: node.operation.compute_output_spec(*args, **kwargs),
+    )
     return {key: tuple(value.shape) for key, value in tensor_map.items()}
 
 
@@ -501,19 +511,13 @@ def rebuild(model, graph_nodes, make_operation, name: str) -> keras.Model:
         tensor_map[id(tensor)] = new
         new_inputs.append(new)
     made = {}
-    for node in graph_nodes:
-        if node.is_input:
-            continue
-        if node.is_alias:
-            tensor_map[id(node.outputs[0])] = tensor_map[id(node.inputs[0])]
-            continue
-        key = id(node.operation)
-        if key not in made:
-            made[key] = make_operation(node)
-        args, kwargs = fill_in(node, tensor_map)
-        outputs = made[key](*args, **kwargs)
-        for old, new in zip(node.outputs, keras.tree.flatten(outputs)):
-            tensor_map[id(old)] = new
+
+    def call(node, args, kwargs):
+        if id(node.operation) not in made:
+            made[id(node.operation)] = make_operation(node)
+        return made[id(node.operation)](*args, **kwargs)
+
+    _propagate(graph_nodes, tensor_map, call)
     new_outputs = [tensor_map[id(t)] for t in model.outputs]
     return keras.Model(
         _structure(model, "_inputs_struct", new_inputs),
