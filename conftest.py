@@ -20,3 +20,26 @@ def _public_names() -> dict:
 @pytest.fixture(autouse=True)
 def _doctest_names(doctest_namespace):
     doctest_namespace.update(_public_names(), keras=keras, np=np)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _avx2_machine():
+    """Counts in the suite do not depend on the CPU that runs it.
+
+    `prune_filters(round_to="auto")`, the default, reads this machine's
+    vector extensions (`keras_sfp.latency.machine.cpu_info()`); here they are
+    an AVX2 CPU's, so "auto" is 8 on every machine. `cpu_info` with
+    arguments (a /proc/cpuinfo text) is the real one.
+    """
+    from keras_sfp.latency import machine
+
+    real = machine.cpu_info
+
+    def avx2_cpu(cpuinfo=None, arch=None):
+        if cpuinfo is None and arch is None:
+            return {"model": "AVX2 test CPU", "extensions": ["avx2", "fma"]}
+        return real(cpuinfo, arch)
+
+    with pytest.MonkeyPatch.context() as patch:  # before any module fixture
+        patch.setattr(machine, "cpu_info", avx2_cpu)
+        yield

@@ -64,21 +64,11 @@ import numpy as np
 from absl import app, flags
 
 import keras_sfp  # noqa: E402
-import models  # noqa: E402
 from bench import machine as machine_lib
 from bench import tables
+from bench.latency_models import MODELS, SMALL
 from keras_sfp.latency import timing as latency  # noqa: E402
 
-A = keras.applications
-# name -> (builder(size), rate, CPU input size, GPU input size)
-MODELS = {
-    "resnet50": (lambda s: _app(A.ResNet50, s), 0.3, 160, 224),
-    "mobilenetv2": (lambda s: _app(A.MobileNetV2, s), 0.3, 160, 224),
-    "efficientnetb0": (lambda s: _app(A.EfficientNetB0, s), 0.3, 160, 224),
-    "resnet56": (lambda s: models.get_model("resnet56", (s, s, 3)), 0.4, 32, 32),
-    "resnet20": (lambda s: models.get_model("resnet20", (s, s, 1)), 0.3, 28, 28),
-}
-SMALL = ("resnet56", "resnet20")  # CIFAR-size inputs: batch 128 on a CPU too
 # Runtimes besides Keras, each on an artifact exported from every variant
 # (the folded variants excepted: each export folds BatchNormalization).
 EXPORTED = ("tflite", "onnx", "openvino")
@@ -113,15 +103,6 @@ flags.DEFINE_string("out", "bench/results", "Directory of the results.")
 flags.DEFINE_string(
     "name", "latency", "Results file stem: <out>/<name>_<device>.{md,json,png}."
 )
-
-
-def _app(constructor, size: int) -> keras.Model:
-    return constructor(
-        weights=None,
-        input_shape=(size, size, 3),
-        classes=10,
-        classifier_activation=None,
-    )
 
 
 def on_gpu() -> bool:
@@ -165,7 +146,7 @@ def variants(
         )
     if latency_aware or fold:
         default = result.get("round_to=8") or _shrunk(
-            keras_sfp.prune_filters(model, rate=rate)
+            keras_sfp.prune_filters(model, rate=rate, round_to=8)
         )
     if latency_aware:
         from keras_sfp.allocation.latency_model import predicted_ms

@@ -13,6 +13,11 @@ need TensorFlow: they are imported when first used, so `import keras_sfp`
 works without it.
 """
 
+# ruff: noqa: E402 (Keras is imported quietly before the modules that use it)
+from keras_sfp import _tensorflow
+
+_tensorflow.import_keras_quietly()  # before the modules below import Keras
+
 from keras_sfp.core import criteria, schedules
 from keras_sfp.core.callback import SoftFilterPrune
 from keras_sfp.core.engine import FilterPruner
@@ -28,7 +33,7 @@ from keras_sfp.graph.rules import register_layer, unregister_layer
 from keras_sfp.graph.shrink import shrink
 from keras_sfp.latency.table import LatencyTable
 from keras_sfp.recovery.batch_norm import recalibrate_batch_norm
-from keras_sfp.recovery.distill import distiller
+from keras_sfp.recovery.distill import distiller, logits_distillation
 
 __version__ = "0.1.0"
 
@@ -57,6 +62,7 @@ __all__ = [
     "export_saved_model",
     "export_tflite",
     "fold_batch_norm",
+    "logits_distillation",
     "prune_filters",
     "recalibrate_batch_norm",
     "register_layer",

@@ -232,22 +232,35 @@ def quiet_native_logs():
             os.close(saved)
 
 
-def quiet_startup() -> None:
-    """Imports Keras (and TensorFlow, on its backend) without native noise.
+def import_keras_quietly() -> None:
+    """Imports Keras (and TensorFlow, on its backend) without native notices.
 
-    For an entry point, before anything else imports Keras: the absl notice
-    and the INFO lines TensorFlow logs while it loads, and the CUDA probe's
-    `failed call to cuInit` on a machine without a GPU (run here by listing
-    the devices), are dropped (`quiet_native_logs`); what else they write
-    still shows. Does nothing more if Keras is imported already (the lines
-    are out then). Sets no logging level or environment variable.
+    Run first by `import keras_sfp`: the absl notice and the INFO lines
+    TensorFlow's C++ code logs while it loads (`oneDNN custom operations
+    are on`, `Could not find cuda drivers`) are dropped (`quiet_native_logs`);
+    anything else they write still shows. Does nothing if Keras is imported
+    already. Sets no logging level or environment variable.
     """
     if "keras" in sys.modules:
         return
     with quiet_native_logs():
-        import keras
+        import keras  # noqa: F401
 
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
 
-            tf.config.list_physical_devices()
+def probe_devices_quietly() -> None:
+    """Lists TensorFlow's devices, dropping the CUDA probe's error.
+
+    For an entry point (`keras-sfp-train`, `keras-sfp-export`), before any
+    work: on a machine without a GPU the first device query logs
+    `failed call to cuInit` from C++, which this drops. Physical devices
+    only: visible devices and logical device configurations can still be
+    set afterwards. Nothing on other backends.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return
+    with quiet_native_logs():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()

@@ -193,3 +193,40 @@ def test_distiller_keeps_the_students_regularization_losses():
             verbose=0,
             callbacks=[keras_sfp.SoftFilterPrune(hard_epochs=1, sparse_epochs=1)],
         )
+
+
+def _softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("given", ["default", "keras_default"])
+def test_distillation_loss_is_the_kl_divergence_of_softened_probabilities(given):
+    # Keras's `LogitsDistillation()` applies `kl_divergence` to the clipped
+    # logits; keras_sfp's (and a Keras default passed in) compare softmaxes.
+    teacher = calibrate_batch_norm(small_net())
+    student = keras_sfp.prune_filters(teacher, rate=0.5, round_to=1)
+    keras_sfp.FilterPruner(student).prune(0)  # the student now differs
+    x, y = random_data(teacher, n=16)
+    kwargs = {}
+    if given == "keras_default":
+        passed = keras.distillation.LogitsDistillation(temperature=2.0)
+        kwargs["distillation_losses"] = [passed]
+    distiller = keras_sfp.distiller(
+        teacher, student, temperature=2.0, student_loss_weight=0.0, **kwargs
+    )
+    distiller.compile("sgd", LOSS)
+    loss = distiller.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    t = _softmax(keras.ops.convert_to_numpy(teacher(x, training=False)) / 2.0)
+    s = _softmax(keras.ops.convert_to_numpy(student(x, training=False)) / 2.0)
+    expected = 4.0 * np.mean(np.sum(t * np.log(t / s), axis=-1))
+    assert expected > 0.01  # the pruned student does differ
+    np.testing.assert_allclose(loss["loss"], expected, rtol=1e-4)
+    if given == "keras_default":  # replaced by a copy, not changed
+        assert passed.loss is keras.losses.kl_divergence
+        assert distiller.distillation_losses[0] is not passed
+
+
+def test_logits_distillation_checks_its_temperature():
+    with pytest.raises(ValueError, match="temperature"):
+        keras_sfp.logits_distillation(temperature=-1.0)

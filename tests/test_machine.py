@@ -45,6 +45,15 @@ def test_prune_filters_stores_the_machines_round_to(monkeypatch, flags, expected
         assert kept % expected == 0 or kept == len(wrapper.mask)
 
 
+def test_the_default_round_to_is_the_machines(monkeypatch):
+    real = machine.cpu_info
+    model = tiny_resnet(widths=(32, 64))
+    assert keras_sfp.spec_of(keras_sfp.prune_filters(model)).round_to == 8  # AVX2
+    cpuinfo = "model name : test\nflags : avx512f avx2\n"
+    monkeypatch.setattr(machine, "cpu_info", lambda: real(cpuinfo, "x86_64"))
+    assert keras_sfp.spec_of(keras_sfp.prune_filters(model)).round_to == 16
+
+
 def test_round_to_must_be_a_number_or_auto():
     with pytest.raises(ValueError, match="Received: round_to='fast'"):
         keras_sfp.prune_filters(tiny_resnet(), round_to="fast")

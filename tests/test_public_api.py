@@ -1,8 +1,14 @@
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import keras_sfp
+
+_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def test_every_published_name_resolves():
@@ -28,3 +34,33 @@ def test_export_functions_import_on_first_use():
 def test_unknown_attributes_raise_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         keras_sfp.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-c", "import keras_sfp"],
+        [os.path.join(_ROOT, "train.py"), "--helpshort"],
+    ],
+    ids=["import", "train_help"],
+)
+def test_start_up_prints_no_native_notices(command):
+    # TensorFlow's C++ start-up lines (absl's notice, oneDNN and CUDA-driver
+    # INFO lines, the CUDA probe's cuInit error without a GPU) are dropped;
+    # `_tensorflow.is_native_noise` names them.
+    done = subprocess.run(
+        [sys.executable, *command],
+        cwd=_ROOT,
+        env=dict(os.environ, KERAS_BACKEND="tensorflow"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # absl's --helpshort exits with status 1 after printing the flags.
+    assert done.returncode == 0 or "--round_to" in done.stdout, done.stderr[-2000:]
+    noise = [
+        line
+        for line in done.stderr.splitlines(keepends=True)
+        if keras_sfp._tensorflow.is_native_noise(line)
+    ]
+    assert not noise, noise

@@ -204,6 +204,7 @@ def test_main_builds_config_from_flags(monkeypatch):
         "--sparsity=0.001",
         "--recalibration_steps=5",
         "--distill",
+        "--round_to=16",
     ]
     remaining = values(argv)
     cli.main(remaining, values)
@@ -227,6 +228,7 @@ def test_main_builds_config_from_flags(monkeypatch):
         sparsity=0.001,
         recalibration_steps=5,
         distill=True,
+        round_to=16,
     )
 
 
@@ -270,6 +272,10 @@ def test_flag_defaults_are_the_config_defaults():
         ),
         ({"latency_table": "t.json"}, "latency_table='t.json', target_latency=None"),
         ({"target_latency": 1.0}, "target_latency=1.0"),
+        ({"round_to": "fast"}, "round_to='fast'"),
+        ({"round_to": "0"}, "positive integer or 'auto'. Received: round_to='0'"),
+        ({"round_to": 0}, "round_to=0"),
+        ({"round_to": 2.5}, "round_to=2.5"),
         (
             {"target_latency": 0.5, "distribute": "multi_process"},
             "distribute='multi_process'",
@@ -279,6 +285,12 @@ def test_flag_defaults_are_the_config_defaults():
 def test_invalid_config_says_what_was_received(kwargs, message):
     with pytest.raises(ValueError, match=message):
         config_lib.TrainConfig(**kwargs)
+
+
+def test_round_to_is_auto_or_a_number():
+    assert config_lib.TrainConfig().round_to == "auto"
+    assert config_lib.TrainConfig(round_to="16").round_to == 16
+    assert config_lib.TrainConfig(round_to=np.int64(4)).round_to == 4
 
 
 def test_pruning_schedule_flag_maps_to_prune_filters_argument():

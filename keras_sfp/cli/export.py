@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from keras_sfp import _tensorflow
 from keras_sfp.export import measure
 
 
@@ -74,6 +75,7 @@ def run_main() -> None:
     # Flags are defined here, not at import: importing this module (its
     # doctests, another program's) registers nothing.
     _define_flags()
+    _tensorflow.probe_devices_quietly()
     app.run(main)
 
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from keras_sfp import _tensorflow
 from keras_sfp.training import config as config_lib
 from keras_sfp.training import files, run
 
@@ -121,6 +122,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
 def run_main() -> None:
     """The `keras-sfp-train` command (`train.py`, `python -m keras_sfp.cli.train`)."""
     define_flags()
+    _tensorflow.probe_devices_quietly()
     app.run(main, flags_parser=parse_flags)
 
 

@@ -82,13 +82,25 @@ def _maskable_offset_layers(graph: ChannelGraph) -> list:
     return layers
 
 
+def resolve_round_to(round_to):
+    """`round_to`, with `"auto"` replaced by this machine's multiple.
+
+    `keras_sfp.latency.machine.auto_round_to` for the device Keras runs on
+    (`keras_sfp.latency.timing.device_name`); any other value is returned
+    as it is (`prune_filters` checks it).
+    """
+    if isinstance(round_to, str) and round_to == "auto":
+        return machine.auto_round_to(device=timing.device_name())
+    return round_to
+
+
 def prune_filters(
     model: keras.Model,
     rate: float | None = None,
     criterion="l2",
     schedule=None,
     coupling: str = "group",
-    round_to: int | str = 8,
+    round_to: int | str = "auto",
     skip=None,
     target_macs: float | None = None,
     target_latency: float | None = None,
@@ -145,11 +157,13 @@ def prune_filters(
             alone (its pruned residual channels are not all removed, so there
             are no MACs to balance). 1 keeps `floor` counts, as the paper.
             `"auto"`: the multiple this machine's kernels run fastest at
-            (`keras_sfp.latency.machine.auto_round_to`: 16 with AVX-512, 8
-            with AVX2 or on a GPU, 4 with NEON); the wrappers store the
-            number.
-            Defaults to 8, which measured fastest across models and runtimes
-            (docs/benchmarks.md, "Latency").
+            (`keras_sfp.latency.machine.auto_round_to`: 16 on a CPU with
+            AVX-512, 8 with AVX2 or on a GPU, 4 with NEON); the wrappers
+            store the number. Prune on (or pass the number of) the machine
+            you deploy to. Defaults to `"auto"`: on an AVX-512 CPU, 16
+            was faster than 8 on LiteRT, ONNX Runtime and OpenVINO for
+            ResNet-56, ResNet-50 and MobileNetV2 (docs/benchmarks.md,
+            "Latency").
         skip: Names of layers to leave alone. Defaults to None.
         target_macs: Fraction of the model's multiply-accumulates to keep,
             in (0, 1], instead of a `rate`: the smallest rate whose unrounded
@@ -240,8 +254,7 @@ def prune_filters(
             "passed with `target_latency`. Received: "
             f"latency_table={latency_table!r}, target_latency={target_latency!r}"
         )
-    if round_to == "auto":
-        round_to = machine.auto_round_to(device=timing.device_name())
+    round_to = resolve_round_to(round_to)
     check_prune_args(
         DEFAULT_RATE if rate is None else rate, criterion, coupling, round_to, schedule
     )

@@ -13,6 +13,7 @@ import keras
 from absl import logging
 
 import keras_sfp
+from keras_sfp.core import prune as prune_lib
 from keras_sfp.training import config as config_lib
 from keras_sfp.training import data as data_lib
 from keras_sfp.training import files
@@ -67,7 +68,7 @@ def _warn_ignored_settings(config: TrainConfig, spec) -> None:
     ours = {
         "criterion": config.criterion,
         "coupling": config.coupling,
-        "round_to": config.round_to,
+        "round_to": prune_lib.resolve_round_to(config.round_to),
         "schedule": pruning_schedule(config),
     }
     differ = {
