@@ -31,15 +31,15 @@ def _avx2_machine():
     an AVX2 CPU's, so "auto" is 8 on every machine. `cpu_info` with
     arguments (a /proc/cpuinfo text) is the real one.
     """
-    from keras_sfp.latency import machine
+    from keras_sfp.latency import machine as machine_lib
 
-    real = machine.cpu_info
+    real = machine_lib.cpu_info
 
-    def avx2_cpu(cpuinfo=None, arch=None):
-        if cpuinfo is None and arch is None:
+    def avx2_cpu(cpuinfo=None, machine=None):
+        if cpuinfo is None and machine is None:
             return {"model": "AVX2 test CPU", "extensions": ["avx2", "fma"]}
-        return real(cpuinfo, arch)
+        return real(cpuinfo, machine)
 
     with pytest.MonkeyPatch.context() as patch:  # before any module fixture
-        patch.setattr(machine, "cpu_info", avx2_cpu)
+        patch.setattr(machine_lib, "cpu_info", avx2_cpu)
         yield

@@ -154,7 +154,7 @@ def variants(
         start, measured = time.perf_counter(), table.measured
         fraction = predicted_ms(default, table) / predicted_ms(model, table)
         pruned = keras_sfp.prune_filters(
-            model, target_latency=fraction, latency_table=table
+            model, target_latency=fraction, latency_table=table, round_to=8
         )
         print(
             f"{name}: latency allocation for target {fraction:.3f} in "

@@ -37,6 +37,7 @@ uniform one) so that the kept counts add up to the target exactly.
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import os
 import time
@@ -46,6 +47,7 @@ import keras
 import numpy as np
 
 from keras_sfp.latency import timing as latency
+from keras_sfp.recovery import batch_norm as batch_norm_lib
 from keras_sfp.training import inputs
 from keras_sfp.training.config import TrainConfig
 from models import resnet
@@ -339,6 +341,38 @@ def prune(model, sparsities: Mapping[str, float], schedule: str, steps: int):
     return _tf_keras().models.clone_model(model, clone_function=wrap)
 
 
+def recalibrate_batch_norm(model, data, steps: int) -> int:
+    """`keras_sfp.recalibrate_batch_norm` for a `tf_keras` model.
+
+    Every BatchNormalization's moving mean and variance become the average
+    of the batch statistics of up to `steps` training-mode forward passes
+    over `data` (the forms `keras_sfp.recalibrate_batch_norm` reads), as
+    the SFP runs of the same setting get at the end of training
+    (`recalibration_steps`): the baseline is measured with the same fix.
+
+    Returns:
+        The number of batches used.
+    """
+    k = _tf_keras()
+    layers = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, k.layers.BatchNormalization) and layer.trainable
+    ]
+    momenta = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        for batch in itertools.islice(batch_norm_lib._batches(data, 32), steps):
+            for layer in layers:  # batch k (from 0) gets weight 1 / (k + 1)
+                layer.momentum = used / (used + 1)
+            model(batch, training=True)
+            used += 1
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    return used
+
+
 def _compile(model, learning_rate):
     k = _tf_keras()
     model.compile(
@@ -448,6 +482,8 @@ def train_and_evaluate(
     seconds = time.perf_counter() - began
     soft = pruned.evaluate(test_ds, verbose=0, return_dict=True)
     stripped = sparsity.strip_pruning(pruned)
+    if config.recalibration_steps:
+        recalibrate_batch_norm(stripped, train_ds, config.recalibration_steps)
     stripped.compile(
         loss=k.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],

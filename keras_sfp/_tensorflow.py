@@ -56,7 +56,7 @@ def require_tensorflow_backend(feature: str) -> None:
         RuntimeError: On another backend; the message says how to get there
             from a `.keras` file, which loads on every backend.
     """
-    import keras  # here: importing this module must not import Keras (`quiet_startup`)
+    import keras  # here: importing this module must not import Keras
 
     backend = keras.backend.backend()
     if backend != "tensorflow":
@@ -206,9 +206,15 @@ def quiet_native_logs():
         except OSError:  # no descriptor 2 (a detached process): nothing to do
             yield
             return
+        try:
+            capture = tempfile.TemporaryFile()
+        except OSError:  # no writable temporary folder: nothing is filtered
+            os.close(saved)
+            yield
+            return
         _depth = 1
         try:
-            with tempfile.TemporaryFile() as capture:
+            with capture:
                 os.dup2(capture.fileno(), 2)
                 try:
                     yield

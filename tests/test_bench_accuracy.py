@@ -380,7 +380,30 @@ def test_tf_keras_copy_reproduces_the_keras_model():
     )
 
 
-def test_tf_keras_copy_rejects_other_models():
+def test_tf_keras_batch_norm_is_re_estimated_as_keras_sfp_does():
+    copy = tfmot_baseline.tf_keras_copy(_tiny_resnet())
+    rng = np.random.default_rng(6)
+    x = rng.normal(3.0, 2.0, (64, 12, 12, 1)).astype("float32")
+    bn = next(
+        layer
+        for layer in copy.layers
+        if isinstance(layer, tf_keras.layers.BatchNormalization)
+    )
+    features = np.asarray(tf_keras.Model(copy.inputs, bn.input)(x))
+    # 64 rows in batches of 32: 2 batches of the 5 asked for.
+    used = tfmot_baseline.recalibrate_batch_norm(copy, (x, np.zeros(64)), steps=5)
+    assert used == 2
+    np.testing.assert_allclose(
+        np.asarray(bn.moving_mean), features.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5
+    )
+    expected_variance = np.mean(
+        [features[i : i + 32].var(axis=(0, 1, 2)) for i in (0, 32)], axis=0
+    )
+    np.testing.assert_allclose(
+        np.asarray(bn.moving_variance), expected_variance, rtol=1e-3, atol=1e-5
+    )
+    assert bn.momentum == 0.9  # restored
+
     inputs = keras.Input((4, 4, 1))
     other = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     with pytest.raises(ValueError, match="`model` must be a models.cifar_resnet"):
@@ -443,3 +466,13 @@ def test_tfmot_jobs_are_skipped_with_a_message_without_tensorflow(monkeypatch, c
     out = capsys.readouterr().out
     assert "Not run: scratch/tfmot_plm, trained/tfmot_plm" in out
     assert "no tensorflow" in out
+
+
+def test_a_run_folder_of_other_settings_is_refused(tmp_path):
+    accuracy.Runner("smoke", str(tmp_path))
+    accuracy.Runner("smoke", str(tmp_path))  # the same setting: resumes
+    path = tmp_path / "smoke" / "setting.json"
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(stored, bn_momentum=0.9)))
+    with pytest.raises(ValueError, match=r"bn_momentum differ: \{'bn_momentum': 0.9"):
+        accuracy.Runner("smoke", str(tmp_path))

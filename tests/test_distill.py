@@ -113,6 +113,8 @@ def test_distiller_round_trips_through_a_keras_file(tmp_path):
     path = str(tmp_path / "distiller.keras")
     distiller.save(path)
     loaded = keras.saving.load_model(path, compile=False)
+    (distillation,) = loaded.distillation_losses
+    assert isinstance(distillation.loss, keras.losses.KLDivergence)
     assert _masks(loaded.student).keys() == _masks(distiller.student).keys()
     for name, mask in _masks(distiller.student).items():
         np.testing.assert_array_equal(_masks(loaded.student)[name], mask)
@@ -200,7 +202,7 @@ def _softmax(z):
     return np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("given", ["default", "keras_default"])
+@pytest.mark.parametrize("given", ["default", "keras_default", "class"])
 def test_distillation_loss_is_the_kl_divergence_of_softened_probabilities(given):
     # Keras's `LogitsDistillation()` applies `kl_divergence` to the clipped
     # logits; keras_sfp's (and a Keras default passed in) compare softmaxes.
@@ -208,13 +210,19 @@ def test_distillation_loss_is_the_kl_divergence_of_softened_probabilities(given)
     student = keras_sfp.prune_filters(teacher, rate=0.5, round_to=1)
     keras_sfp.FilterPruner(student).prune(0)  # the student now differs
     x, y = random_data(teacher, n=16)
-    kwargs = {}
-    if given == "keras_default":
-        passed = keras.distillation.LogitsDistillation(temperature=2.0)
-        kwargs["distillation_losses"] = [passed]
-    distiller = keras_sfp.distiller(
-        teacher, student, temperature=2.0, student_loss_weight=0.0, **kwargs
-    )
+    passed = keras.distillation.LogitsDistillation(temperature=2.0)
+    if given == "class":  # as a saved distiller is rebuilt by from_config
+        distiller = keras_sfp.recovery.distill.Distiller(
+            teacher=teacher,
+            student=student,
+            distillation_losses=passed,
+            student_loss_weight=0.0,
+        )
+    else:
+        kwargs = {"distillation_losses": [passed]} if given == "keras_default" else {}
+        distiller = keras_sfp.distiller(
+            teacher, student, temperature=2.0, student_loss_weight=0.0, **kwargs
+        )
     distiller.compile("sgd", LOSS)
     loss = distiller.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
     t = _softmax(keras.ops.convert_to_numpy(teacher(x, training=False)) / 2.0)
@@ -222,8 +230,8 @@ def test_distillation_loss_is_the_kl_divergence_of_softened_probabilities(given)
     expected = 4.0 * np.mean(np.sum(t * np.log(t / s), axis=-1))
     assert expected > 0.01  # the pruned student does differ
     np.testing.assert_allclose(loss["loss"], expected, rtol=1e-4)
-    if given == "keras_default":  # replaced by a copy, not changed
-        assert passed.loss is keras.losses.kl_divergence
+    assert passed.loss is keras.losses.kl_divergence  # not changed
+    if given != "default":  # replaced by a right copy
         assert distiller.distillation_losses[0] is not passed
 
 

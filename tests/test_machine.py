@@ -4,7 +4,7 @@ import pytest
 
 import keras_sfp
 from conftest import tiny_resnet
-from keras_sfp.latency import machine
+from keras_sfp.latency import machine, timing
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,7 @@ def test_cpu_info_reads_x86_and_arm_flags():
 
 @pytest.mark.parametrize("flags, expected", [("avx512f avx2", 16), ("asimd", 4)])
 def test_prune_filters_stores_the_machines_round_to(monkeypatch, flags, expected):
+    monkeypatch.setattr(timing, "device_name", lambda: "CPU")  # a GPU gives 8
     cpuinfo = f"model name : test\nflags : {flags}\n"
     arch = "aarch64" if "asimd" in flags else "x86_64"
     real = machine.cpu_info
@@ -46,6 +47,7 @@ def test_prune_filters_stores_the_machines_round_to(monkeypatch, flags, expected
 
 
 def test_the_default_round_to_is_the_machines(monkeypatch):
+    monkeypatch.setattr(timing, "device_name", lambda: "CPU")  # a GPU gives 8
     real = machine.cpu_info
     model = tiny_resnet(widths=(32, 64))
     assert keras_sfp.spec_of(keras_sfp.prune_filters(model)).round_to == 8  # AVX2
@@ -57,3 +59,15 @@ def test_the_default_round_to_is_the_machines(monkeypatch):
 def test_round_to_must_be_a_number_or_auto():
     with pytest.raises(ValueError, match="Received: round_to='fast'"):
         keras_sfp.prune_filters(tiny_resnet(), round_to="fast")
+
+
+def test_auto_is_at_most_8_with_layer_coupling(monkeypatch):
+    # Each layer rounds alone there: 16 would halve or keep 32-filter layers.
+    monkeypatch.setattr(timing, "device_name", lambda: "CPU")
+    real = machine.cpu_info
+    cpuinfo = "model name : test\nflags : avx512f avx2\n"
+    monkeypatch.setattr(machine, "cpu_info", lambda: real(cpuinfo, "x86_64"))
+    model = tiny_resnet(widths=(32, 64))
+    pruned = keras_sfp.prune_filters(model, coupling="layer")
+    assert keras_sfp.spec_of(pruned).round_to == 8
+    assert keras_sfp.spec_of(keras_sfp.prune_filters(model)).round_to == 16

@@ -36,6 +36,9 @@ def test_unknown_attributes_raise_attribute_error():
         keras_sfp.nothing  # noqa: B018
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None, reason="the notices are TF's"
+)
 @pytest.mark.parametrize(
     "command",
     [

@@ -149,7 +149,7 @@ class SoftFilterPrune(keras.callbacks.Callback):
     >>> x = keras.layers.Conv2D(32, 3, activation="relu")(inputs)
     >>> x = keras.layers.GlobalAveragePooling2D()(x)
     >>> model = keras.Model(inputs, keras.layers.Dense(2)(x))
-    >>> pruned = prune_filters(model, rate=0.3)
+    >>> pruned = prune_filters(model, rate=0.3, round_to=8)
     >>> pruned.compile("sgd", "mse")
     >>> history = pruned.fit(np.ones((4, 8, 8, 1)), np.ones((4, 2)), epochs=2,
     ...                      verbose=0, callbacks=[SoftFilterPrune()])

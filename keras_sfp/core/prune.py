@@ -82,15 +82,19 @@ def _maskable_offset_layers(graph: ChannelGraph) -> list:
     return layers
 
 
-def resolve_round_to(round_to):
+def resolve_round_to(round_to, coupling: str = "group"):
     """`round_to`, with `"auto"` replaced by this machine's multiple.
 
     `keras_sfp.latency.machine.auto_round_to` for the device Keras runs on
-    (`keras_sfp.latency.timing.device_name`); any other value is returned
-    as it is (`prune_filters` checks it).
+    (`keras_sfp.latency.timing.device_name`), at most 8 with
+    `coupling="layer"` (each layer rounds to its nearest multiple alone,
+    with no balancing: 16 would keep a 32-filter layer whole at rate 0.2
+    and halve it at 0.3); any other value is returned as it is
+    (`prune_filters` checks it).
     """
     if isinstance(round_to, str) and round_to == "auto":
-        return machine.auto_round_to(device=timing.device_name())
+        multiple = machine.auto_round_to(device=timing.device_name())
+        return min(multiple, 8) if coupling == "layer" else multiple
     return round_to
 
 
@@ -254,7 +258,12 @@ def prune_filters(
             "passed with `target_latency`. Received: "
             f"latency_table={latency_table!r}, target_latency={target_latency!r}"
         )
-    round_to = resolve_round_to(round_to)
+    if isinstance(round_to, str) and round_to != "auto":
+        raise ValueError(
+            "`round_to` must be a positive integer or 'auto'. "
+            f"Received: round_to={round_to!r}"
+        )
+    round_to = resolve_round_to(round_to, coupling)
     check_prune_args(
         DEFAULT_RATE if rate is None else rate, criterion, coupling, round_to, schedule
     )

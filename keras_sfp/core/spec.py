@@ -74,7 +74,7 @@ def spec_of(model: keras.Model) -> PruningSpec:
     >>> x = keras.layers.Conv2D(16, 3, padding="same")(inputs)
     >>> x = keras.layers.GlobalAveragePooling2D()(x)
     >>> model = keras.Model(inputs, keras.layers.Dense(2)(x))
-    >>> spec_of(prune_filters(model, rate=0.25, criterion="l1"))
+    >>> spec_of(prune_filters(model, rate=0.25, criterion="l1", round_to=8))
     PruningSpec(rate=0.25, criterion='l1', schedule=None, coupling='group', \
 round_to=8, reference_shape=None)
     """

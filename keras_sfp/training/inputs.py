@@ -68,7 +68,7 @@ def _warn_ignored_settings(config: TrainConfig, spec) -> None:
     ours = {
         "criterion": config.criterion,
         "coupling": config.coupling,
-        "round_to": prune_lib.resolve_round_to(config.round_to),
+        "round_to": prune_lib.resolve_round_to(config.round_to, config.coupling),
         "schedule": pruning_schedule(config),
     }
     differ = {

@@ -53,6 +53,7 @@ def collect(
             "export": export,
             "learning_rate": config.resolved_learning_rate(),
             "rate": keras_sfp.spec_of(pruned).rate,
+            "round_to": keras_sfp.spec_of(pruned).round_to,  # "auto" resolved
             "hard_epochs": config.resolved_hard_epochs(),
             "allocation": config.resolved_allocation(),
             "distill": distilled,
