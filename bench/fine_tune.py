@@ -46,7 +46,8 @@ generalisation gap) and on the test set (with the soft-masked model's, which
 `shrink` matches exactly), the MACs kept and the wall time of the
 fine-tune. Results go to `bench/results/fine_tune_<setting>.{md,json,png}`;
 finished runs are kept in `runs/fine_tune/<setting>/runs.jsonl`, so an
-interrupted run resumes.
+interrupted run resumes. Another `--rate` than 0.3 gets its own folder and
+files (`<setting>_r<rate>`), which reuse the setting's trained networks.
 
     python -m bench.fine_tune                      # 3 seeds, ~25 min on 2 cores
     python -m bench.fine_tune --only=sfp,sfp_keras_bn --seeds=1
@@ -299,20 +300,31 @@ def _plot(by_recipe: dict, path: str) -> None:
             )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Short fine-tune of a trained ResNet-20, 52.6 % of the MACs")
+    ax.set_title(f"Short fine-tune of a trained ResNet-20, rate {FLAGS.rate}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _name(setting: str, rate: float) -> str:
+    """The run folder's and results' name: the setting, and a rate not 0.3."""
+    return setting if rate == 0.3 else f"{setting}_r{rate}"
+
+
 def main(argv) -> None:
     del argv
     setting = SETTINGS[FLAGS.setting]
-    run_dir = os.path.join("runs", "fine_tune", FLAGS.setting)
+    folder = _name(FLAGS.setting, FLAGS.rate)
+    run_dir = os.path.join("runs", "fine_tune", folder)
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "runs.jsonl")
     rows = jobs_lib.read_log(log)
+    base_dir = os.path.join("runs", "fine_tune", FLAGS.setting)
+    os.makedirs(base_dir, exist_ok=True)
+    if folder != FLAGS.setting:  # the unpruned fine-tune does not depend on rate
+        base = jobs_lib.read_log(os.path.join(base_dir, "runs.jsonl"))
+        rows += [r for r in base if r["recipe"] == "unpruned"]
     names = FLAGS.only or list(RECIPES)
     unknown = sorted(set(names) - set(RECIPES))
     if unknown:
@@ -335,7 +347,7 @@ def main(argv) -> None:
         for seed, name in jobs:
             if seed not in trained_by_seed:
                 trained_by_seed[seed] = trained_network(
-                    os.path.join(run_dir, f"trained_s{seed}.keras"),
+                    os.path.join(base_dir, f"trained_s{seed}.keras"),
                     seed,
                     x,
                     y,
@@ -354,9 +366,7 @@ def main(argv) -> None:
             rows.append(row)
             jobs_lib.append_log(log, row)
     os.makedirs(os.path.join("bench", "results"), exist_ok=True)
-    report(
-        rows, os.path.join("bench", "results", f"fine_tune_{FLAGS.setting}"), setting
-    )
+    report(rows, os.path.join("bench", "results", f"fine_tune_{folder}"), setting)
 
 
 if __name__ == "__main__":
