@@ -359,18 +359,8 @@ def recalibrate_batch_norm(model, data, steps: int) -> int:
         for layer in model.layers
         if isinstance(layer, k.layers.BatchNormalization) and layer.trainable
     ]
-    momenta = [layer.momentum for layer in layers]
-    used = 0
-    try:
-        for batch in itertools.islice(batch_norm_lib._batches(data, 32), steps):
-            for layer in layers:  # batch k (from 0) gets weight 1 / (k + 1)
-                layer.momentum = used / (used + 1)
-            model(batch, training=True)
-            used += 1
-    finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
-    return used
+    batches = itertools.islice(batch_norm_lib._batches(data, 32), steps)
+    return batch_norm_lib.average_batch_statistics(model, layers, batches)
 
 
 def _compile(model, learning_rate):

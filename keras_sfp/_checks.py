@@ -20,6 +20,20 @@ def int_at_least(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def round_to(value, received=None):
+    """`"auto"`, or `value` as an int if it is an integer >= 1; else a
+    ValueError naming `received` (default: `value`), what the user gave."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    if not is_int(value) or value < 1:
+        shown = value if received is None else received
+        raise ValueError(
+            "`round_to` must be a positive integer or 'auto'. "
+            f"Received: round_to={shown!r}"
+        )
+    return int(value)
+
+
 def positive_int(name: str, value) -> int:
     """`value` as an int if it is an integer >= 1, else a ValueError."""
     return int_at_least(name, value, 1)

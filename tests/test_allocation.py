@@ -110,9 +110,8 @@ def test_round_to_through_prune_filters_shrinks_exactly_to_multiples():
     assert keras_sfp.count_flops(small) == pytest.approx(exact, rel=0.05)
 
 
-@pytest.mark.parametrize("round_to", [8, 16])
 @pytest.mark.parametrize("name", ["resnet56", "mobilenet_v2"])
-def test_rounded_counts_keep_the_macs_reduction_of_free_counts(name, round_to):
+def test_rounded_counts_keep_the_macs_reduction_of_free_counts(name):
     # "auto" gives 16 on AVX-512 CPUs, 8 on AVX2 and GPUs: either must keep
     # the MACs reduction of the paper's free counts to within 5 %.
     model = models.get_model("resnet56") if name == "resnet56" else _mobilenet()
@@ -123,9 +122,11 @@ def test_rounded_counts_keep_the_macs_reduction_of_free_counts(name, round_to):
             keras_sfp.shrink(prune_once(model, rate=0.4, round_to=q))
         )
 
-    free, rounded = reduction(1), reduction(round_to)
+    free = reduction(1)
     assert free > 1.5
-    assert rounded == pytest.approx(free, rel=0.05), (free, rounded)
+    for round_to in (8, 16):
+        rounded = reduction(round_to)
+        assert rounded == pytest.approx(free, rel=0.05), (round_to, free, rounded)
 
 
 @pytest.mark.parametrize("round_to", [1, 8])

@@ -258,12 +258,7 @@ def prune_filters(
             "passed with `target_latency`. Received: "
             f"latency_table={latency_table!r}, target_latency={target_latency!r}"
         )
-    if isinstance(round_to, str) and round_to != "auto":
-        raise ValueError(
-            "`round_to` must be a positive integer or 'auto'. "
-            f"Received: round_to={round_to!r}"
-        )
-    round_to = resolve_round_to(round_to, coupling)
+    round_to = resolve_round_to(_checks.round_to(round_to), coupling)
     check_prune_args(
         DEFAULT_RATE if rate is None else rate, criterion, coupling, round_to, schedule
     )

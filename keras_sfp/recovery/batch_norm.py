@@ -154,7 +154,6 @@ def recalibrate_batch_norm(
             f"{getattr(model, 'name', model)!r}."
         )
     batches = itertools.islice(_batches(data, batch_size), steps)
-    momenta = [layer.momentum for layer in layers]
     saved = [
         (
             keras.ops.convert_to_numpy(layer.moving_mean),
@@ -162,25 +161,39 @@ def recalibrate_batch_norm(
         )
         for layer in layers
     ]
-    used = 0
     try:
-        for batch in batches:
-            # A cumulative average: batch k (from 0) gets weight 1 / (k + 1).
-            for layer in layers:
-                layer.momentum = used / (used + 1)
-            model(batch, training=True)
-            used += 1
+        used = average_batch_statistics(model, layers, batches)
     except BaseException:
         _restore(layers, saved)
         raise
-    finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
     if not used:
         raise ValueError(
             "recalibrate_batch_norm got no batch from `data`: nothing was "
             f"changed. Received: data={type(data).__name__}"
         )
+    return used
+
+
+def average_batch_statistics(model, layers, batches) -> int:
+    """Runs `model` in training mode on `batches`; `layers` end averaged.
+
+    Before each forward pass every layer of `layers` (BatchNormalization
+    layers of `model`, of Keras 3 or of `tf_keras`) gets the momentum that
+    makes its moving mean and variance the average of the batch statistics
+    seen so far (batch k, from 0, weighs 1 / (k + 1)); the momenta are
+    restored at the end. Returns the number of batches.
+    """
+    momenta = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        for batch in batches:
+            for layer in layers:
+                layer.momentum = used / (used + 1)
+            model(batch, training=True)
+            used += 1
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
     return used
 
 

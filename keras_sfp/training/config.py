@@ -451,17 +451,10 @@ def _validate(config: TrainConfig) -> None:
 
 def _round_to(value):
     """`"auto"`, or the positive int `value` names (a flag gives a string)."""
-    if isinstance(value, str) and value == "auto":
-        return value
     number = value
-    if isinstance(value, str):
-        number = int(value) if value.strip().isdecimal() else None
-    if not _checks.is_int(number) or number < 1:
-        raise ValueError(
-            "`round_to` must be a positive integer or 'auto'. "
-            f"Received: round_to={value!r}"
-        )
-    return int(number)
+    if isinstance(value, str) and value.strip().isdecimal():
+        number = int(value)
+    return _checks.round_to(number, received=value)
 
 
 def _validate_export(export, backend: str) -> None:
