@@ -33,8 +33,20 @@ From a trained network (`trained/...`): each seed's `scratch/unpruned` model,
 fine-tuned for `finetune_epochs` at `config_lib.FINE_TUNE_LEARNING_RATE`:
 - `unpruned`: fine-tuned without pruning (the reference to stay close to).
 - `hard_once`: prune once by L2 and fine-tune with frozen masks (Li et al.,
-  ICLR 2017): `hard_epochs` = all epochs.
-- `sfp_paper`, `sfp_v1`, `sfp_l2bn`, `asfp`, `fpgm` as above.
+  ICLR 2017): `hard_epochs` = all epochs, one rate everywhere.
+- `sfp_paper`, `sfp_v1`, `sfp_l2bn`, `asfp`, `fpgm` as above, one rate
+  everywhere.
+- `global`: `hard_once` with `allocation="global"` at the same MACs
+  (`train.py --init_from`'s default recipe).
+- `kd`, `kd_global`: `hard_once` and `global` as the student of a
+  `keras.distillation.Distiller` whose teacher is the trained network
+  (`distill=True`).
+- `sparse_kd_global`: `kd_global` whose first epoch trains with the group
+  lasso (`sparse_epochs=1`) before the one prune event.
+- `kd_sfp`: `sfp_v1` with distillation (SFP's soft schedule).
+Every pruned configuration names its allocation: `train.py --init_from`
+allocates globally by default, and the trained `hard_once` and `sfp_v1`
+rows of commit 48ba500 did so without saying it (they were re-run).
 
 From both starts, `tfmot_plm`: `tensorflow-model-optimization`'s
 `prune_low_magnitude` on a `tf_keras` copy of the same network (the seed's
@@ -120,6 +132,8 @@ SETTINGS = {
             "trained/unpruned",
             "trained/hard_once",
             "trained/sfp_v1",
+            "trained/global",
+            "trained/kd_global",
         ),
     ),
     # Minutes: checks that the benchmark runs end to end.
@@ -153,6 +167,8 @@ SETTINGS = {
             ("scratch", "scratch_arch"),
             ("scratch", "sfp_v1"),
             ("trained", "hard_once"),
+            ("trained", "global"),
+            ("trained", "kd_global"),
             ("trained", "sfp_v1"),
             ("scratch", "uniform"),
             ("scratch", "sfp_l2bn"),
@@ -186,16 +202,23 @@ SCRATCH = {
     "asfp": dict(_BN, schedule="asymptotic"),
     "fpgm": dict(_BN, criterion="fpgm"),
 }
+# From a trained network, `hard_epochs=None` is every epoch after the
+# sparse ones (prune once).
+_ONCE = dict(prune_at_start="true", criterion="l2", hard_epochs=None, round_to=1)
+_UNIFORM = dict(allocation="uniform")
 TRAINED = {
     "unpruned": UNPRUNED,
-    "hard_once": dict(
-        prune_at_start="true", criterion="l2", hard_epochs=None, round_to=1
-    ),
+    "hard_once": dict(_ONCE, **_UNIFORM),
     "sfp_paper": _PAPER,
-    "sfp_v1": _V1,
-    "sfp_l2bn": _BN,
-    "asfp": dict(_BN, schedule="asymptotic"),
-    "fpgm": dict(_BN, criterion="fpgm"),
+    "sfp_v1": dict(_V1, **_UNIFORM),
+    "sfp_l2bn": dict(_BN, **_UNIFORM),
+    "asfp": dict(_BN, schedule="asymptotic", **_UNIFORM),
+    "fpgm": dict(_BN, criterion="fpgm", **_UNIFORM),
+    "global": dict(_ONCE, allocation="global"),
+    "kd": dict(_ONCE, distill=True, **_UNIFORM),
+    "kd_global": dict(_ONCE, allocation="global", distill=True),
+    "sparse_kd_global": dict(_ONCE, allocation="global", distill=True, sparse_epochs=1),
+    "kd_sfp": dict(_V1, distill=True, **_UNIFORM),
 }
 # `tensorflow-model-optimization`'s `prune_low_magnitude` on a `tf_keras` copy
 # (`bench/tfmot_baseline.py`), from scratch and from the trained network, at
@@ -390,7 +413,8 @@ class Runner:
             return self.done[key]
         overrides = dict(overrides)
         if overrides.get("hard_epochs", 0) is None:
-            overrides["hard_epochs"] = self.epochs(start)
+            sparse = overrides.get("sparse_epochs", 0)
+            overrides["hard_epochs"] = self.epochs(start) - sparse
         if overrides.get("rate", rate) != 0.0:
             overrides["rate"] = rate
         config = self.config(start, key, seed, init_from, **overrides)
@@ -549,6 +573,8 @@ def jobs(params) -> tuple[list, list]:
         ("trained", "unpruned", 0.0),
         ("trained", "hard_once", main),
         ("trained", "sfp_v1", main),
+        ("trained", "global", main),
+        ("trained", "kd_global", main),
         ("trained", "sfp_l2bn", main),
     ]
     order = [

@@ -20,6 +20,8 @@ fine-tune with frozen masks, `hard_epochs` = all epochs):
   `batch_norm_momentum=None`).
 - `sfp_recal`, `hard_once_recal`: also re-estimated from 100 training
   batches when training ends (`recalibration_data`).
+- `kd_sfp_recal`: `sfp_recal` as the student of a distiller (SFP's soft
+  schedule with distillation, as `train.py --distill` runs it).
 - `kd_hard_once`, `kd_sfp`: the same as `hard_once` and `sfp`, trained as the
   student of a `keras.distillation.Distiller` whose teacher is the trained
   network (`keras_sfp.distiller`: `logits_distillation(temperature=4)`,
@@ -90,6 +92,7 @@ RECIPES = {
         hard_epochs="all", distill=True, allocation="global", recalibrate=True
     ),
     "kd_sfp": dict(hard_epochs=1, distill=True),
+    "kd_sfp_recal": dict(hard_epochs=1, distill=True, recalibrate=True),
     "hard_once_keras_bn": dict(hard_epochs="all", reset_batch_norm=False),
     "sparse_kd_global": dict(
         hard_epochs=1, sparse_epochs=1, distill=True, allocation="global"
@@ -105,8 +108,9 @@ PHASES = (
     ("sfp", "hard_once"),
     ("global_recal", "kd_recal", "sparse_global_recal"),
     ("kd_global_recal",),
-    ("kd_hard_once_bn099", "sfp_recal", "global_hard_once", "kd_global"),
-    ("sparse_kd_global", "kd_sfp", "kd_hard_once", "hard_once_keras_bn"),
+    ("sfp_recal", "kd_sfp_recal", "hard_once_keras_bn"),
+    ("kd_hard_once_bn099", "global_hard_once", "kd_global"),
+    ("sparse_kd_global", "kd_sfp", "kd_hard_once"),
 )
 
 SETTINGS = {

@@ -143,6 +143,29 @@ def test_reduced_setting_runs_the_deciding_subset_and_only_all_runs_every_one():
     assert not accuracy._wanted(params, "scratch", "sfp_v1", ["trained/fpgm"])
 
 
+def test_every_pruned_trained_configuration_names_its_allocation(tmp_path):
+    # `train.py --init_from` allocates globally by default, so a trained
+    # configuration without `allocation` would silently be global (as
+    # `hard_once` and `sfp_v1` were in commit 48ba500's table).
+    from keras_sfp.training import config as config_lib
+
+    trained = tmp_path / "trained.keras"
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(trained)
+    for name, overrides in accuracy.TRAINED.items():
+        if overrides.get("rate") == 0.0:
+            continue
+        fields = dict(overrides, init_from=str(trained), epochs=2)
+        if fields.get("hard_epochs", 0) is None:
+            fields["hard_epochs"] = 2 - fields.get("sparse_epochs", 0)
+        config = config_lib.TrainConfig(**fields)
+        expected = "global" if "global" in name else "uniform"
+        if config.coupling == "layer":
+            expected = None  # per-layer coupling: one rate everywhere
+        assert config.resolved_allocation() == expected, name
+        assert config.resolved_hard_epochs() + config.sparse_epochs <= 2, name
+
+
 def test_parallel_jobs_wait_for_the_runs_their_start_files_need():
     needs = accuracy._needs
     assert needs("scratch", "sfp_l2bn", 0.5) == []

@@ -323,7 +323,11 @@ def latency_kept(
     group whose next smaller count saves the most predicted latency per unit
     of importance removed gives it up, until the prediction is at most
     `target`. Groups where a step saves no time are cut only when no other
-    step saves any.
+    step saves any. The last cut can overshoot by a whole option of a wide
+    group (with `round_to=8`, a ResNet-20 at half its channels went from a
+    25 % budget to 21 %), so the steps that still fit under `target` are
+    then given back, and one-up-one-down swaps that fit and remove less
+    importance are made (`_refine`).
 
     Args:
         cost: `kept (..., groups) -> latency`, such as a
@@ -384,4 +388,63 @@ def latency_kept(
         g = moves[best]
         position[g] -= 1
         kept, current = candidates[best], float(costs[best])
-    return kept
+    return _refine(cost, target, options, position, lost)
+
+
+def _refine(cost, target, options, position, lost) -> np.ndarray:
+    """`latency_kept`'s second phase: from the greedy counts (`options[g]
+    [position[g]]`, predicted at most `target`), give back the steps that
+    still fit, most importance per unit of cost first; when none fits,
+    make the swap (one group one option up, another one down) that fits and
+    removes the least importance, if it removes less than now; repeat.
+    Every move removes less importance or keeps more channels, so it ends."""
+    position = position.copy()
+    groups = len(options)
+    kept = np.array([o[p] for o, p in zip(options, position)], dtype=np.int64)
+    current = float(cost(kept))
+    lost_at = lambda g, p: lost[g][options[g][p]]  # noqa: E731
+    while True:
+        up = [g for g in range(groups) if position[g] < len(options[g]) - 1]
+        if not up:
+            return kept
+        candidates = np.repeat(kept[None, :], len(up), axis=0)
+        for row, g in enumerate(up):
+            candidates[row, g] = options[g][position[g] + 1]
+        costs = np.asarray(cost(candidates), dtype=np.float64).reshape(-1)
+        if np.any(costs <= target):
+            regained = np.array(
+                [lost_at(g, position[g]) - lost_at(g, position[g] + 1) for g in up]
+            )
+            added = np.maximum(costs - current, 1e-12)
+            ratio = np.where(costs <= target, regained / added, -np.inf)
+            g = up[int(np.argmax(ratio))]
+            position[g] += 1
+        else:
+            pairs = [
+                (a, b) for a in up for b in range(groups) if b != a and position[b] > 0
+            ]
+            if not pairs:
+                return kept
+            candidates = np.repeat(kept[None, :], len(pairs), axis=0)
+            for row, (a, b) in enumerate(pairs):
+                candidates[row, a] = options[a][position[a] + 1]
+                candidates[row, b] = options[b][position[b] - 1]
+            costs = np.asarray(cost(candidates), dtype=np.float64).reshape(-1)
+            change = np.array(
+                [
+                    lost_at(a, position[a] + 1)
+                    - lost_at(a, position[a])
+                    + lost_at(b, position[b] - 1)
+                    - lost_at(b, position[b])
+                    for a, b in pairs
+                ]
+            )
+            change = np.where(costs <= target, change, np.inf)
+            best = int(np.argmin(change))
+            if not change[best] < -1e-12:
+                return kept
+            a, b = pairs[best]
+            position[a] += 1
+            position[b] -= 1
+        kept = np.array([o[p] for o, p in zip(options, position)], dtype=np.int64)
+        current = float(cost(kept))

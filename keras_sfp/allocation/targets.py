@@ -98,12 +98,16 @@ def global_rates(graph, groups, rate, target_macs, round_to, criterion):
     """Per-group rates of `allocation="global"` (see `prune_filters`).
 
     The MACs budget is `target_macs` of the model's MACs, or what `rate`'s
-    uniform, unrounded counts keep.
+    uniform allocation keeps with the same `round_to` (so the two deploy the
+    same MACs, and global allocation is possible wherever uniform is).
     """
     mac_model = allocation_lib.MacModel(graph, groups)
     total = mac_model.total
     if target_macs is None:
-        goal = float(mac_model.macs(allocation_lib.exact_kept(mac_model.lengths, rate)))
+        uniform = allocation_lib.balanced_kept(
+            mac_model, mac_model.lengths, rate, round_to
+        )
+        goal = float(mac_model.macs(uniform))
     else:
         goal = target_macs * total
     lost = importance.importance_lost(

@@ -196,11 +196,12 @@ def prune_filters(
             `"global"`: one ranking of all groups' channels by importance
             (`keras_sfp.core.importance.importance_lost`, criterion scores
             normalised per layer, with the weights the model has now) under
-            the MACs budget (that of `rate`'s uniform counts, or
-            `target_macs`): the group whose next multiple of `round_to` down
-            saves the most MACs per unit of importance lost gives it up,
-            until the budget is met (as `target_latency` does with
-            latency). Groups then prune at different rates, as with
+            the MACs budget (what `"uniform"` keeps at `rate` with the same
+            `round_to`, or `target_macs`): the group whose next multiple of
+            `round_to` down saves the most MACs per unit of importance lost
+            gives it up, until the budget is met, then the steps that still
+            fit are given back (as `target_latency` does with latency).
+            Groups then prune at different rates, as with
             `target_latency`. Meant for trained networks (a new network's
             weights carry no importance). Needs `coupling="group"`. None
             means `"uniform"`, or `"global"` with `target_latency` (which
