@@ -273,6 +273,17 @@ _REPORT_ONLY = flags.DEFINE_bool(
 )
 
 
+def resolve(overrides: dict, rate: float, epochs: int) -> dict:
+    """A configuration's `TrainConfig` overrides for one run: `rate` (unless
+    unpruned) and `hard_epochs=None` as every epoch after the sparse ones."""
+    overrides = dict(overrides)
+    if overrides.get("hard_epochs", 0) is None:
+        overrides["hard_epochs"] = epochs - overrides.get("sparse_epochs", 0)
+    if overrides.get("rate", rate) != 0.0:
+        overrides["rate"] = rate
+    return overrides
+
+
 def _width_for(kept_fraction: float, input_shape, num_classes) -> float:
     """The ResNet-20 width whose MACs fraction is nearest `kept_fraction`.
 
@@ -411,12 +422,7 @@ class Runner:
         key = self.key(start, name, rate, seed)
         if key in self.done:
             return self.done[key]
-        overrides = dict(overrides)
-        if overrides.get("hard_epochs", 0) is None:
-            sparse = overrides.get("sparse_epochs", 0)
-            overrides["hard_epochs"] = self.epochs(start) - sparse
-        if overrides.get("rate", rate) != 0.0:
-            overrides["rate"] = rate
+        overrides = resolve(overrides, rate, self.epochs(start))
         config = self.config(start, key, seed, init_from, **overrides)
         began = time.perf_counter()
         results = run_lib.train_and_evaluate(config)

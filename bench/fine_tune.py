@@ -49,7 +49,9 @@ generalisation gap) and on the test set (with the soft-masked model's, which
 fine-tune. Results go to `bench/results/fine_tune_<setting>.{md,json,png}`;
 finished runs are kept in `runs/fine_tune/<setting>/runs.jsonl`, so an
 interrupted run resumes. Another `--rate` than 0.3 gets its own folder and
-files (`<setting>_r<rate>`), which reuse the setting's trained networks.
+files (`<setting>_r<rate>`), which reuse the setting's trained networks (and
+its unpruned fine-tunes); other `--finetune_epochs` than 2 add `_e<epochs>`
+(reusing the trained networks only).
 
     python -m bench.fine_tune                      # 3 seeds, ~25 min on 2 cores
     python -m bench.fine_tune --only=sfp,sfp_keras_bn --seeds=1
@@ -311,22 +313,25 @@ def _plot(by_recipe: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _name(setting: str, rate: float) -> str:
-    """The run folder's and results' name: the setting, and a rate not 0.3."""
-    return setting if rate == 0.3 else f"{setting}_r{rate}"
+def _name(setting: str, rate: float, epochs: int = 2) -> str:
+    """The run folder's and results' name: the setting, a rate not 0.3 and
+    fine-tune epochs not 2 (so that no run is taken for another's)."""
+    name = setting if rate == 0.3 else f"{setting}_r{rate}"
+    return name if epochs == 2 else f"{name}_e{epochs}"
 
 
 def main(argv) -> None:
     del argv
     setting = SETTINGS[FLAGS.setting]
-    folder = _name(FLAGS.setting, FLAGS.rate)
+    folder = _name(FLAGS.setting, FLAGS.rate, FLAGS.finetune_epochs)
     run_dir = os.path.join("runs", "fine_tune", folder)
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "runs.jsonl")
     rows = jobs_lib.read_log(log)
     base_dir = os.path.join("runs", "fine_tune", FLAGS.setting)
     os.makedirs(base_dir, exist_ok=True)
-    if folder != FLAGS.setting:  # the unpruned fine-tune does not depend on rate
+    if folder == _name(FLAGS.setting, FLAGS.rate) != FLAGS.setting:
+        # The unpruned fine-tune does not depend on rate (but on epochs).
         base = jobs_lib.read_log(os.path.join(base_dir, "runs.jsonl"))
         rows += [r for r in base if r["recipe"] == "unpruned"]
     names = FLAGS.only or list(RECIPES)

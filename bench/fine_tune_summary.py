@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import numpy as np
 from absl import app, flags
@@ -32,8 +33,8 @@ def gather(setting: str, results: str = _RESULTS) -> dict:
     by_rate = {}
     for path in sorted(glob.glob(os.path.join(results, f"fine_tune_{setting}*.json"))):
         suffix = os.path.basename(path)[len(f"fine_tune_{setting}") : -len(".json")]
-        if suffix and not suffix.startswith("_r"):
-            continue  # another setting whose name starts like this one
+        if suffix and not re.fullmatch(r"_r[0-9.]+", suffix):
+            continue  # another setting, or other fine-tune epochs
         rate = float(suffix[2:]) if suffix else 0.3
         with open(path) as f:
             by_rate[rate] = json.load(f)

@@ -155,10 +155,8 @@ def test_every_pruned_trained_configuration_names_its_allocation(tmp_path):
     for name, overrides in accuracy.TRAINED.items():
         if overrides.get("rate") == 0.0:
             continue
-        fields = dict(overrides, init_from=str(trained), epochs=2)
-        if fields.get("hard_epochs", 0) is None:
-            fields["hard_epochs"] = 2 - fields.get("sparse_epochs", 0)
-        config = config_lib.TrainConfig(**fields)
+        fields = accuracy.resolve(overrides, 0.3, epochs=2)
+        config = config_lib.TrainConfig(init_from=str(trained), epochs=2, **fields)
         expected = "global" if "global" in name else "uniform"
         if config.coupling == "layer":
             expected = None  # per-layer coupling: one rate everywhere

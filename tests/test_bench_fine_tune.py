@@ -21,8 +21,10 @@ def test_every_rate_is_paired_with_its_seeds_unpruned_fine_tune(tmp_path):
         "fine_tune_reduced.json": unpruned + _runs("global_recal", [0.89, 0.81], 0.52),
         "fine_tune_reduced_r0.5.json": unpruned
         + _runs("global_recal", [0.85, 0.79], 0.25, seconds=30.0),
-        # Another setting whose name starts the same way: not gathered.
+        # Another setting whose name starts the same way, and other
+        # fine-tune epochs: not gathered.
         "fine_tune_reduced_long.json": _runs("global_recal", [0.1], 0.5),
+        "fine_tune_reduced_r0.5_e6.json": _runs("global_recal", [0.1], 0.25),
     }
     for name, runs in files.items():
         recipes = dict.fromkeys(r["recipe"] for r in runs)

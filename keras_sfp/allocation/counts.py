@@ -397,7 +397,9 @@ def _refine(cost, target, options, position, lost) -> np.ndarray:
     still fit, most importance per unit of cost first; when none fits,
     make the swap (one group one option up, another one down) that fits and
     removes the least importance, if it removes less than now; repeat.
-    Every move removes less importance or keeps more channels, so it ends."""
+    It ends: no move removes more importance, a swap removes strictly less,
+    and a give-back raises the sum of the groups' option positions, which a
+    swap keeps."""
     position = position.copy()
     groups = len(options)
     kept = np.array([o[p] for o, p in zip(options, position)], dtype=np.int64)

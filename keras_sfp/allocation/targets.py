@@ -117,16 +117,15 @@ def global_rates(graph, groups, rate, target_macs, round_to, criterion):
         kept = allocation_lib.latency_kept(
             mac_model.macs, mac_model.lengths, goal, round_to, mac_model.blocks, lost
         )
-    except ValueError:
+    except ValueError:  # only `target_macs`: uniform's counts meet a rate's
         fewest = allocation_lib.fewest_kept(
             mac_model.lengths, round_to, mac_model.blocks
         )
-        name = "rate" if target_macs is None else "target_macs"
         raise ValueError(
-            f"`{name}` asks for fewer MACs than pruning can reach: keeping the "
-            f"fewest channels per prunable group (round_to={round_to}) still "
-            f"leaves {float(mac_model.macs(fewest)) / total:.3f} of the MACs. "
-            f"Received: {name}={rate if target_macs is None else target_macs!r}"
+            "`target_macs` asks for fewer MACs than pruning can reach: keeping "
+            f"the fewest channels per prunable group (round_to={round_to}) "
+            f"still leaves {float(mac_model.macs(fewest)) / total:.3f} of the "
+            f"MACs. Received: target_macs={target_macs!r}"
         ) from None
     return (mac_model.lengths - kept) / mac_model.lengths
 

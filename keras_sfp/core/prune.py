@@ -183,7 +183,9 @@ def prune_filters(
             the group whose next multiple of `round_to` down saves the most
             predicted time per unit of filter importance lost (`criterion`
             scores, each layer weighing the same) gives it up, until the
-            predicted latency is at most this fraction. Groups then prune at
+            predicted latency is at most this fraction; then the steps that
+            still fit are given back, and one-up-one-down swaps that fit and
+            lose less importance are made. Groups then prune at
             different rates (stored per channel in the wrappers; the largest
             is the schedule's final rate). Needs `coupling="group"`.
             Defaults to None.
@@ -200,7 +202,8 @@ def prune_filters(
             `round_to`, or `target_macs`): the group whose next multiple of
             `round_to` down saves the most MACs per unit of importance lost
             gives it up, until the budget is met, then the steps that still
-            fit are given back (as `target_latency` does with latency).
+            fit are given back and swaps that lose less importance are made
+            (as `target_latency` does with latency).
             Groups then prune at different rates, as with
             `target_latency`. Meant for trained networks (a new network's
             weights carry no importance). Needs `coupling="group"`. None
