@@ -71,8 +71,8 @@ training batches when training ends (`recalibration_steps`), for every
 configuration here, the unpruned ones included. `bench.fine_tune` keeps the
 rows that show the collapse without that (`sfp_keras_bn`).
 
-    python -m bench.accuracy              # reduced: ~35 minutes on 2 CPU cores
-    python -m bench.accuracy --only=all   # every configuration: ~2.2 hours
+    python -m bench.accuracy              # reduced: ~42 minutes on 2 CPU cores
+    python -m bench.accuracy --only=all   # every configuration: ~2.7 hours
     KERAS_BACKEND=jax python -m bench.accuracy --setting=full --workers=12 \
         --deadline_minutes=60             # a GPU
 
@@ -111,10 +111,11 @@ from keras_sfp.training import config as config_lib  # noqa: E402
 from keras_sfp.training import run as run_lib  # noqa: E402
 
 SETTINGS = {
-    # 2 CPU cores, about 35 minutes (7 configurations x 3 seeds, measured):
+    # 2 CPU cores, about 42 minutes (9 configurations x 3 seeds and the
+    # rate sweep, 39 runs, measured):
     # 4,000 training images, short schedules, the comparisons that choose the
-    # defaults. `--only=all` adds every other configuration and the rate
-    # sweep (about 2.2 hours).
+    # defaults. `--only=all` adds every other configuration (87 runs, about
+    # 2.7 hours).
     "reduced": dict(
         train_limit=4000,
         test_limit=2000,
@@ -644,6 +645,9 @@ def run_job(runner: Runner, start: str, name: str, rate: float, seed: int) -> di
     """Runs one job (and, in one process, what it depends on)."""
     if name == TFMOT:
         return runner.run_tfmot(start, rate, seed)
+    key = runner.key(start, name, rate, seed)
+    if key in runner.done:  # its start files may be gone (another machine)
+        return runner.done[key]
     overrides = CONFIGURATIONS[start][name]
     init_from = _init_for(runner, start, name, rate, seed)
     return runner.run(start, name, rate, seed, overrides, init_from)

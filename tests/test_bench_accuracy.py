@@ -274,6 +274,22 @@ def test_parallel_runs_start_nothing_that_would_end_after_the_deadline(
     assert "Deadline: " in capsys.readouterr().out
 
 
+def test_a_logged_job_needs_none_of_its_start_files(tmp_path, monkeypatch):
+    # A log carried to another machine: `scratch_arch`'s start file (made
+    # from `sfp_v1`'s shrunk model) is not there, and is not needed.
+    runner = accuracy.Runner("smoke", str(tmp_path))
+    logged = {"key": "scratch/scratch_arch/r0.3/s0", "deployed": 0.8}
+    with open(runner.log, "w") as f:
+        f.write(json.dumps(logged) + "\n")
+    runner.reload()
+
+    def missing(*args):
+        raise AssertionError("the start file was asked for")
+
+    monkeypatch.setattr(accuracy, "_init_for", missing)
+    assert accuracy.run_job(runner, "scratch", "scratch_arch", 0.3, 0) == logged
+
+
 def test_parallel_runs_know_logged_durations_and_survive_a_cut_line(
     tmp_path, monkeypatch, capsys
 ):
