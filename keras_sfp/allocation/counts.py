@@ -419,8 +419,8 @@ def _refine(cost, target, options, position, lost) -> np.ndarray:
             )
             added = np.maximum(costs - current, 1e-12)
             ratio = np.where(costs <= target, regained / added, -np.inf)
-            g = up[int(np.argmax(ratio))]
-            position[g] += 1
+            best = int(np.argmax(ratio))
+            position[up[best]] += 1
         else:
             pairs = [
                 (a, b) for a in up for b in range(groups) if b != a and position[b] > 0
@@ -448,5 +448,4 @@ def _refine(cost, target, options, position, lost) -> np.ndarray:
             a, b = pairs[best]
             position[a] += 1
             position[b] -= 1
-        kept = np.array([o[p] for o, p in zip(options, position)], dtype=np.int64)
-        current = float(cost(kept))
+        kept, current = candidates[best], float(costs[best])  # cost known
