@@ -1,5 +1,6 @@
 """Latency-aware allocation: the per-layer table, its cache, `target_latency`."""
 
+import functools
 import itertools
 import json
 
@@ -222,6 +223,34 @@ def test_latency_kept_gives_back_the_steps_that_still_fit():
         bigger = kept.copy()
         bigger[g] += up
         assert bigger[g] > 32 or cost(bigger) > 135
+
+
+def test_latency_kept_swaps_costed_in_chunks_change_nothing(monkeypatch):
+    # The swap phase costs swaps in order of the importance they remove,
+    # `chunk` at a time, and takes the first that fits: the counts must be
+    # those of costing every swap at once, wherever the chunks end.
+    rng = np.random.default_rng(1)
+    refine = allocation._refine
+    for _ in range(20):
+        lengths = rng.choice([16, 32, 48], size=12)
+        weights = rng.uniform(1.0, 5.0, size=12)
+
+        def cost(kept, weights=weights):
+            kept = np.asarray(kept, float)
+            return (kept[..., :-1] * kept[..., 1:] * weights[:-1]).sum(-1)
+
+        lost = [np.sort(rng.uniform(0, 1, n + 1))[::-1] for n in lengths]
+        lost = [curve - curve[-1] for curve in lost]
+        target = rng.uniform(0.2, 0.6) * cost(lengths)
+        results = []
+        for chunk in (1, 5, 10**6):
+            monkeypatch.setattr(
+                allocation, "_refine", functools.partial(refine, chunk=chunk)
+            )
+            results.append(allocation.latency_kept(cost, lengths, target, 8, lost=lost))
+        assert cost(results[0]) <= target
+        for other in results[1:]:
+            np.testing.assert_array_equal(other, results[0])
 
 
 def test_latency_arguments_are_checked_before_anything_changes():
