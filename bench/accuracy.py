@@ -73,6 +73,8 @@ rows that show the collapse without that (`sfp_keras_bn`).
 
     python -m bench.accuracy              # reduced: ~42 minutes on 2 CPU cores
     python -m bench.accuracy --only=all   # every configuration: ~2.7 hours
+    python -m bench.accuracy --rates=0.5,0.7 \
+        --only=trained/unpruned,trained/hard_once,trained/global  # other rates
     KERAS_BACKEND=jax python -m bench.accuracy --setting=full --workers=12 \
         --deadline_minutes=60             # a GPU
 
@@ -81,6 +83,10 @@ configuration's paired differences from its baselines, made by
 `bench/accuracy_report.py`); finished runs are
 kept in `runs/accuracy/<setting>/runs.jsonl`, so an interrupted benchmark
 resumes where it stopped, and `--report_only` rewrites the tables from it.
+A logged run whose output a new run starts from (the trained network, the
+architecture `scratch_arch` retrains) is trained again where its folder is
+missing (a log carried without its run folders), and says whether it is the
+same run: carry the folders to keep new rows paired with logged ones.
 `--workers` runs that many jobs at once, each in its own process: one small
 ResNet leaves a GPU mostly idle (on one H200, 12 processes sharing it through
 MPS ran 15-epoch runs in 108-206 s each). Start NVIDIA's MPS daemon first
@@ -246,6 +252,13 @@ _ONLY = flags.DEFINE_list(
     "Run only these `start/name` configurations (`all`: every one; empty: the "
     "setting's `only`).",
 )
+_RATES = flags.DEFINE_list(
+    "rates",
+    [],
+    "Run the configurations at these rates (empty: the setting's `rates`), "
+    "such as `--rates=0.5,0.7 --only=trained/hard_once` for the reduced "
+    "setting's curve from a trained network; the tables show every logged rate.",
+)
 _ROOT = flags.DEFINE_string("root", "runs/accuracy", "Where runs are written.")
 _RESULTS = flags.DEFINE_string("results", "bench/results", "Where tables go.")
 _WORKERS = flags.DEFINE_integer(
@@ -405,7 +418,7 @@ class Runner:
             export="",
             data_dir=self.data_dir,
             verbose=0,
-            output_dir=os.path.join(self.root, key.replace("/", "_")),
+            output_dir=self.output_dir(key),
             **overrides,
         )
 
@@ -419,12 +432,34 @@ class Runner:
         print(json.dumps({k: row[k] for k in ("key", "deployed", "kept_macs")}))
         return row
 
-    def run(self, start, name, rate, seed, overrides, init_from=None) -> dict:
+    def output_dir(self, key: str) -> str:
+        """The folder run `key` writes to (under this runner's root)."""
+        return os.path.join(self.root, key.replace("/", "_"))
+
+    def run(
+        self, start, name, rate, seed, overrides, init_from=None, needs=None
+    ) -> dict:
+        """Runs `start/name` at `rate` and `seed` unless logged, and logs it.
+
+        `needs` names a file of the run's output folder that the caller
+        reads. A logged run whose folder here lacks it (a log carried from
+        another machine, or the folder removed) trains again, in this
+        process, and its row is replaced: the same row where training is
+        deterministic (one CPU machine); elsewhere the rows logged from the
+        old one (such as trained runs started from its network) are no
+        longer paired exactly, and the message says by how much the two
+        differ. Carry the run folders, or the start files, with the log.
+        """
         key = self.key(start, name, rate, seed)
-        if key in self.done:
-            return self.done[key]
+        done, again = self.done.get(key), {}
+        if done is not None:
+            if needs is None:
+                return done
+            if os.path.exists(os.path.join(self.output_dir(key), needs)):
+                return dict(done, output_dir=self.output_dir(key))
+            again = dict(overwrite=True)
         overrides = resolve(overrides, rate, self.epochs(start))
-        config = self.config(start, key, seed, init_from, **overrides)
+        config = self.config(start, key, seed, init_from, **overrides, **again)
         began = time.perf_counter()
         results = run_lib.train_and_evaluate(config)
         row = {
@@ -439,6 +474,19 @@ class Runner:
             "device": _device(),
             **_summary(results, self.full_macs()),
         }
+        if again:
+            print(
+                f"{key} was logged without its {needs} here and trained again: "
+                f"deployed {row['deployed']:.4f} now, {done['deployed']:.4f} "
+                "logged. "
+                + (
+                    "The same run."
+                    if row["deployed"] == done["deployed"]
+                    else "Not the same run: rows that started from the logged "
+                    "one are not paired exactly with the new ones."
+                ),
+                flush=True,
+            )
         return self._append(row)
 
     def run_tfmot(self, start, rate, seed) -> dict:
@@ -455,6 +503,7 @@ class Runner:
             seed,
             CONFIGURATIONS[start][REFERENCE],
             _init_for(self, start, REFERENCE, rate, seed),
+            needs="shrunk.keras",
         )
         init_from = _init_for(self, start, TFMOT, rate, seed)
         config = self.config(start, key, seed, init_from)
@@ -534,7 +583,13 @@ def _init_for(runner: Runner, start: str, name: str, rate: float, seed: int) -> 
         trained = os.path.join(runner.root, f"trained_s{seed}.keras")
         if not os.path.exists(trained):
             unpruned = runner.run(
-                "scratch", "unpruned", 0.0, seed, UNPRUNED, runner.initial(seed)
+                "scratch",
+                "unpruned",
+                0.0,
+                seed,
+                UNPRUNED,
+                runner.initial(seed),
+                needs="pruned.keras",
             )
             wrapped = keras.saving.load_model(
                 os.path.join(unpruned["output_dir"], "pruned.keras"), compile=False
@@ -547,7 +602,13 @@ def _init_for(runner: Runner, start: str, name: str, rate: float, seed: int) -> 
     if os.path.exists(path):
         return path
     ours = runner.run(
-        "scratch", REFERENCE, rate, seed, SCRATCH[REFERENCE], runner.initial(seed)
+        "scratch",
+        REFERENCE,
+        rate,
+        seed,
+        SCRATCH[REFERENCE],
+        runner.initial(seed),
+        needs="shrunk.keras" if name == "scratch_arch" else None,
     )
     if name == "scratch_arch":
         model = keras.saving.load_model(
@@ -611,14 +672,45 @@ def _needs(start: str, name: str, rate: float) -> list:
     return []
 
 
+def parse_rates(values) -> tuple[float, ...]:
+    """`--rates` as floats in (0, 1), or a `ValueError` naming the flag."""
+    try:
+        rates = tuple(float(v) for v in values)
+    except ValueError:
+        rates = ()
+    if len(rates) != len(values) or not all(
+        0.0 < r < 1.0 and round(r, 1) == r for r in rates
+    ):
+        raise ValueError(
+            "`--rates` must be pruning rates in (0, 1) with one decimal (as the "
+            f"tables print them). Received: rates={values!r}"
+        )
+    return rates
+
+
+def _extra_runs(runner: Runner) -> set:
+    """The `(start, name, rate)` logged at rates the setting does not run
+    them at (`--rates`; the sweep's own rates excluded)."""
+    rates, sweep = runner.params["rates"], set(runner.params["sweep"])
+    return {
+        (row["start"], row["name"], row["rate"])
+        for row in runner.done.values()
+        if row["rate"] and row["rate"] not in rates
+        if (row["start"], row["name"]) not in sweep
+    }
+
+
 def _ordered_jobs(
-    runner: Runner, seeds, only=(), skip_missing=True
+    runner: Runner, seeds, only=(), skip_missing=True, rates=()
 ) -> tuple[list, set]:
     """Every wanted job as `(start, name, rate, seed)` in priority order (each
     phase before the next), and the `start/name` of the
-    tfmot jobs left out because this process lacks what they need."""
+    tfmot jobs left out because this process lacks what they need. `rates`
+    replaces the setting's `rates` (its first is then the rate of the
+    first phase's comparisons; the sweep keeps its own rates)."""
     ordered, skipped = [], set()
-    for phase in jobs(runner.params):
+    params = dict(runner.params, rates=tuple(rates)) if rates else runner.params
+    for phase in jobs(params):
         # Every seed of a job before the next job, so that a run cut short
         # leaves whole rows (mean and std over seeds), not more rows of one seed.
         for start, name, rate in phase:
@@ -653,8 +745,8 @@ def run_job(runner: Runner, start: str, name: str, rate: float, seed: int) -> di
     return runner.run(start, name, rate, seed, overrides, init_from)
 
 
-def run_all(runner: Runner, seeds, only=()) -> None:
-    ordered, skipped = _ordered_jobs(runner, seeds, only)
+def run_all(runner: Runner, seeds, only=(), rates=()) -> None:
+    ordered, skipped = _ordered_jobs(runner, seeds, only, rates=rates)
     for job in ordered:
         run_job(runner, *job)
     if skipped:
@@ -670,6 +762,7 @@ def run_parallel(
     only=(),
     launch=None,
     poll_s: float = 1.0,
+    rates=(),
 ) -> None:
     """Runs the wanted jobs in `workers` processes at once, each job in its
     own process (`--job`), a job starting once the runs it needs are logged
@@ -683,11 +776,14 @@ def run_parallel(
     with the end of its log and the jobs that need it are dropped.
     `launch(key, log)` starts a job and returns its `subprocess.Popen`
     (default: `python -m bench.accuracy --job=key` with `flags_for_job`).
+    A logged run whose output a start file needs but whose folder is not
+    here trains again in this process while the start file is written
+    (`Runner.run`'s `needs`), and no job starts meanwhile.
     """
     launch = launch or functools.partial(
         jobs_lib.launch_module, "bench.accuracy", flags_for_job
     )
-    ordered, skipped = _ordered_jobs(runner, seeds, only)
+    ordered, skipped = _ordered_jobs(runner, seeds, only, rates=rates)
     # The runs a wanted job needs run too (first), even if not wanted.
     keys, needed_first = {runner.key(*job) for job in ordered}, []
     for start, name, rate, seed in ordered:
@@ -763,6 +859,7 @@ def _parse_job(key: str) -> tuple:
 def report(runner: Runner, results_dir: str, seeds=(0, 1, 2)) -> None:
     """Writes `accuracy_<setting>.{md,json,png}` from the logged runs."""
     planned = len(_ordered_jobs(runner, seeds, ["all"], skip_missing=False)[0])
+    planned += len(_extra_runs(runner)) * len(seeds)
     rows = list(runner.done.values())
     table = accuracy_report.aggregate(rows, ORDER)
     comparison = accuracy_report.tfmot_comparison(rows)
@@ -807,6 +904,10 @@ def report(runner: Runner, results_dir: str, seeds=(0, 1, 2)) -> None:
 def main(argv):
     del argv
     setting = _SETTING.value
+    try:
+        rates = parse_rates(_RATES.value)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     runner = Runner(setting, _ROOT.value, _DATA_DIR.value)
     if _JOB.value:
         run_job(runner, *_parse_job(_JOB.value))
@@ -819,10 +920,18 @@ def main(argv):
         if _DATA_DIR.value:
             job_flags.append(f"--data_dir={_DATA_DIR.value}")
         deadline = _DEADLINE.value * 60 or float("inf")
-        run_parallel(runner, seeds, _WORKERS.value, deadline, job_flags, _ONLY.value)
+        run_parallel(
+            runner,
+            seeds,
+            _WORKERS.value,
+            deadline,
+            job_flags,
+            _ONLY.value,
+            rates=rates,
+        )
         runner.reload()
     else:
-        run_all(runner, seeds, _ONLY.value)
+        run_all(runner, seeds, _ONLY.value, rates)
     report(runner, _RESULTS.value, seeds)
 
 

@@ -1,6 +1,7 @@
 """The accuracy benchmark's bookkeeping: job order, statistics, table, plot;
 and its tfmot baseline (`bench/tfmot_baseline.py`)."""
 
+import functools
 import json
 
 import keras
@@ -288,6 +289,74 @@ def test_a_logged_job_needs_none_of_its_start_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(accuracy, "_init_for", missing)
     assert accuracy.run_job(runner, "scratch", "scratch_arch", 0.3, 0) == logged
+
+
+def test_a_logged_run_whose_needed_file_is_gone_trains_again(
+    tmp_path, monkeypatch, capsys
+):
+    # A log carried to another machine: a new trained configuration needs
+    # the unpruned run's `pruned.keras`, which is not in this runner's
+    # folder. It trains again (overwriting the folder), replaces its row and
+    # says whether it is the same run; a run whose file is here (wherever
+    # it was logged), or a caller that needs none, keeps the logged row.
+    runner = accuracy.Runner("smoke", str(tmp_path))
+    key = "scratch/unpruned/r0.0/s0"
+    output_dir = tmp_path / "smoke" / "scratch_unpruned_r0.0_s0"
+    logged = {"key": key, "output_dir": "elsewhere", "deployed": 0.4}
+    with open(runner.log, "w") as f:
+        f.write(json.dumps(logged) + "\n")
+    runner.reload()
+    configs = []
+
+    def train(config):
+        configs.append(config)
+        return {}
+
+    monkeypatch.setattr(accuracy.run_lib, "train_and_evaluate", train)
+    monkeypatch.setattr(
+        accuracy, "_summary", lambda results, macs: {"deployed": 0.5, "kept_macs": 1.0}
+    )
+    monkeypatch.setattr(runner, "full_macs", lambda: 1)
+    run = functools.partial(runner.run, "scratch", "unpruned", 0.0, 0, {"rate": 0.0})
+    assert run() == logged and run(needs=None) == logged and not configs
+    row = run(needs="pruned.keras")
+    assert len(configs) == 1 and configs[0].overwrite and configs[0].seed == 0
+    assert configs[0].output_dir == str(output_dir)
+    assert row["deployed"] == 0.5 and accuracy.jobs_lib.read_log(runner.log)[-1] == row
+    assert "0.5000 now, 0.4000 logged. Not the same run" in capsys.readouterr().out
+    runner.reload()
+    assert runner.done[key] == row
+    output_dir.mkdir()
+    (output_dir / "pruned.keras").write_text("")
+    runner.done[key] = dict(row, output_dir="elsewhere")
+    assert run(needs="pruned.keras") == dict(row, output_dir=str(output_dir))
+    assert len(configs) == 1
+
+
+def test_rates_run_the_configurations_at_other_rates(tmp_path):
+    assert accuracy.parse_rates(["0.5", "0.7"]) == (0.5, 0.7)
+    assert accuracy.parse_rates([]) == ()
+    for bad in (["0"], ["1.0"], ["half"], ["0.5", "-0.1"], ["0.35"]):
+        with pytest.raises(ValueError, match=r"`--rates`.*Received: rates="):
+            accuracy.parse_rates(bad)
+    runner = accuracy.Runner("reduced", str(tmp_path))
+    only = ["trained/unpruned", "trained/hard_once"]
+    ordered, _ = accuracy._ordered_jobs(runner, [0], only, rates=(0.5, 0.7))
+    assert ordered == [
+        ("trained", "unpruned", 0.0, 0),
+        ("trained", "hard_once", 0.5, 0),
+        ("trained", "hard_once", 0.7, 0),
+    ]
+    # The tables count the runs planned by the setting and those logged at
+    # other rates (not the sweep's: the setting plans them).
+    assert accuracy._extra_runs(runner) == set()
+    for row in (
+        _row("scratch", "sfp_v1", 0.7, 0, 0.8),  # the sweep
+        _row("trained", "hard_once", 0.5, 0, 0.8),
+        _row("trained", "hard_once", 0.3, 0, 0.8),  # the setting's rate
+    ):
+        runner.done[runner.key(row["start"], row["name"], row["rate"], 0)] = row
+    assert accuracy._extra_runs(runner) == {("trained", "hard_once", 0.5)}
 
 
 def test_parallel_runs_know_logged_durations_and_survive_a_cut_line(

@@ -404,24 +404,28 @@ def _refine(cost, target, options, position, lost, chunk: int = 1024) -> np.ndar
     Swaps are ranked by the importance they remove before any is costed,
     and costed `chunk` at a time in that order until one fits, so that a
     step costs far fewer than the `groups**2` predictions of every swap.
+    The counts are those of costing every swap at once wherever `cost`
+    predicts a row the same in any batch (`MacModel` and `LatencyModel`,
+    whose coefficients are integers, do; a float matrix product may round
+    a row differently in another batch).
     """
     position = position.copy()
     last = np.array([len(o) - 1 for o in options])
     kept = np.array([o[p] for o, p in zip(options, position)], dtype=np.int64)
     current = float(cost(kept))
 
-    def step(groups, offset):  # counts and importance lost one option away
+    def step(groups, offset):  # counts one option away, importance lost there
         counts = np.array([options[g][position[g] + offset] for g in groups])
-        change = np.array(
-            [lost[g][c] - lost[g][kept[g]] for g, c in zip(groups, counts)]
-        )
-        return counts.astype(np.int64), change
+        there = np.array([lost[g][c] for g, c in zip(groups, counts)])
+        here = np.array([lost[g][kept[g]] for g in groups])
+        return counts.astype(np.int64), there, here
 
     while True:
         up = np.flatnonzero(position < last)
         if not up.size:
             return kept
-        up_counts, regained = step(up, 1)  # regained <= 0: importance given back
+        up_counts, up_there, up_here = step(up, 1)
+        regained = up_there - up_here  # <= 0: importance given back
         candidates = np.repeat(kept[None, :], len(up), axis=0)
         candidates[np.arange(len(up)), up] = up_counts
         costs = np.asarray(cost(candidates), dtype=np.float64).reshape(-1)
@@ -433,8 +437,10 @@ def _refine(cost, target, options, position, lost, chunk: int = 1024) -> np.ndar
             kept, current = candidates[best], float(costs[best])
             continue
         down = np.flatnonzero(position > 0)
-        down_counts, removed = step(down, -1)
-        change = regained[:, None] + removed[None, :]
+        down_counts, down_there, down_here = step(down, -1)
+        # Summed as ((a2 - a) + b2) - b, as the exhaustive search of the tests
+        # sums it, so that ties and the threshold fall alike.
+        change = (regained[:, None] + down_there[None, :]) - down_here[None, :]
         change[up[:, None] == down[None, :]] = np.inf  # not a swap
         flat = change.reshape(-1)
         order = np.argsort(flat, kind="stable")  # ties keep (up, down) order
