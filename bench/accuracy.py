@@ -432,6 +432,14 @@ class Runner:
         print(json.dumps({k: row[k] for k in ("key", "deployed", "kept_macs")}))
         return row
 
+    def _start(self, start: str, init_from) -> dict:
+        """A trained run's `trained`: the fingerprint of the network it
+        started from, so that it pairs only with runs from that network."""
+        if start != "trained" or not init_from:
+            return {}
+        model = keras.saving.load_model(init_from, compile=False)
+        return {"trained": jobs_lib.fingerprint(model)}
+
     def output_dir(self, key: str) -> str:
         """The folder run `key` writes to (under this runner's root)."""
         return os.path.join(self.root, key.replace("/", "_"))
@@ -472,6 +480,7 @@ class Runner:
             "output_dir": config.resolved_output_dir(),
             "wall_seconds": time.perf_counter() - began,
             "device": _device(),
+            **self._start(start, init_from),
             **_summary(results, self.full_macs()),
         }
         if again:
@@ -528,6 +537,7 @@ class Runner:
             "output_dir": config.resolved_output_dir(),
             "wall_seconds": time.perf_counter() - began,
             "device": _device(),
+            **self._start(start, init_from),
             # The stripped model is the full ResNet-20 with zeros in it.
             "kept_macs": 1.0,
             "macs": self.full_macs(),

@@ -138,7 +138,13 @@ def paired_differences(rows, baselines, order) -> list[dict]:
             other = by_key.get(
                 (start, baseline, 0.0 if baseline == "unpruned" else rate, seed)
             )
-            if name != baseline and other is not None:
+            # Only runs from the same trained network pair (`trained`, its
+            # fingerprint; rows that log none pair with each other only).
+            if (
+                name != baseline
+                and other is not None
+                and other.get("trained") == row.get("trained")
+            ):
                 difference = 100 * (row["deployed"] - other["deployed"])
                 groups.setdefault((start, name, rate, baseline), []).append(difference)
     table = []

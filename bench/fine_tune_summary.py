@@ -43,7 +43,8 @@ def gather(setting: str, results: str = _RESULTS) -> dict:
 
 def summarise(by_rate: dict) -> list[dict]:
     """One entry per (recipe, rate) with seeds, in `bench.fine_tune.RECIPES`
-    order (not imported: its flags would clash with other benchmarks')."""
+    order (as each results file lists its recipes), each paired with the
+    unpruned fine-tune of its seed and start (`tables.paired_differences`)."""
     entries = []
     names = dict.fromkeys(n for data in by_rate.values() for n in data["recipes"])
     for name in names:
@@ -52,10 +53,8 @@ def summarise(by_rate: dict) -> list[dict]:
             runs = [r for r in rows if r["recipe"] == name]
             if not runs or (name == "unpruned" and rate != min(by_rate)):
                 continue
-            base = {r["seed"]: r["deployed"] for r in rows if r["recipe"] == "unpruned"}
-            paired = [
-                r["deployed"] - base[r["seed"]] for r in runs if r["seed"] in base
-            ]
+            base = [r for r in rows if r["recipe"] == "unpruned"]
+            paired = tables.paired_differences(runs, base)
             deployed = 100 * np.array([r["deployed"] for r in runs])
             entries.append(
                 {

@@ -6,11 +6,15 @@
   interrupted benchmark resumes where it stopped.
 - `run_parallel`: runs `Job`s in at most `workers` processes at once, each
   starting once the jobs it needs are logged, within a deadline.
+- `fingerprint`: which network a run started from, logged with it so that
+  runs pair only with runs from the same network (a network trained again
+  on another machine is another network).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -35,6 +39,14 @@ def read_log(path: str) -> list[dict]:
                 except json.JSONDecodeError:
                     continue  # cut short: that run is not finished
     return rows
+
+
+def fingerprint(model) -> str:
+    """A short hash of a Keras model's weights."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def append_log(path: str, row: dict) -> None:

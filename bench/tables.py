@@ -1,4 +1,5 @@
-"""The benchmarks' Markdown table writer: one row format, one separator."""
+"""The benchmarks' Markdown tables: one row format, one separator, and the
+paired differences they show."""
 
 from __future__ import annotations
 
@@ -35,3 +36,15 @@ def markdown_table(
         )
     separator = "|" + "".join("---:|" if a == "r" else "---|" for a in align)
     return [row(columns), separator, *(row(cells) for cells in rows)]
+
+
+def paired_differences(runs: Iterable[dict], baselines: Iterable[dict]) -> list:
+    """`deployed` minus the baseline's, for each run whose seed has a baseline
+    that started from the same network (`trained`, the start's fingerprint:
+    rows that do not log one pair with each other only)."""
+    base = {(r["seed"], r.get("trained")): r["deployed"] for r in baselines}
+    return [
+        r["deployed"] - base[r["seed"], r.get("trained")]
+        for r in runs
+        if (r["seed"], r.get("trained")) in base
+    ]

@@ -114,6 +114,40 @@ def test_paired_differences_pair_each_seed_with_its_baselines():
     assert "Runs: 9 of the 40 of every configuration." in text
 
 
+def test_trained_runs_pair_only_with_runs_from_the_same_network(tmp_path):
+    # Seed 0's trained network was trained again (another machine): a run
+    # from the new one does not pair with the unpruned fine-tune of the old
+    # one; runs that log no network pair with each other.
+    rows = [
+        dict(_row("trained", "unpruned", 0.0, 0, 0.88)),
+        dict(_row("trained", "hard_once", 0.5, 0, 0.80), trained="new"),
+        dict(_row("trained", "global", 0.5, 0, 0.81), trained="new"),
+        _row("trained", "hard_once", 0.3, 0, 0.86),
+    ]
+    paired = {
+        (p["name"], p["rate"], p["baseline"]): p["mean"]
+        for p in accuracy_report.paired_differences(
+            rows, accuracy.BASELINES, accuracy.ORDER
+        )
+    }
+    assert paired.keys() == {
+        ("global", 0.5, "hard_once"),
+        ("hard_once", 0.3, "unpruned"),
+    }
+    np.testing.assert_allclose(paired["global", 0.5, "hard_once"], 1.0)
+    # The runner logs the fingerprint of a trained run's start file.
+    runner = accuracy.Runner("smoke", str(tmp_path))
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    path = str(tmp_path / "trained.keras")
+    model.save(path)
+    start = runner._start("trained", path)
+    assert start == {"trained": accuracy.jobs_lib.fingerprint(model)}
+    assert runner._start("scratch", path) == {}
+    model.layers[-1].bias.assign([1.0, 0.0])
+    assert accuracy.jobs_lib.fingerprint(model) != start["trained"]
+
+
 def test_jobs_run_the_default_choosing_comparisons_first_without_repeats():
     first, rest = accuracy.jobs(accuracy.SETTINGS["reduced"])
     assert ("scratch", "unpruned", 0.0) == first[0]
