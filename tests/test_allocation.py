@@ -14,6 +14,7 @@ from conftest import (
     tiny_resnet,
 )
 from keras_sfp.allocation import counts as allocation
+from keras_sfp.allocation import targets
 from keras_sfp.graph.channels import ChannelGraph
 
 L = keras.layers
@@ -227,6 +228,38 @@ def test_global_allocation_keeps_more_of_the_important_group():
     )
     x, _ = random_data(pruned, n=4)
     assert_shrink_exact(pruned, x)
+
+
+def test_global_allocation_keeps_half_of_what_one_rate_keeps_in_every_group(
+    monkeypatch,
+):
+    # At rate 0.7 one rate everywhere keeps 5 of 16 channels per group. One
+    # ranking would keep conv_a's 8 important filters and leave conv_b 2 (a
+    # trained ResNet-20 kept 1 of 16 in three blocks): no group keeps fewer
+    # than half of its uniform count, ceil(2.5) = 3, at the same MACs.
+    model = _two_groups()
+    pruned = keras_sfp.prune_filters(model, rate=0.7, round_to=1, allocation="global")
+    assert _kept(pruned) == {"sfp_conv_a": 7, "sfp_conv_b": 3}
+    uniform = keras_sfp.prune_filters(model, rate=0.7, round_to=1)
+    assert _kept(uniform) == {"sfp_conv_a": 5, "sfp_conv_b": 5}
+    assert keras_sfp.count_flops(keras_sfp.shrink(pruned)) == keras_sfp.count_flops(
+        keras_sfp.shrink(uniform)
+    )
+    monkeypatch.setattr(targets, "KEEP_FLOOR", 0.0)
+    unguarded = keras_sfp.prune_filters(
+        model, rate=0.7, round_to=1, allocation="global"
+    )
+    assert _kept(unguarded) == {"sfp_conv_a": 8, "sfp_conv_b": 2}
+
+
+def test_latency_kept_keeps_the_fewest_asked_for():
+    cost = lambda kept: np.asarray(kept, float) @ [1.0, 3.0]  # noqa: E731
+    lengths, lost = [16, 16], [1.0 - np.arange(17) / 16] * 2
+    assert allocation.latency_kept(cost, lengths, 40.0, 8).tolist() == [16, 8]
+    kept = allocation.latency_kept(cost, lengths, 56.0, 8, lost=lost, fewest=[0, 9])
+    assert kept.tolist() == [8, 16]  # group 1's options below 9 are left out
+    with pytest.raises(ValueError, match="still predict 64"):
+        allocation.latency_kept(cost, lengths, 40.0, 8, fewest=[16, 16])
 
 
 def _prune_uniform(model):

@@ -314,7 +314,7 @@ def count_options(length: int, round_to: int, blocks: int = 1) -> np.ndarray:
 
 
 def latency_kept(
-    cost, lengths, target: float, round_to: int, blocks=None, lost=None
+    cost, lengths, target: float, round_to: int, blocks=None, lost=None, fewest=None
 ) -> np.ndarray:
     """Kept counts that reach a latency `target` removing the least importance.
 
@@ -340,6 +340,9 @@ def latency_kept(
             when the group keeps `k` channels (`k = 0..length`, falling as
             `k` grows, 0 at `length`). Defaults to the fraction of the
             group's channels removed.
+        fewest: Per group, the fewest channels it may keep (its options
+            below are left out; all its channels if none is as large).
+            Defaults to none: any option.
 
     Returns:
         An int64 array of kept channels per group.
@@ -357,6 +360,8 @@ def latency_kept(
     if lost is None:
         lost = [1.0 - np.arange(n + 1) / n for n in lengths]
     options = [count_options(n, round_to, b) for n, b in zip(lengths, blocks)]
+    if fewest is not None:
+        options = [o[o >= f] if o[-1] >= f else o[-1:] for o, f in zip(options, fewest)]
     position = np.array([len(o) - 1 for o in options])
     kept = lengths.copy()
     current = float(cost(kept))

@@ -203,8 +203,10 @@ def prune_filters(
             `round_to` down saves the most MACs per unit of importance lost
             gives it up, until the budget is met, then the steps that still
             fit are given back and swaps that lose less importance are made
-            (as `target_latency` does with latency).
-            Groups then prune at different rates, as with
+            (as `target_latency` does with latency). No group keeps fewer
+            than half of the channels `"uniform"` at the same MACs keeps it
+            (`allocation.targets.KEEP_FLOOR`: one ranking alone empties
+            whole layers). Groups then prune at different rates, as with
             `target_latency`. Meant for trained networks (a new network's
             weights carry no importance). Needs `coupling="group"`. None
             means `"uniform"`, or `"global"` with `target_latency` (which
