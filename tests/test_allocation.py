@@ -252,6 +252,39 @@ def test_global_allocation_keeps_half_of_what_one_rate_keeps_in_every_group(
     assert _kept(unguarded) == {"sfp_conv_a": 8, "sfp_conv_b": 2}
 
 
+def test_global_allocation_floor_is_half_of_the_rounded_uniform_counts():
+    # With round_to=8 uniform keeps 1,320 of the 2,048-channel group at rate
+    # 0.4 (1,229 unrounded, balanced up): global keeps at least 660 of them.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 4, 8))
+    x = inputs
+    for width in (256, 16, 2048, 8):
+        x = L.ReLU()(L.Conv2D(width, 1)(x))
+    model = keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x)))
+    uniform = _kept(keras_sfp.prune_filters(model, rate=0.4, round_to=8))
+    pruned = keras_sfp.prune_filters(model, rate=0.4, round_to=8, allocation="global")
+    kept = _kept(pruned)
+    assert max(uniform.values()) == 1320
+    assert all(kept[n] >= np.ceil(0.5 * uniform[n]) for n in kept), (kept, uniform)
+    assert kept != uniform
+
+
+def test_global_allocation_lowers_the_floor_for_a_target_it_would_miss():
+    # target_macs=0.12 with round_to=8: the uniform counts of its rate are
+    # rounded up in the narrow groups (5 of 16 keep 8), which half of the
+    # wide groups' counts cannot offset; the floor is lowered, not the
+    # request refused (uniform allocation meets it).
+    keras.utils.set_random_seed(0)
+    model = models.get_model("resnet20", input_shape=(16, 16, 1))
+    full = keras_sfp.count_flops(model)
+    for allocation_mode in ("uniform", "global"):
+        pruned = prune_once(
+            model, None, round_to=8, allocation=allocation_mode, target_macs=0.12
+        )
+        got = keras_sfp.count_flops(keras_sfp.shrink(pruned)) / full
+        assert 0.1 <= got <= 0.12 + 1e-9, (allocation_mode, got)
+
+
 def test_latency_kept_keeps_the_fewest_asked_for():
     cost = lambda kept: np.asarray(kept, float) @ [1.0, 3.0]  # noqa: E731
     lengths, lost = [16, 16], [1.0 - np.arange(17) / 16] * 2

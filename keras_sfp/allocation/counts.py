@@ -313,6 +313,11 @@ def count_options(length: int, round_to: int, blocks: int = 1) -> np.ndarray:
     return options
 
 
+def at_least(options, fewest) -> list[np.ndarray]:
+    """Each group's options from `fewest` channels up (its largest if none)."""
+    return [o[o >= f] if o[-1] >= f else o[-1:] for o, f in zip(options, fewest)]
+
+
 def latency_kept(
     cost, lengths, target: float, round_to: int, blocks=None, lost=None, fewest=None
 ) -> np.ndarray:
@@ -361,18 +366,18 @@ def latency_kept(
         lost = [1.0 - np.arange(n + 1) / n for n in lengths]
     options = [count_options(n, round_to, b) for n, b in zip(lengths, blocks)]
     if fewest is not None:
-        options = [o[o >= f] if o[-1] >= f else o[-1:] for o, f in zip(options, fewest)]
+        options = at_least(options, fewest)
     position = np.array([len(o) - 1 for o in options])
     kept = lengths.copy()
     current = float(cost(kept))
     while current > target:
         moves = [g for g in range(len(kept)) if position[g] > 0]
         if not moves:
-            fewest = float(cost(np.array([o[0] for o in options])))
+            least = float(cost(np.array([o[0] for o in options])))
             raise ValueError(
                 f"The latency target is below what pruning can reach: the fewest "
                 f"channels per group (round_to={round_to}) still predict "
-                f"{fewest:.4g}. Received: target={target:.4g}"
+                f"{least:.4g}. Received: target={target:.4g}"
             )
         candidates = np.repeat(kept[None, :], len(moves), axis=0)
         for row, g in enumerate(moves):

@@ -95,8 +95,34 @@ def latency_rates(graph, groups, table, target_latency, round_to, criterion):
 
 
 # Global allocation keeps, in every group, at least this fraction of the
-# channels one rate everywhere keeps it (see `global_rates`).
+# channels the uniform allocation at the same MACs keeps it (`global_rates`).
 KEEP_FLOOR = 0.5
+
+
+def keep_floor(mac_model, uniform, goal: float, round_to: int) -> np.ndarray:
+    """Per group, the fewest channels global allocation keeps (see
+    `global_rates`): `KEEP_FLOOR` of `uniform`'s counts, rounded up, and
+    lowered (the fraction bisected) where the counts it leaves could not
+    meet `goal` (a `target_macs` whose uniform counts are rounded up to
+    multiples that the wide groups no longer offset)."""
+    options = [
+        allocation_lib.count_options(n, round_to, b)
+        for n, b in zip(mac_model.lengths, mac_model.blocks)
+    ]
+
+    def fits(fraction):
+        fewest = np.ceil(fraction * uniform)
+        least = [o[0] for o in allocation_lib.at_least(options, fewest)]
+        return float(mac_model.macs(least)) <= goal
+
+    fraction = KEEP_FLOOR
+    if not fits(fraction):  # fits(0): the fewest counts, which `goal` allows
+        low, high = 0.0, KEEP_FLOOR
+        for _ in range(30):
+            middle = (low + high) / 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        fraction = low
+    return np.ceil(fraction * uniform).astype(np.int64)
 
 
 def global_rates(graph, groups, rate, target_macs, round_to, criterion):
@@ -107,37 +133,42 @@ def global_rates(graph, groups, rate, target_macs, round_to, criterion):
     same MACs, and global allocation is possible wherever uniform is).
 
     No group keeps fewer than `KEEP_FLOOR` of the channels the uniform
-    allocation at the same MACs keeps it (at most those counts themselves):
-    without a floor one ranking empties whole layers (layer collapse: a
-    trained ResNet-20 at rate 0.5 with `round_to=1` kept 1 to 3 channels in
-    the inner convolution of 7 of its 9 residual blocks, and deployed 2.5
+    allocation keeps it (at `rate`, or at the rate of `target_macs`, where
+    the floor is lowered if the budget needs it: `keep_floor`): without a
+    floor one ranking empties whole layers (layer collapse: a trained
+    ResNet-20 at rate 0.5 with `round_to=1` kept 1 to 3 channels in the
+    inner convolution of 7 of its 9 residual blocks, and deployed 2.5
     points below one rate everywhere in `bench.accuracy`).
     """
     mac_model = allocation_lib.MacModel(graph, groups)
     total, lengths = mac_model.total, mac_model.lengths
     if target_macs is None:
-        uniform = allocation_lib.balanced_kept(mac_model, lengths, rate, round_to)
-        goal = float(mac_model.macs(uniform))
+        goal = None
     else:
         goal = target_macs * total
         rate = allocation_lib.rate_for_macs(mac_model, target_macs, round_to)
-        uniform = lengths
-    exact = allocation_lib.exact_kept(lengths, rate)
-    fewest = np.minimum(np.ceil(KEEP_FLOOR * exact).astype(np.int64), uniform)
+    uniform = allocation_lib.balanced_kept(mac_model, lengths, rate, round_to)
+    goal = float(mac_model.macs(uniform)) if goal is None else goal
     lost = importance.importance_lost(
         groups, criterion, importance.batch_norms_after(graph)
     )
     try:
         kept = allocation_lib.latency_kept(
-            mac_model.macs, lengths, goal, round_to, mac_model.blocks, lost, fewest
+            mac_model.macs,
+            lengths,
+            goal,
+            round_to,
+            mac_model.blocks,
+            lost,
+            keep_floor(mac_model, uniform, goal, round_to),
         )
     except ValueError:  # only `target_macs`: uniform's counts meet a rate's
+        fewest = allocation_lib.fewest_kept(lengths, round_to, mac_model.blocks)
         raise ValueError(
-            "`target_macs` asks for fewer MACs than global allocation can "
-            f"reach: keeping the fewest channels per prunable group "
-            f"(round_to={round_to}, and {KEEP_FLOOR} of what one rate "
-            "everywhere keeps) still leaves more. Received: "
-            f"target_macs={target_macs!r}"
+            "`target_macs` asks for fewer MACs than pruning can reach: keeping "
+            f"the fewest channels per prunable group (round_to={round_to}) "
+            f"still leaves {float(mac_model.macs(fewest)) / total:.3f} of the "
+            f"MACs. Received: target_macs={target_macs!r}"
         ) from None
     return (lengths - kept) / lengths
 

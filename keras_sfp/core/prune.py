@@ -205,12 +205,13 @@ def prune_filters(
             fit are given back and swaps that lose less importance are made
             (as `target_latency` does with latency). No group keeps fewer
             than half of the channels `"uniform"` at the same MACs keeps it
-            (`allocation.targets.KEEP_FLOOR`: one ranking alone empties
-            whole layers). Groups then prune at different rates, as with
-            `target_latency`. Meant for trained networks (a new network's
-            weights carry no importance). Needs `coupling="group"`. None
-            means `"uniform"`, or `"global"` with `target_latency` (which
-            allocates globally by latency). Defaults to None.
+            (`allocation.targets.KEEP_FLOOR`, lowered where a `target_macs`
+            needs it: one ranking alone empties whole layers). Groups then
+            prune at different rates, as with `target_latency`. Meant for
+            trained networks (a new network's weights carry no importance).
+            Needs `coupling="group"`. None means `"uniform"`, or `"global"`
+            with `target_latency` (which allocates globally by latency).
+            Defaults to None.
         input_shape: For a model whose inputs' size is unknown
             (`keras.Input((None, None, 3))`, a fully convolutional network):
             the input size, batch excluded (one per input for several), at
