@@ -459,15 +459,16 @@ class Runner:
         differ. Carry the run folders, or the start files, with the log.
         """
         key = self.key(start, name, rate, seed)
-        done, again = self.done.get(key), {}
+        done = self.done.get(key)
         if done is not None:
             if needs is None:
                 return done
             if os.path.exists(os.path.join(self.output_dir(key), needs)):
                 return dict(done, output_dir=self.output_dir(key))
-            again = dict(overwrite=True)
         overrides = resolve(overrides, rate, self.epochs(start))
-        config = self.config(start, key, seed, init_from, **overrides, **again)
+        # The log says what is done: a folder without a logged row is a run
+        # cut short (or set aside), and is trained again from the start.
+        config = self.config(start, key, seed, init_from, **overrides, overwrite=True)
         began = time.perf_counter()
         results = run_lib.train_and_evaluate(config)
         row = {
@@ -483,7 +484,7 @@ class Runner:
             **self._start(start, init_from),
             **_summary(results, self.full_macs()),
         }
-        if again:
+        if done is not None:
             print(
                 f"{key} was logged without its {needs} here and trained again: "
                 f"deployed {row['deployed']:.4f} now, {done['deployed']:.4f} "

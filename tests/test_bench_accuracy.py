@@ -365,6 +365,10 @@ def test_a_logged_run_whose_needed_file_is_gone_trains_again(
     runner.done[key] = dict(row, output_dir="elsewhere")
     assert run(needs="pruned.keras") == dict(row, output_dir=str(output_dir))
     assert len(configs) == 1
+    # A run not logged trains whatever its folder holds (a run cut short,
+    # or rows set aside): the log says what is done.
+    runner.run("scratch", "unpruned", 0.0, 1, {"rate": 0.0})
+    assert len(configs) == 2 and configs[1].overwrite and configs[1].seed == 1
 
 
 def test_rates_run_the_configurations_at_other_rates(tmp_path):
