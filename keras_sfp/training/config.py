@@ -142,8 +142,8 @@ class TrainConfig:
         "ranking across groups under the MACs budget; it reads the weights, "
         "so it is meant for init_from) or None: global with init_from and "
         "coupling=group (from trained networks it measured as accurate as "
-        "uniform at half the MACs and 1 to 6 points more accurate at a "
-        "quarter and a tenth, bench/accuracy.py), else uniform (or global "
+        "uniform at half and a quarter of the MACs, and 6 points more "
+        "accurate at a tenth, bench/accuracy.py), else uniform (or global "
         "by latency with target_latency).",
         choices=ALLOCATIONS,
     )
