@@ -388,6 +388,7 @@ class Runner:
         _check_setting(self.root, self.params)
         self.data_dir = data_dir
         self.data = None
+        self._fingerprints = {}  # (start file, modified) -> fingerprint
         self.reload()
 
     def reload(self) -> None:
@@ -434,11 +435,15 @@ class Runner:
 
     def _start(self, start: str, init_from) -> dict:
         """A trained run's `trained`: the fingerprint of the network it
-        started from, so that it pairs only with runs from that network."""
+        started from, so that it pairs only with runs from that network
+        (each start file read once, and again only if it is rewritten)."""
         if start != "trained" or not init_from:
             return {}
-        model = keras.saving.load_model(init_from, compile=False)
-        return {"trained": jobs_lib.fingerprint(model)}
+        key = (init_from, os.path.getmtime(init_from))
+        if key not in self._fingerprints:
+            model = keras.saving.load_model(init_from, compile=False)
+            self._fingerprints[key] = jobs_lib.fingerprint(model)
+        return {"trained": self._fingerprints[key]}
 
     def output_dir(self, key: str) -> str:
         """The folder run `key` writes to (under this runner's root)."""

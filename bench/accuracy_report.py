@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench import tables
 from bench.tfmot_baseline import NAME as TFMOT
 from keras_sfp.training import config as config_lib
 
@@ -129,22 +130,16 @@ def paired_differences(rows, baselines, order) -> list[dict]:
     by_key = {}
     for row in rows:
         rate = 0.0 if row["name"] == "unpruned" else row["rate"]
-        by_key[row["start"], row["name"], rate, row["seed"]] = row
+        by_key[row["start"], row["name"], rate, tables.pairing(row)] = row
     groups = {}
-    for (start, name, rate, seed), row in by_key.items():
+    for (start, name, rate, pair), row in by_key.items():
         if name in ("unpruned", TFMOT):
             continue
         for baseline in baselines[start]:
             other = by_key.get(
-                (start, baseline, 0.0 if baseline == "unpruned" else rate, seed)
+                (start, baseline, 0.0 if baseline == "unpruned" else rate, pair)
             )
-            # Only runs from the same trained network pair (`trained`, its
-            # fingerprint; rows that log none pair with each other only).
-            if (
-                name != baseline
-                and other is not None
-                and other.get("trained") == row.get("trained")
-            ):
+            if name != baseline and other is not None:
                 difference = 100 * (row["deployed"] - other["deployed"])
                 groups.setdefault((start, name, rate, baseline), []).append(difference)
     table = []

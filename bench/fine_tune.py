@@ -382,10 +382,14 @@ def main(argv) -> None:
     base_name = _name(FLAGS.setting, 0.3, tag=FLAGS.tag)
     base_dir = os.path.join("runs", "fine_tune", base_name)
     os.makedirs(base_dir, exist_ok=True)
-    base = jobs_lib.read_log(os.path.join(base_dir, "runs.jsonl"))
-    if folder == _name(FLAGS.setting, FLAGS.rate, tag=FLAGS.tag) != base_name:
-        # The unpruned fine-tune does not depend on rate (but on epochs).
-        rows += [r for r in base if r["recipe"] == "unpruned"]
+    # The rows of the runs that started from the folder's trained networks.
+    logged = list(rows)
+    if folder != base_name:
+        base = jobs_lib.read_log(os.path.join(base_dir, "runs.jsonl"))
+        logged += base
+        if folder == _name(FLAGS.setting, FLAGS.rate, tag=FLAGS.tag):
+            # The unpruned fine-tune does not depend on rate (but on epochs).
+            rows += [r for r in base if r["recipe"] == "unpruned"]
     names = FLAGS.only or list(RECIPES)
     unknown = sorted(set(names) - set(RECIPES))
     if unknown:
@@ -413,12 +417,9 @@ def main(argv) -> None:
                     x,
                     y,
                     setting["train_epochs"],
-                    logged=rows + base,
+                    logged=logged,
                 )
-                trained_by_seed[seed] = (
-                    network,
-                    fingerprint(network, seed, rows + base),
-                )
+                trained_by_seed[seed] = (network, fingerprint(network, seed, logged))
             trained, start = trained_by_seed[seed]
             row = fine_tune(
                 name,

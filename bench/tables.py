@@ -38,13 +38,15 @@ def markdown_table(
     return [row(columns), separator, *(row(cells) for cells in rows)]
 
 
+def pairing(row: dict) -> tuple:
+    """What a run shares with the runs it is paired with: its seed and the
+    network it started from (`trained`, the start's fingerprint; rows that
+    do not log one pair with each other only)."""
+    return row["seed"], row.get("trained")
+
+
 def paired_differences(runs: Iterable[dict], baselines: Iterable[dict]) -> list:
-    """`deployed` minus the baseline's, for each run whose seed has a baseline
-    that started from the same network (`trained`, the start's fingerprint:
-    rows that do not log one pair with each other only)."""
-    base = {(r["seed"], r.get("trained")): r["deployed"] for r in baselines}
-    return [
-        r["deployed"] - base[r["seed"], r.get("trained")]
-        for r in runs
-        if (r["seed"], r.get("trained")) in base
-    ]
+    """`deployed` minus the baseline's, for each run that has a baseline of
+    the same `pairing`."""
+    base = {pairing(r): r["deployed"] for r in baselines}
+    return [r["deployed"] - base[pairing(r)] for r in runs if pairing(r) in base]

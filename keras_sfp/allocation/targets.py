@@ -142,13 +142,13 @@ def global_rates(graph, groups, rate, target_macs, round_to, criterion):
     """
     mac_model = allocation_lib.MacModel(graph, groups)
     total, lengths = mac_model.total, mac_model.lengths
-    if target_macs is None:
-        goal = None
-    else:
-        goal = target_macs * total
+    if target_macs is not None:
         rate = allocation_lib.rate_for_macs(mac_model, target_macs, round_to)
     uniform = allocation_lib.balanced_kept(mac_model, lengths, rate, round_to)
-    goal = float(mac_model.macs(uniform)) if goal is None else goal
+    if target_macs is None:
+        goal = float(mac_model.macs(uniform))
+    else:
+        goal = target_macs * total
     lost = importance.importance_lost(
         groups, criterion, importance.batch_norms_after(graph)
     )
